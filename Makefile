@@ -1,0 +1,58 @@
+# parq — the two quickstart commands are `make all` (main job) and `make test`.
+#
+#   TORCH_VERSION=2.13.0   torch pinned into the venv (default)
+#   TORCH_VERSION=system   use the interpreter's own torch (VENV is then ignored:
+#                          installs go to that interpreter, e.g. a CUDA machine)
+#   TRITON_VERSION=3.9.0   triton pinned into the venv ("none" to skip)
+#   PYTHON=python3         interpreter that creates the venv
+SHELL := /bin/bash
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.9.0
+VENV ?= .venv
+
+ifeq ($(TORCH_VERSION),system)
+PY := $(PYTHON)
+else
+PY := $(VENV)/bin/python
+endif
+PIP := $(PY) -m pip
+
+.PHONY: all setup build test bench demo lint clean
+
+all: build bench demo
+
+$(VENV)/.created:
+ifneq ($(TORCH_VERSION),system)
+	$(PYTHON) -m venv $(VENV)
+	touch $@
+endif
+
+setup: $(VENV)/.created
+ifneq ($(TORCH_VERSION),system)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
+endif
+ifneq ($(TRITON_VERSION),none)
+	$(PY) -c "import triton" 2>/dev/null || $(PIP) install --quiet "triton==$(TRITON_VERSION)"
+endif
+	$(PIP) install --quiet pytest pytest-benchmark ruff scikit-learn tqdm matplotlib ninja numpy
+
+build: setup
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	$(PY) -c "from parq_kernels import backends; print('parq backends (cpu):', backends.availability('cpu'))"
+
+test: build
+	$(PY) -m pytest tests -q
+
+bench: build
+	$(PY) -m benchmarks --quick
+
+demo: build
+	$(PY) examples/qat_digits.py
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean:
+	rm -rf build *.egg-info parq_kernels/*.so $(VENV)

@@ -1,0 +1,85 @@
+"""The ``Quantizer`` extension point and the shared machinery of the built-ins."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor
+
+from parq_kernels import reference
+from parq_kernels.ops import QuantKind, num_levels
+
+MAX_BITS = 8
+
+
+def rows_view(p: Tensor, dim: int | None) -> Tensor:
+    """``p`` as float32 ``(rows, n)``: one row (dim=None) or one row per slice along ``dim``."""
+    x = p.detach().float()
+    if dim is None:
+        return x.reshape(1, -1)
+    return x.movedim(dim, -1).reshape(-1, p.size(dim))
+
+
+def from_rows(q_rows: Tensor, p: Tensor, dim: int | None) -> Tensor:
+    """Inverse of :func:`rows_view` for a tensor of the same element count."""
+    if dim is None:
+        return q_rows.reshape(p.shape)
+    moved = p.movedim(dim, -1).shape
+    return q_rows.reshape(moved).movedim(-1, dim)
+
+
+class Quantizer(ABC):
+    """Maps a tensor to ``(q, Q)``: its quantized values and the sorted levels.
+
+    Subclass it to define a new quantizer; the optimizer then calls
+    :meth:`quantize` per parameter (the generic path). ``center=True`` quantizes
+    ``x - mean(x)`` and adds the mean back to ``q`` and ``Q``.
+    """
+
+    def __init__(self, center: bool = False) -> None:
+        self.center = center
+
+    @abstractmethod
+    def get_quant_size(self, b: int) -> int:
+        """K, the number of levels for ``b`` bits."""
+
+    @abstractmethod
+    def quantize(self, p: Tensor, b: int, dim: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(q, Q)``: ``q`` like ``p`` with values in ``Q``; ``Q`` is ``(K,)`` when
+        ``dim is None`` (one group) else ``(groups, K)``. Must not modify ``p``."""
+
+    def check_bits(self, b: int) -> None:
+        """Raise ``ValueError`` if this quantizer cannot use ``b`` bits."""
+        if not 0 <= b <= MAX_BITS:
+            raise ValueError(f"quant_bits must be in 0..{MAX_BITS}, got {b}")
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
+
+
+class KernelQuantizer(Quantizer):
+    """A built-in quantizer: described to the fused op by ``kernel_spec``.
+
+    ``quantize`` runs the reference math of :mod:`parq_kernels.reference`, so
+    the generic path and every fused backend compute the same thing.
+    """
+
+    @abstractmethod
+    def kernel_spec(self, b: int) -> tuple[QuantKind, tuple[float, ...]]:
+        """``(kind, qargs)`` of the fused op for ``b`` bits (after ``check_bits``)."""
+
+    def get_quant_size(self, b: int) -> int:
+        self.check_bits(b)
+        kind, qargs = self.kernel_spec(b)
+        return num_levels(kind, b, qargs)
+
+    def quantize(self, p: Tensor, b: int, dim: int | None = None) -> tuple[Tensor, Tensor]:
+        self.check_bits(b)
+        kind, qargs = self.kernel_spec(b)
+        q, Q = reference.quantize_rows(rows_view(p, dim), kind, b, qargs, self.center)
+        q = from_rows(q, p, dim).to(p.dtype)
+        return q, (Q[0] if dim is None else Q)
+
+
+__all__ = ["Quantizer", "KernelQuantizer", "rows_view", "from_rows", "MAX_BITS"]

@@ -1,0 +1,87 @@
+"""Uniform quantizers (SPEC.md §3): evenly spaced levels."""
+
+from __future__ import annotations
+
+from parq.quant.quantizer import KernelQuantizer
+from parq_kernels.ops import QuantKind
+
+_SCALE_METHODS = ("mean", "max")
+
+
+class UnifQuantizer(KernelQuantizer):
+    """Symmetric uniform levels ``[-r, ..., r] * s`` with ``r = 2**(b-1) - int_shift``.
+
+    ``scale_method="mean"`` sets ``q_max = min(b * mean|x|, max|x|)``, ``"max"``
+    sets ``q_max = max|x|``; ``s = q_max / r``. Needs ``b >= 1`` (use
+    :class:`TernaryUnifQuantizer` for ``b = 0``).
+    """
+
+    def __init__(
+        self,
+        center: bool = False,
+        scale_method: str = "mean",
+        int_shift: float = 0.5,
+        zero_point: float = 0.5,
+    ) -> None:
+        if scale_method not in _SCALE_METHODS:
+            raise ValueError(f"scale_method must be one of {_SCALE_METHODS}, got {scale_method!r}")
+        super().__init__(center)
+        self.scale_method = scale_method
+        self.int_shift = int_shift
+        self.zero_point = zero_point
+
+    def check_bits(self, b: int) -> None:
+        super().check_bits(b)
+        if b == 0:
+            raise ValueError(
+                f"{type(self).__name__} needs quant_bits >= 1; for ternary (quant_bits=0) "
+                "use TernaryUnifQuantizer or LSBQuantizer"
+            )
+        if 2 ** (b - 1) - self.int_shift <= 0 or (2**b - 2 * self.int_shift) // 1 < 1:
+            raise ValueError(
+                f"{type(self).__name__}(int_shift={self.int_shift}) leaves fewer than two "
+                f"levels at quant_bits={b}; use quant_bits >= 2"
+            )
+
+    def kernel_spec(self, b: int) -> tuple[QuantKind, tuple[float, ...]]:
+        scale_max = 1.0 if self.scale_method == "max" else 0.0
+        return QuantKind.UNIFORM, (scale_max, float(self.int_shift), float(self.zero_point))
+
+
+class MaxUnifQuantizer(UnifQuantizer):
+    """``2**b - 1`` levels including 0, scaled by ``max|x|`` (needs ``b >= 2``)."""
+
+    def __init__(
+        self,
+        center: bool = False,
+        scale_method: str = "max",
+        int_shift: float = 1.0,
+        zero_point: float = 0.0,
+    ) -> None:
+        super().__init__(center, scale_method, int_shift, zero_point)
+
+
+class TernaryUnifQuantizer(KernelQuantizer):
+    """Levels ``[-s, 0, s]`` with ``s = max|x| / 1.5``; only ``quant_bits = 0``."""
+
+    def check_bits(self, b: int) -> None:
+        if b != 0:
+            raise ValueError(f"TernaryUnifQuantizer needs quant_bits=0 (ternary), got {b}")
+
+    def kernel_spec(self, b: int) -> tuple[QuantKind, tuple[float, ...]]:
+        return QuantKind.TERNARY_UNIF, ()
+
+
+class AsymUnifQuantizer(KernelQuantizer):
+    """Asymmetric levels ``[z, ..., z + 2**b - 1] * s`` over ``[min(x), max(x)]``.
+
+    (fix) The public release cancels its zero point; here ``q`` is always in ``Q``.
+    """
+
+    def check_bits(self, b: int) -> None:
+        super().check_bits(b)
+        if b == 0:
+            raise ValueError("AsymUnifQuantizer needs quant_bits >= 1")
+
+    def kernel_spec(self, b: int) -> tuple[QuantKind, tuple[float, ...]]:
+        return QuantKind.ASYM, ()

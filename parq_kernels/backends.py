@@ -1,0 +1,124 @@
+"""Which implementation of the fused op serves which device.
+
+============  ======================================================  ===========
+backend       serves                                                  provided by
+============  ======================================================  ===========
+triton        CUDA tensors; CPU tensors only under TRITON_INTERPRET=1  parq_kernels.triton
+cuda          CUDA tensors                                            parq_kernels._C
+cpu           CPU tensors                                             parq_kernels._C
+reference     any device (pure PyTorch, always available)             reference.py
+============  ======================================================  ===========
+
+Automatic choice (``requested=None``) takes the first available backend of
+:data:`PREFERENCE` for the device (the Triton interpreter is never chosen
+automatically: it exists for testing) and quietly falls back, recording why each
+faster one was skipped (:func:`availability`). An explicit choice, by argument or
+by the ``PARQ_KERNELS_BACKEND`` environment variable, raises
+:class:`BackendUnavailableError` carrying the original import or build error.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from collections.abc import Callable
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+ENV_VAR = "PARQ_KERNELS_BACKEND"
+BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested explicitly but cannot serve the tensors."""
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _load(name: str) -> tuple[Callable | None, str]:
+    """Import a backend once: ``(impl, "")`` or ``(None, why_not)``."""
+    if name == "reference":
+        from parq_kernels import reference
+
+        return reference.quant_prox_, ""
+    if name == "triton":
+        try:
+            module = importlib.import_module("parq_kernels.triton")
+        except Exception as exc:  # ImportError, or triton failing to initialize
+            return None, f"triton import failed: {type(exc).__name__}: {exc}"
+        return module.quant_prox_, ""
+    try:
+        ext = importlib.import_module("parq_kernels._C")
+    except Exception as exc:
+        return None, f"extension parq_kernels._C not built ({exc}); {BUILD_HINT}"
+    if name == "cuda" and not getattr(ext, "HAS_CUDA", False):
+        return None, "parq_kernels._C was built without CUDA kernels"
+    return getattr(ext, "quant_prox_impl", None) or _op_caller(name), ""
+
+
+def _op_caller(name: str) -> Callable:
+    """Call the C++ op registered by the extension for the CPU or CUDA key."""
+
+    def call(*args):
+        torch.ops.parq_kernels_C.quant_prox_(*args)
+
+    call.__name__ = f"quant_prox_{name}"
+    return call
+
+
+def _device_ok(name: str, device: torch.device) -> str:
+    """Empty string if ``name`` can serve tensors on ``device``, else why not."""
+    if name == "reference":
+        return ""
+    if name == "triton":
+        if device.type == "cuda" or (device.type == "cpu" and _triton_interpret()):
+            return ""
+        return f"triton serves CUDA tensors (CPU only with TRITON_INTERPRET=1), got {device.type}"
+    if name != device.type:
+        return f"the {name} backend serves {name} tensors, got {device.type}"
+    return ""
+
+
+def availability(device: torch.device | str = "cpu") -> dict[str, str]:
+    """For each backend: ``""`` if it can serve ``device``, else the reason."""
+    device = torch.device(device)
+    out = {}
+    for name in BACKENDS:
+        why = _device_ok(name, device)
+        if not why:
+            why = _load(name)[1]
+        out[name] = why
+    return out
+
+
+def resolve(device: torch.device | str, requested: str | None = None) -> str:
+    """The backend name that will serve tensors on ``device``."""
+    device = torch.device(device)
+    requested = requested or os.environ.get(ENV_VAR) or None
+    if requested is not None and requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown parq backend {requested!r}; choose from {BACKENDS}")
+        why = _device_ok(requested, device) or _load(requested)[1]
+        if why:
+            raise BackendUnavailableError(
+                f"parq backend {requested!r} requested but unavailable: {why}"
+            )
+        return requested
+    for name in PREFERENCE.get(device.type, ("reference",)):
+        if not (_device_ok(name, device) or _load(name)[1]):
+            return name
+    return "reference"
+
+
+def get_impl(name: str) -> Callable:
+    """The Python callable of a backend (raises if it is unavailable)."""
+    impl, why = _load(name)
+    if impl is None:
+        raise BackendUnavailableError(f"parq backend {name!r} unavailable: {why}")
+    return impl

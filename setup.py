@@ -1,0 +1,73 @@
+"""Builds the native extension ``parq_kernels._C`` from ``csrc/``.
+
+* Always the C++ CPU kernels (``csrc/cpu/*.cpp`` + ``csrc/ops.cpp``), with -O3 and OpenMP.
+* The CUDA kernels (``csrc/cuda/*.cu``) too when nvcc (``CUDA_HOME``) and a CUDA
+  build of torch (``torch.version.cuda``) are both present; no GPU is needed to build.
+
+Install with ``pip install --no-build-isolation -e .`` (torch must already be installed).
+Environment knobs:
+
+* ``PARQ_SKIP_NATIVE=1``  build nothing native (pure-Python install; the
+  ``reference`` and ``triton`` backends still work)
+* ``PARQ_FORCE_CUDA=1``   build the CUDA kernels or fail (no silent CPU-only build)
+* ``PARQ_NO_CUDA=1``      never build the CUDA kernels
+* ``PARQ_DEBUG=1``        -O0 -g, no -DNDEBUG
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def native_extensions() -> tuple[list, dict]:
+    if _flag("PARQ_SKIP_NATIVE"):
+        return [], {}
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    if not sources:
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    debug = _flag("PARQ_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    cxx = [*opt, "-std=c++17", "-fopenmp"]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    want_cuda = bool(cuda_sources) and not _flag("PARQ_NO_CUDA")
+    have_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    if _flag("PARQ_FORCE_CUDA") and not have_cuda:
+        raise RuntimeError(
+            "PARQ_FORCE_CUDA=1 but the CUDA kernels cannot be built: "
+            f"CUDA_HOME={cpp_extension.CUDA_HOME!r}, torch.version.cuda={torch.version.cuda!r}"
+        )
+    if want_cuda and have_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "parq_kernels._C",
+            sources + cuda_sources,
+            define_macros=[("PARQ_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": [*opt, "-std=c++17", "--use_fast_math"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "parq_kernels._C",
+            sources,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = native_extensions()
+
+setup(
+    packages=find_packages(include=["parq", "parq.*", "parq_kernels", "parq_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
