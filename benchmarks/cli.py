@@ -1,0 +1,229 @@
+"""``python -m benchmarks [--quick|--full|--smoke] [--out DIR]``: the whole suite.
+
+Reports the environment, measures the copy bandwidth, runs the fused-op
+micro-benchmarks and the ``QuantOptimizer.step()`` benchmarks on every available
+backend, then prints the tables and writes ``<device>_<date>_<mode>.{csv,json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import environment, op_bench, report, step_bench
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Mode:
+    op_cases: list
+    step_cases: list
+    op_shape: tuple[int, int, int]  # (tensors, rows, cols) per op case
+    repeats: int
+    warmup: int
+    step_repeats: int
+    copy_bytes: int
+
+
+def mode_config(name: str) -> Mode:
+    if name == "smoke":
+        return Mode(
+            op_cases=op_bench.smoke_grid(),
+            step_cases=step_bench.smoke_cases(),
+            op_shape=(1, 8, 64),
+            repeats=3,
+            warmup=1,
+            step_repeats=3,
+            copy_bytes=1 << 22,
+        )
+    if name == "quick":
+        return Mode(
+            op_cases=op_bench.quick_grid(),
+            step_cases=step_bench.issue4_cases() + step_bench.model_cases(quick=True),
+            op_shape=(2, 256, 1024),
+            repeats=7,
+            warmup=1,
+            step_repeats=5,
+            copy_bytes=1 << 27,
+        )
+    return Mode(
+        op_cases=op_bench.full_grid(),
+        step_cases=step_bench.issue4_cases() + step_bench.model_cases(quick=False),
+        op_shape=(4, 1024, 4096),
+        repeats=20,
+        warmup=3,
+        step_repeats=10,
+        copy_bytes=1 << 30,
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n\n")[0]
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick",
+        dest="mode",
+        action="store_const",
+        const="quick",
+        help="small grid and scaled-down models (default; minutes on a CPU)",
+    )
+    size.add_argument(
+        "--full",
+        dest="mode",
+        action="store_const",
+        const="full",
+        help="the whole grid and full-size models (for GPUs)",
+    )
+    size.add_argument(
+        "--smoke",
+        dest="mode",
+        action="store_const",
+        const="smoke",
+        help="tiny shapes, a couple of cases (seconds; used by the tests)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="results directory (default: benchmarks/results)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)"
+    )
+    parser.add_argument(
+        "--suites",
+        nargs="+",
+        choices=("op", "step"),
+        default=["op", "step"],
+        help="which suites to run (default: both)",
+    )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile(reference) baseline"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repeats per measurement (default: per mode)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="plain progress lines")
+    args = parser.parse_args(argv)  # fmt: skip
+    args.mode = args.mode or "quick"
+    try:
+        args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        parser.error(f"--device: {exc}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but torch.cuda.is_available() is False")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    return args
+
+
+class Progress:
+    """tqdm when available and wanted, else one plain line per item."""
+
+    def __init__(self, total: int, plain: bool):
+        self.bar = None
+        if not plain:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+        self.total, self.done = total, 0
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_description_str(label[:60])
+            self.bar.update(1)
+        else:
+            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode, device = mode_config(args.mode), args.device
+    repeats = args.repeats or mode.repeats
+    step_repeats = args.repeats or mode.step_repeats
+    t_start = time.perf_counter()
+    env = environment.environment(device)
+    available = env["backends_available"]
+    copy_gbps, copy_timing = environment.copy_bandwidth(device, mode.copy_bytes)
+    print(report.environment_text(env, copy_gbps), flush=True)
+
+    op_cases = mode.op_cases if "op" in args.suites else []
+    step_cases = mode.step_cases if "step" in args.suites else []
+    progress = Progress(len(op_cases) + len(step_cases), args.no_progress)
+    rows: list[dict] = []
+    n_tensors, n_rows, n_cols = mode.op_shape
+    for case in op_cases:
+        for variant, timing, inputs, note in op_bench.run_case(
+            case,
+            device,
+            available,
+            compile_baseline=not args.no_compile,
+            n_tensors=n_tensors,
+            rows=n_rows,
+            cols=n_cols,
+            repeats=repeats,
+            warmup=mode.warmup,
+        ):
+            rows.append(report.make_row("op", case.name, variant, inputs.numel, inputs.bytes,
+                                        timing, note))  # fmt: skip
+        progress.step(case.name)
+    for case in step_cases:
+        for variant, timing, note in step_bench.run_case(
+            case, device, available, repeats=step_repeats, warmup=mode.warmup
+        ):
+            nbytes = case.bytes_base if variant == "base" else case.bytes_qat
+            rows.append(report.make_row("step", case.name, variant, case.numel, nbytes, timing,
+                                        note))  # fmt: skip
+        progress.step(case.name)
+    progress.close()
+    report.derive(rows, copy_gbps)
+
+    for suite, title in (("op", "fused op quant_prox_"), ("step", "QuantOptimizer.step()")):
+        if any(r["suite"] == suite for r in rows):
+            print(f"\n== {title} ==\n{report.table(rows, suite)}")
+    elapsed = time.perf_counter() - t_start
+    args.out.mkdir(parents=True, exist_ok=True)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    stem = args.out / f"{environment.device_slug(device)}_{date}_{args.mode}"
+    payload = {
+        "mode": args.mode,
+        "date_utc": date,
+        "command": ["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)],
+        "elapsed_s": elapsed,
+        "environment": env,
+        "copy_bandwidth_gbps": copy_gbps,
+        "copy_timing_s": copy_timing.as_dict(),
+        "op_shape": {"tensors": n_tensors, "rows": n_rows, "cols": n_cols},
+        "byte_models": {
+            "op": op_bench.__doc__.split("Byte model")[1].strip(),
+            "step": step_bench.__doc__.split("Byte model")[1].strip(),
+        },
+        "rows": rows,
+    }
+    report.write_csv(rows, stem.with_suffix(".csv"))
+    report.write_json(payload, stem.with_suffix(".json"))
+    report.write_markdown(rows, env, copy_gbps, stem.with_suffix(".md"))
+    title = f"parq benchmarks, {env['device_name']} ({args.mode}, {date})"
+    report.write_chart(rows, title, stem.with_suffix(".png"))
+    print(f"\nwrote {stem}.{{csv,json,md,png}} in {elapsed:.0f} s")
+    return 0

@@ -1,0 +1,210 @@
+"""Micro-benchmarks of the fused op ``parq_kernels::quant_prox_``, per backend.
+
+One case = quantizer x bits x prox map x granularity x dtype x update, run on a
+small multi-tensor set (``n_tensors`` weights of ``rows x cols``). For each case
+every available backend is timed through the public op, plus the baseline:
+``torch.compile`` of the pure-PyTorch reference (``reference(compile)``). The
+parameters are reset to the same values (untimed) before every call.
+
+Byte model (minimal traffic of one call, what a one-pass kernel must move):
+per element, read ``p`` + write ``latent`` + write ``p`` = ``3 * itemsize``;
+plus the level sets, ``rows * K * 4`` bytes (written on update, read otherwise).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.timing import Timing, measure
+from parq_kernels import reference
+from parq_kernels.ops import ProxKind, QuantKind, num_levels, quant_prox_
+
+COMPILED = "reference(compile)"
+
+# quantizer name -> bits -> (QuantKind, qargs); "where b allows"
+_UNIFORM = (0.0, 0.5, 0.5)  # UnifQuantizer defaults: mean scale, int_shift 0.5, zero_point 0.5
+QUANTIZERS: dict[str, dict[int, tuple[QuantKind, tuple[float, ...]]]] = {
+    "uniform": {b: (QuantKind.UNIFORM, _UNIFORM) for b in (1, 2, 4, 8)},
+    "lsbq": {0: (QuantKind.LSBQ_TERNARY, (1.1,))}
+    | {b: (QuantKind.LSBQ_GREEDY, ()) for b in (1, 2, 4, 8)},
+    "lsbq_opt": {b: (QuantKind.LSBQ_OPTIMAL, ()) for b in (0, 1, 2)},
+    "ternary": {0: (QuantKind.TERNARY_UNIF, ())},
+}
+PROX = {"hard": (ProxKind.HARD, 0.0), "parq": (ProxKind.PARQ, 0.5)}  # rho = 0.5 mid-anneal
+GRANULARITIES = ("tensor", "channel", "block32", "block128")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class OpCase:
+    quantizer: str
+    bits: int
+    prox: str
+    granularity: str
+    dtype: str = "fp32"
+    update: bool = True
+    compile: bool = True  # also time torch.compile(reference) for this case
+
+    @property
+    def name(self) -> str:
+        upd = "" if self.update else "/noupdate"
+        return f"{self.quantizer}{self.bits}/{self.prox}/{self.granularity}/{self.dtype}{upd}"
+
+    @property
+    def kind(self) -> tuple[QuantKind, tuple[float, ...]]:
+        return QUANTIZERS[self.quantizer][self.bits]
+
+
+def full_grid() -> list[OpCase]:
+    """Every valid combination (bits 0, 1, 2, 4, 8 where the quantizer allows);
+    torch.compile baseline on the fp32 per-channel update cases (one compile each)."""
+    cases = []
+    for qname, by_bits in QUANTIZERS.items():
+        for bits, prox, gran, dtype, update in itertools.product(
+            sorted(by_bits), PROX, GRANULARITIES, DTYPES, (True, False)
+        ):
+            compile_it = dtype == "fp32" and update and gran == "channel"
+            cases.append(OpCase(qname, bits, prox, gran, dtype, update, compile_it))
+    return cases
+
+
+def quick_grid() -> list[OpCase]:
+    """A small subset covering each axis once (torch.compile on a few cases only)."""
+    return [
+        OpCase("uniform", 2, "parq", "channel", compile=True),
+        OpCase("uniform", 2, "hard", "channel", compile=False),
+        OpCase("uniform", 2, "parq", "tensor", compile=False),
+        OpCase("uniform", 2, "parq", "block32", compile=False),
+        OpCase("uniform", 2, "parq", "block128", compile=False),
+        OpCase("uniform", 2, "parq", "channel", update=False, compile=False),
+        OpCase("uniform", 4, "parq", "channel", compile=False),
+        OpCase("uniform", 8, "parq", "channel", compile=False),
+        OpCase("uniform", 2, "parq", "channel", dtype="bf16", compile=False),
+        OpCase("lsbq", 2, "parq", "channel", compile=True),
+        OpCase("lsbq", 4, "parq", "channel", compile=False),
+        OpCase("lsbq_opt", 2, "parq", "channel", compile=False),
+        OpCase("lsbq_opt", 0, "parq", "tensor", compile=False),
+        OpCase("ternary", 0, "parq", "channel", compile=False),
+    ]
+
+
+def smoke_grid() -> list[OpCase]:
+    return [
+        OpCase("uniform", 2, "parq", "channel", compile=False),
+        OpCase("lsbq", 2, "hard", "block32", compile=False),
+    ]
+
+
+def rows_cols(granularity: str, rows: int, cols: int) -> tuple[int, int]:
+    """Row layout of one ``rows x cols`` weight for a granularity."""
+    if granularity == "tensor":
+        return 1, rows * cols
+    if granularity == "channel":
+        return rows, cols
+    block = int(granularity.removeprefix("block"))
+    return rows * cols // block, block
+
+
+class OpInputs:
+    """The tensors of one case; ``reset()`` restores the parameters (untimed)."""
+
+    def __init__(self, case: OpCase, device: torch.device, n_tensors: int, rows: int, cols: int):
+        kind, qargs = case.kind
+        self.K = num_levels(kind, case.bits, qargs)
+        r, c = rows_cols(case.granularity, rows, cols)
+        dtype = DTYPES[case.dtype]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        self.pristine = [
+            (torch.randn(r, c, generator=gen) * 0.02).to(device=device, dtype=dtype)
+            for _ in range(n_tensors)
+        ]
+        self.params = [t.clone() for t in self.pristine]
+        self.latents = [torch.empty_like(t) for t in self.pristine]
+        self.quants = [torch.empty(r, self.K, device=device) for _ in self.pristine]
+        self.nonfinite = torch.zeros(n_tensors, dtype=torch.int32, device=device)
+        self.numel = n_tensors * r * c
+        self.bytes = 3 * self.numel * self.pristine[0].element_size() + 4 * n_tensors * r * self.K
+        if not case.update:  # levels must exist before a prox-only call
+            self.call(case, quant_prox_, backend="reference", update=True)
+
+    def reset(self) -> None:
+        torch._foreach_copy_(self.params, self.pristine)
+
+    def call(self, case: OpCase, fn: Callable, update: bool | None = None, **kw) -> None:
+        kind, qargs = case.kind
+        prox_kind, prox_arg = PROX[case.prox]
+        fn(
+            self.params,
+            self.latents,
+            self.quants,
+            self.nonfinite,
+            int(kind),
+            case.bits,
+            list(qargs) if fn is quant_prox_ else tuple(qargs),
+            False,
+            case.update if update is None else update,
+            int(prox_kind),
+            prox_arg,
+            1.0,
+            **kw,
+        )
+
+
+def compiled_reference() -> tuple[Callable | None, str]:
+    """``(torch.compile(reference.quant_prox_), "")`` or ``(None, why)``.
+
+    Dynamo's caches are reset first, so every case compiles afresh and never
+    silently falls back to eager after too many recompilations."""
+    try:
+        torch._dynamo.reset()
+        return torch.compile(reference.quant_prox_), ""
+    except Exception as exc:
+        return None, f"torch.compile unavailable: {type(exc).__name__}: {exc}"
+
+
+def run_case(
+    case: OpCase,
+    device: torch.device,
+    backend_names: list[str],
+    compile_baseline: bool,
+    *,
+    n_tensors: int,
+    rows: int,
+    cols: int,
+    repeats: int,
+    warmup: int,
+) -> Iterator[tuple[str, Timing | None, OpInputs, str]]:
+    """Yield ``(variant, timing or None, inputs, note)`` for each backend, then for
+    the ``torch.compile`` baseline when ``compile_baseline and case.compile``."""
+    inputs = OpInputs(case, device, n_tensors, rows, cols)
+    for name in backend_names:
+        timing = measure(
+            lambda name=name: inputs.call(case, quant_prox_, backend=name),
+            device=device,
+            repeats=repeats,
+            warmup=warmup,
+            setup=inputs.reset,
+        )
+        yield name, timing, inputs, ""
+    if not (compile_baseline and case.compile):
+        return
+    compiled, why = compiled_reference()
+    if compiled is None:
+        yield COMPILED, None, inputs, why
+        return
+    try:
+        timing = measure(
+            lambda: inputs.call(case, compiled),
+            device=device,
+            repeats=repeats,
+            warmup=max(warmup, 1),  # the first call compiles
+            setup=inputs.reset,
+        )
+    except Exception as exc:  # a graph torch.compile cannot handle: report, continue
+        yield COMPILED, None, inputs, f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
+        return
+    yield COMPILED, timing, inputs, ""

@@ -1,0 +1,194 @@
+"""Result rows -> derived columns, terminal table, CSV, JSON, Markdown and PNG.
+
+One row per (suite, case, variant). Derived columns, all from the same run:
+
+* ``gbps`` = bytes (the suite's byte model) / median time;
+* ``frac_copy_bw`` = ``gbps`` / the measured copy bandwidth of the device;
+* ``speedup_vs_reference`` = median of the case's reference row / this median
+  (op suite: the ``reference`` backend; step suite: the ``generic`` path);
+* ``speedup_vs_compile`` = median of ``reference(compile)`` / this median (op suite);
+* ``time_vs_base`` = this median / median of the base optimizer step alone (step suite).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+COLUMNS = [
+    "suite",
+    "case",
+    "variant",
+    "numel",
+    "bytes",
+    "median_ms",
+    "q1_ms",
+    "q3_ms",
+    "min_ms",
+    "max_ms",
+    "repeats",
+    "gbps",
+    "frac_copy_bw",
+    "speedup_vs_reference",
+    "speedup_vs_compile",
+    "time_vs_base",
+    "note",
+]
+REFERENCE_VARIANT = {"op": "reference", "step": "generic"}
+COMPILE_VARIANT = "reference(compile)"
+TABLE_COLUMNS = [
+    ("case", "case", "{}"),
+    ("variant", "variant", "{}"),
+    ("median_ms", "median ms", "{:.3f}"),
+    ("iqr_ms", "IQR ms", "{:.3f}"),
+    ("gbps", "GB/s", "{:.2f}"),
+    ("frac_copy_bw", "of copy BW", "{:.1%}"),
+    ("speedup_vs_reference", "x vs ref", "{:.2f}"),
+    ("speedup_vs_compile", "x vs compile", "{:.2f}"),
+    ("time_vs_base", "t / base", "{:.2f}"),
+]
+
+
+def make_row(suite: str, case: str, variant: str, numel: int, nbytes: int, timing, note=""):
+    """A row with the measured columns filled in (``timing`` may be None: not measured)."""
+    row = {c: None for c in COLUMNS}
+    row.update(suite=suite, case=case, variant=variant, numel=numel, bytes=nbytes, note=note)
+    if timing is not None:
+        row.update(
+            median_ms=timing.median * 1e3,
+            q1_ms=timing.q1 * 1e3,
+            q3_ms=timing.q3 * 1e3,
+            min_ms=timing.min * 1e3,
+            max_ms=timing.max * 1e3,
+            repeats=timing.repeats,
+        )
+    return row
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def derive(rows: list[dict], copy_gbps: float) -> list[dict]:
+    """Fill in the derived columns in place (see module doc); returns ``rows``."""
+    by_case: dict[tuple[str, str], dict[str, dict]] = {}
+    for row in rows:
+        by_case.setdefault((row["suite"], row["case"]), {})[row["variant"]] = row
+    for row in rows:
+        med = row["median_ms"]
+        if med is None:
+            continue
+        row["gbps"] = row["bytes"] / (med * 1e-3) / 1e9
+        row["frac_copy_bw"] = row["gbps"] / copy_gbps
+        peers = by_case[(row["suite"], row["case"])]
+        ref = peers.get(REFERENCE_VARIANT[row["suite"]], {}).get("median_ms")
+        if row["variant"] != "base":  # the base step is no QAT implementation
+            row["speedup_vs_reference"] = _ratio(ref, med)
+        if row["suite"] == "op":
+            row["speedup_vs_compile"] = _ratio(peers.get(COMPILE_VARIANT, {}).get("median_ms"), med)
+        else:
+            row["time_vs_base"] = _ratio(med, peers.get("base", {}).get("median_ms"))
+    return rows
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    if key == "iqr_ms":
+        value = None if row["q3_ms"] is None else row["q3_ms"] - row["q1_ms"]
+    else:
+        value = row[key]
+    if value is None:
+        return "-" if key != "median_ms" or not row["note"] else "n/a"
+    return fmt.format(value)
+
+
+def table(rows: list[dict], suite: str, markdown: bool = False) -> str:
+    """The rows of one suite as an aligned text table (or a Markdown table)."""
+    keys = [c for c in TABLE_COLUMNS if not (suite == "op" and c[0] == "time_vs_base")]
+    if suite == "step":
+        keys = [c for c in keys if c[0] != "speedup_vs_compile"]
+    header = [c[1] for c in keys]
+    mine = [r for r in rows if r["suite"] == suite]
+    body = [[_cell(r, k, f) for k, _, f in keys] for r in mine]
+    notes = [f"{r['case']} {r['variant']}: {r['note']}" for r in mine if r["note"]]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    else:
+        widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+        fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
+        lines = [fmt.format(*header), "  ".join("-" * w for w in widths)]
+        lines += [fmt.format(*cells) for cells in body]
+    return "\n".join(lines + [f"note: {n}" for n in notes])
+
+
+def environment_text(env: dict, copy_gbps: float) -> str:
+    lines = [
+        f"device: {env['device']} ({env['device_name']}), torch threads: {env['cpu_threads']}, "
+        f"cpu count: {env['cpu_count']}",
+        f"python {env['python']}, torch {env['torch']}, triton {env['triton']}",
+        f"copy bandwidth (read + write): {copy_gbps:.2f} GB/s",
+        f"backends benchmarked: {', '.join(env['backends_available'])}",
+    ]
+    lines += [f"backend {k} not benchmarked: {v}" for k, v in env["backends_missing"].items()]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def write_json(payload: dict, path: Path) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_markdown(rows: list[dict], env: dict, copy_gbps: float, path: Path) -> None:
+    text = ["```", environment_text(env, copy_gbps), "```", "", "### Fused op", ""]
+    text += [table(rows, "op", markdown=True), "", "### QuantOptimizer.step()", ""]
+    text += [table(rows, "step", markdown=True), ""]
+    path.write_text("\n".join(text))
+
+
+def write_chart(rows: list[dict], title: str, path: Path) -> None:
+    """Two panels: op throughput as a fraction of copy bandwidth, and step time
+    relative to the base optimizer step, per case and variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("op", "frac_copy_bw", "fused op: fraction of copy bandwidth"),
+        ("step", "time_vs_base", "QuantOptimizer.step(): time / base step time (log)"),
+    ]
+    n_cases = [len({r["case"] for r in rows if r["suite"] == s}) for s, _, _ in panels]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 1.5 + 0.45 * max(n_cases + [4])), squeeze=False)
+    for ax, (suite, key, label) in zip(axes[0], panels, strict=True):
+        data = [r for r in rows if r["suite"] == suite and r[key] is not None]
+        cases = list(dict.fromkeys(r["case"] for r in data))
+        variants = list(dict.fromkeys(r["variant"] for r in data))
+        height = 0.8 / max(1, len(variants))
+        for v_i, variant in enumerate(variants):
+            ys, xs = [], []
+            for c_i, case in enumerate(cases):
+                for r in data:
+                    if r["case"] == case and r["variant"] == variant:
+                        ys.append(c_i + v_i * height)
+                        xs.append(r[key])
+            ax.barh(ys, xs, height=height, label=variant)
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))], cases, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=9)
+        if suite == "step" and data:
+            ax.set_xscale("log")
+            ax.axvline(1.0, color="k", lw=0.8)
+        if variants:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
