@@ -48,7 +48,7 @@ class KernelProxMap(ProxMap):
     ) -> float | None:
         kind, arg, returned = self.schedule(step_count)
         x = rows_view(p, dim)
-        Q_rows = Q.detach().float().reshape(x.size(0) if dim is not None else 1, -1)
+        Q_rows = Q.detach().float().reshape(-1, Q.size(-1))  # (rows, K); rows may be 0
         q_rows = rows_view(q, dim) if q is not None else None
         y = reference.apply_prox(x, q_rows, Q_rows, kind, arg)
         with torch.no_grad():

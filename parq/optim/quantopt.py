@@ -310,7 +310,10 @@ class QuantOptimizer(Optimizer):
                 state["latent"].copy_(p)
             else:
                 state["latent"] = p.detach().clone()
+            param = p  # half-precision weights are shrunk in float32 (SPEC §6), then stored
             if gamma != 1.0:
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p = p.float()
                 p.div_(gamma)
             if layout.grouped:
                 view = p.reshape(layout.rows, layout.cols)
@@ -320,7 +323,7 @@ class QuantOptimizer(Optimizer):
                 view = p
             if update or "quants" not in state:
                 if self.check_finite and not torch.isfinite(p).all():
-                    self._raise_nonfinite(index, j, p)
+                    self._raise_nonfinite(index, j, param)
                 q, Q = quantizer.quantize(view, bits, layout.dim)
                 state["quants"] = Q.to(torch.float32)
             else:
@@ -328,6 +331,8 @@ class QuantOptimizer(Optimizer):
             rho = self.prox_map.apply_(view, q, state["quants"], step_count=n, dim=layout.dim)
             if view is not p and not p.is_contiguous():  # reshape copied: write back
                 p.copy_(view.reshape(p.shape))
+            if p is not param:
+                param.copy_(p)
         return rho
 
     def _fused_group(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor
 
 from parq_kernels import reference
@@ -17,7 +18,8 @@ def rows_view(p: Tensor, dim: int | None) -> Tensor:
     x = p.detach().float()
     if dim is None:
         return x.reshape(1, -1)
-    return x.movedim(dim, -1).reshape(-1, p.size(dim))
+    # contiguous rows: a row's reductions then run in the same order as in the fused op
+    return x.movedim(dim, -1).reshape(-1, p.size(dim)).contiguous()
 
 
 def from_rows(q_rows: Tensor, p: Tensor, dim: int | None) -> Tensor:
@@ -78,7 +80,9 @@ class KernelQuantizer(Quantizer):
         self.check_bits(b)
         kind, qargs = self.kernel_spec(b)
         q, Q = reference.quantize_rows(rows_view(p, dim), kind, b, qargs, self.center)
-        q = from_rows(q, p, dim).to(p.dtype)
+        # q keeps float32 for half-precision p, so that it is exactly one of the
+        # float32 levels Q (rounding it to bf16/fp16 would leave Q; SPEC.md §3, §6)
+        q = from_rows(q, p, dim).to(torch.promote_types(p.dtype, torch.float32))
         return q, (Q[0] if dim is None else Q)
 
 
