@@ -1,0 +1,207 @@
+"""Row statistics and level sets (quantization-update steps only).
+
+Statistics are gathered in *passes*. In each pass, ``_partials_kernel`` reduces
+every tile (one or more whole rows, or one chunk of a long row) into partial
+sums/extrema per row (``PART``, ``(pslots, NP)`` float32), and
+``_finalize_kernel`` adds each row's partials in a fixed order (deterministic)
+and writes the row's statistics (``STATS``, ``(R, NST)`` float32):
+
+* pass 0 (``center`` only): ``m = mean(x)``;
+* pass 1: ``sum|x'|, max|x'|, min x', max x'`` with ``x' = x - m``, from which
+  the quantizer's scale (uniform, ternary, asym), zero point (asym) or first
+  LSBQ coefficient ``v_1`` follows;
+* pass ``k >= 2`` (greedy LSBQ): ``v_k = mean|r_{k-1}|``, the residual being
+  recomputed from ``x'`` and ``v_1..v_{k-1}`` exactly as the quantizer does.
+
+``_levels_kernel`` then writes each row's ``K`` levels (``QWS``, ``(R, K)``);
+the binary LSBQ levels are sorted afterwards by the launcher (``torch.sort``).
+The kernels take ``x = p / gamma`` in float32 whatever the parameter dtype.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# STATS columns
+S_MEAN = tl.constexpr(0)
+S_SCALE = tl.constexpr(1)
+S_QMAX = tl.constexpr(2)
+S_ZERO = tl.constexpr(3)
+S_V = tl.constexpr(4)  # v_1..v_8 (LSBQ), or v (LSBQ ternary), or A (optimal ternary)
+NST = tl.constexpr(12)
+NP = tl.constexpr(4)  # PART columns
+
+# QuantKind values (parq_kernels.ops.QuantKind)
+UNIFORM = tl.constexpr(0)
+TERNARY_UNIF = tl.constexpr(1)
+ASYM = tl.constexpr(2)
+LSBQ_GREEDY = tl.constexpr(3)
+LSBQ_TERNARY = tl.constexpr(4)
+LSBQ_OPTIMAL = tl.constexpr(5)
+
+TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
+INF = tl.constexpr(float("inf"))
+
+
+@triton.jit
+def round_half_even(y):
+    """``torch.round`` in float32: nearest integer, ties to even."""
+    f = tl.floor(y)
+    d = y - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (d > 0.5) | ((d == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def sgn(x):
+    """+1 for x >= 0, -1 otherwise."""
+    return tl.where(x >= 0, 1.0, -1.0)
+
+
+@triton.jit
+def load_tile(P, TAB, pid, gamma, NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of ``x = p / gamma`` (float32) and its coordinates."""
+    t = TAB + pid * NF
+    p_off = tl.load(t + 0)
+    row0 = tl.load(t + 3)
+    nrows = tl.load(t + 4)
+    ncols = tl.load(t + 5)
+    stride = tl.load(t + 6)
+    r = tl.arange(0, ROWS)[:, None]
+    c = tl.arange(0, BLOCK)[None, :]
+    rmask = r < nrows
+    mask = rmask & (c < ncols)
+    x = tl.load(P + p_off + r * stride + c, mask=mask, other=0.0).to(tl.float32) / gamma
+    return x, r, c, rmask, mask, row0
+
+
+@triton.jit
+def _partials_kernel(
+    P, TAB, STATS, PART, PAD, pad_ld, gamma,
+    PASS: tl.constexpr, CENTER: tl.constexpr, GATHER: tl.constexpr,
+    NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Partial statistics of one tile for pass ``PASS`` (module doc).
+
+    ``GATHER``: instead, write ``|x'|`` of the tile into the padded matrix
+    ``PAD`` (``(R, pad_ld)`` float32) for the optimal-LSBQ sort.
+    """
+    pid = tl.program_id(0)
+    x, r, c, rmask, mask, row0 = load_tile(P, TAB, pid, gamma, NF, ROWS, BLOCK)
+    pslot = tl.load(TAB + pid * NF + 8)
+    st = STATS + (row0 + r) * NST
+    if CENTER and (PASS > 0 or GATHER):
+        x = x - tl.load(st + S_MEAN, mask=rmask, other=0.0)
+    if GATHER:
+        col0 = tl.load(TAB + pid * NF + 9)
+        tl.store(PAD + (row0 + r) * pad_ld + col0 + c, tl.abs(x), mask=mask)
+    else:
+        out = PART + (pslot + r) * NP
+        if PASS == 0:
+            tl.store(out, tl.sum(x, axis=1)[:, None], mask=rmask)
+        elif PASS == 1:
+            ax = tl.abs(x)
+            tl.store(out, tl.sum(tl.where(mask, ax, 0.0), axis=1)[:, None], mask=rmask)
+            tl.store(out + 1, tl.max(tl.where(mask, ax, -INF), axis=1)[:, None], mask=rmask)
+            tl.store(out + 2, tl.min(tl.where(mask, x, INF), axis=1)[:, None], mask=rmask)
+            tl.store(out + 3, tl.max(tl.where(mask, x, -INF), axis=1)[:, None], mask=rmask)
+        else:
+            res = x
+            for i in tl.static_range(PASS - 1):
+                v = tl.load(st + S_V + i, mask=rmask, other=0.0)
+                res = res - v * sgn(res)
+            tl.store(out, tl.sum(tl.where(mask, tl.abs(res), 0.0), axis=1)[:, None], mask=rmask)
+
+
+@triton.jit
+def _finalize_kernel(
+    RT, PART, STATS, n_rows, max_chunks, qa0, qa1, qa2,
+    PASS: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, NR: tl.constexpr,
+    ROWS: tl.constexpr,
+):  # fmt: skip
+    """Reduce each row's partials (in chunk order) into its statistics."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < n_rows
+    first = tl.load(RT + rows * NR + 0, mask=rmask, other=0)
+    count = tl.load(RT + rows * NR + 1, mask=rmask, other=0)
+    n = tl.load(RT + rows * NR + 2, mask=rmask, other=0).to(tl.float32)
+    s0 = tl.zeros([ROWS], tl.float32)
+    amax = tl.full([ROWS], -INF, tl.float32)
+    mn = tl.full([ROWS], INF, tl.float32)
+    mx = tl.full([ROWS], -INF, tl.float32)
+    for k in range(0, max_chunks):
+        ok = rmask & (k < count)
+        part = PART + (first + k) * NP
+        s0 = s0 + tl.load(part, mask=ok, other=0.0)
+        if PASS == 1:
+            amax = tl.maximum(amax, tl.load(part + 1, mask=ok, other=-INF))
+            mn = tl.minimum(mn, tl.load(part + 2, mask=ok, other=INF))
+            mx = tl.maximum(mx, tl.load(part + 3, mask=ok, other=-INF))
+    nonempty = n > 0
+    mean = tl.where(nonempty, s0 / tl.maximum(n, 1.0), 0.0)
+    st = STATS + rows * NST
+    if PASS == 0:
+        tl.store(st + S_MEAN, mean, mask=rmask)
+    elif PASS == 1:
+        amax = tl.where(nonempty, amax, 0.0)
+        mn = tl.where(nonempty, mn, 0.0)
+        mx = tl.where(nonempty, mx, 0.0)
+        if KIND == UNIFORM:  # qa0 = scale_is_max, qa1 = int_shift
+            qmax = tl.where(qa0 == 0.0, tl.minimum(BITS * mean, amax), amax)
+            qmax = tl.maximum(qmax, TINY)
+            tl.store(st + S_QMAX, qmax, mask=rmask)
+            tl.store(st + S_SCALE, qmax / (2.0 ** (BITS - 1) - qa1), mask=rmask)
+        elif KIND == TERNARY_UNIF:
+            tl.store(st + S_SCALE, tl.maximum(amax, TINY) / 1.5, mask=rmask)
+        elif KIND == ASYM:
+            s = tl.maximum((mx - mn) / (2.0**BITS - 1.0), TINY)
+            tl.store(st + S_SCALE, s, mask=rmask)
+            tl.store(st + S_ZERO, round_half_even(mn / s), mask=rmask)
+        elif KIND == LSBQ_TERNARY:  # qa0 = ternary_multiplier
+            tl.store(st + S_V, qa0 * mean, mask=rmask)
+        else:  # greedy LSBQ: v_1
+            tl.store(st + S_V, mean, mask=rmask)
+    else:
+        tl.store(st + S_V + (PASS - 1), mean, mask=rmask)
+
+
+@triton.jit
+def _levels_kernel(
+    STATS, QWS, n_rows, qa1,
+    KIND: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    CENTER: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """``QWS[row, :K]``: the row's levels, computed like the reference's ``Q``.
+
+    Ascending for every kind except the binary LSBQ levels (greedy and optimal
+    2-bit), which the launcher sorts afterwards.
+    """
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    j = tl.arange(0, KP)[None, :]
+    rmask = rows < n_rows
+    st = STATS + rows * NST
+    jf = j.to(tl.float32)
+    if KIND == UNIFORM:  # qa1 = int_shift
+        s = tl.load(st + S_SCALE, mask=rmask, other=0.0)
+        Q = (jf - (2.0 ** (BITS - 1) - qa1)) * s
+    elif KIND == TERNARY_UNIF:
+        s = tl.load(st + S_SCALE, mask=rmask, other=0.0)
+        Q = (jf - 1.0) * s
+    elif KIND == ASYM:
+        s = tl.load(st + S_SCALE, mask=rmask, other=0.0)
+        z = tl.load(st + S_ZERO, mask=rmask, other=0.0)
+        Q = (z + jf) * s
+    elif K == 3:  # LSBQ ternary, optimal ternary: [-v, 0, v]
+        v = tl.load(st + S_V, mask=rmask, other=0.0)
+        Q = tl.where(j == 0, -v, tl.where(j == 1, 0.0, v))
+    else:  # binary levels sum_i c_i v_i, accumulated in i order like q
+        Q = tl.zeros([ROWS, KP], tl.float32)
+        for i in tl.static_range(BITS):
+            v = tl.load(st + S_V + i, mask=rmask, other=0.0)
+            bit = (j >> (BITS - 1 - i)) & 1
+            Q = Q + tl.where(bit == 1, v, -v)
+    if CENTER:
+        Q = Q + tl.load(st + S_MEAN, mask=rmask, other=0.0)
+    tl.store(QWS + rows * K + j, Q, mask=rmask & (j < K))
