@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from foundation_models import one_thread  # noqa: F401
 
 from parq.quant import (
     AsymUnifQuantizer,
