@@ -37,7 +37,7 @@ def native_extensions() -> tuple[list, dict]:
 
     debug = _flag("PARQ_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    cxx = [*opt, "-std=c++17", "-fopenmp"]
+    cxx = [*opt, "-std=c++17", "-fopenmp", "-ffp-contract=off"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     want_cuda = bool(cuda_sources) and not _flag("PARQ_NO_CUDA")
     have_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
@@ -51,7 +51,7 @@ def native_extensions() -> tuple[list, dict]:
             "parq_kernels._C",
             sources + cuda_sources,
             define_macros=[("PARQ_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": [*opt, "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": [*opt, "-std=c++17", "--fmad=false"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -1,0 +1,279 @@
+// CPU kernels of parq_kernels_C::quant_prox_ (contract: parq_kernels/ops.py).
+//
+// Each row is a quantization group. A row is cut into fixed chunks of kChunk
+// elements; every reduction sums float lanes inside a chunk, then the chunk
+// partials in double, in chunk order. Short rows are processed one row per
+// task (at::parallel_for over rows); long rows (per-tensor groups) run each
+// pass as an at::parallel_for over their chunks. Both give the same bits, and
+// neither depends on the number of threads.
+//
+// Passes over a row, on update steps: [center mean] -> statistics (one per
+// greedy LSBQ bit; optimal LSBQ gathers |x| for one sort) -> write pass. The
+// first pass also copies the latent and checks finiteness. Without update, a
+// single pass copies the latent, checks, looks up the stored levels and writes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "../levels.h"
+#include "../quant_prox.h"
+#include "row_stats.h"
+
+namespace parq {
+namespace {
+
+struct Workspace {
+  std::vector<float> mid;     // midpoints of the stored levels (nearest-level lookup)
+  std::vector<float> gather;  // |x| of a row, sorted by optimal LSBQ
+};
+
+// Run fn(chunk) over the chunks of a row and combine the partials in chunk
+// order (serially or in parallel: same result).
+template <typename F>
+Partial over_chunks(bool parallel, int64_t nchunks, const F& fn) {
+  Partial total;
+  if (!parallel) {
+    for (int64_t c = 0; c < nchunks; ++c) total.add(fn(c));
+    return total;
+  }
+  std::vector<Partial> parts(static_cast<size_t>(nchunks));
+  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) parts[c] = fn(c);
+  });
+  for (const Partial& p : parts) total.add(p);
+  return total;
+}
+
+float row_mean(const Partial& p, int64_t n) {
+  return n > 0 ? static_cast<float>(p.sum / static_cast<double>(n)) : 0.0f;
+}
+
+// Exact two-cluster split of sorted magnitudes a[0..n) (SPEC.md §3, optimal LSBQ):
+// float64 prefix sums; the smallest k minimizing the squared error.
+void optimal_split(const float* a, int64_t n, bool ternary, double* lo_out, double* hi_out) {
+  double Sn = 0.0, T = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = a[i];
+    Sn += v;
+    T += v * v;
+  }
+  const double dn = static_cast<double>(n);
+  double best = 0.0, best_lo = 0.0, best_hi = 0.0, S = 0.0;
+  for (int64_t k = 0; k <= n; ++k) {
+    if (k > 0) S += a[k - 1];
+    const double dk = static_cast<double>(k);
+    const double lo = k > 0 ? S / dk : 0.0;
+    const double hi = k < n ? (Sn - S) / (dn - dk) : 0.0;
+    const double E = ternary ? T - (dn - dk) * hi * hi : T - dk * lo * lo - (dn - dk) * hi * hi;
+    if (k == 0 || E < best) {
+      best = E;
+      best_lo = ternary ? 0.0 : lo;
+      best_hi = hi;
+    }
+  }
+  *lo_out = best_lo;
+  *hi_out = best_hi;
+}
+
+template <typename T>
+struct RowJob {
+  const OpArgs& a;
+  T* p;    // (n,) the row's weights: read, then overwritten
+  T* lat;  // (n,) latent copy
+  float* Q;
+  int64_t n;
+  bool parallel;
+  Workspace& ws;
+
+  int64_t nchunks() const { return (n + kChunk - 1) / kChunk; }
+  int64_t off(int64_t c) const { return c * kChunk; }
+  int64_t len(int64_t c) const { return std::min(kChunk, n - c * kChunk); }
+
+  // A statistics pass; the first one also copies the latent and checks finiteness.
+  Partial stats(Stat st, bool first, float m, const float* v, int nv) {
+    float* gather = st == Stat::kGather ? ws.gather.data() : nullptr;
+    return over_chunks(parallel, nchunks(), [&](int64_t c) {
+      const int64_t o = off(c);
+      return stats_chunk(p + o, first ? lat + o : nullptr, len(c), a.gamma, m, st, v, nv,
+                         gather ? gather + o : nullptr);
+    });
+  }
+
+  // Computes the row's quantizer and levels (update steps). Returns the nonfinite flag.
+  bool quantize(RowQuant& rq) {
+    rq = RowQuant{};
+    rq.kind = static_cast<int>(a.quant_kind);
+    bool bad = false, first = true;
+    if (a.center) {
+      const Partial pm = stats(Stat::kSum, true, 0.0f, nullptr, 0);
+      bad = pm.bad;
+      rq.m = row_mean(pm, n);
+      first = false;
+    }
+    const float m = rq.m;
+    const int b = static_cast<int>(a.bits);
+    switch (a.quant_kind) {
+      case kUniform: {
+        const Partial s = stats(Stat::kAbsSumMax, first, m, nullptr, 0);
+        bad |= s.bad;
+        float qm = s.amax;
+        if (!a.scale_max) qm = fminf(static_cast<float>(b) * row_mean(s, n), qm);
+        rq.qm = fmaxf(qm, kTiny);
+        rq.r = static_cast<float>(std::ldexp(1.0, b - 1) - static_cast<double>(a.int_shift));
+        rq.s = rq.qm / rq.r;
+        rq.zp = a.zero_point;
+        break;
+      }
+      case kTernaryUnif: {
+        const Partial s = stats(Stat::kAbsMax, first, m, nullptr, 0);
+        bad |= s.bad;
+        rq.s = fmaxf(s.amax, kTiny) / 1.5f;
+        break;
+      }
+      case kAsym: {
+        const Partial s = stats(Stat::kMinMax, first, m, nullptr, 0);
+        bad |= s.bad;
+        const float mn = n > 0 ? s.mn : 0.0f, mx = n > 0 ? s.mx : 0.0f;
+        const float top = static_cast<float>((1 << b) - 1);
+        rq.s = fmaxf((mx - mn) / top, kTiny);
+        rq.z = rne(mn / rq.s);
+        rq.ztop = rq.z + top;
+        break;
+      }
+      case kLsbqTernary: {
+        const Partial s = stats(Stat::kAbsSum, first, m, nullptr, 0);
+        bad |= s.bad;
+        rq.v[0] = a.ternary_mult * row_mean(s, n);
+        break;
+      }
+      case kLsbqOptimal:
+        if (b != 1) {
+          ws.gather.resize(static_cast<size_t>(n));
+          const Partial s = stats(Stat::kGather, first, m, nullptr, 0);
+          bad |= s.bad;
+          std::sort(ws.gather.begin(), ws.gather.end());
+          double lo = 0.0, hi = 0.0;
+          optimal_split(ws.gather.data(), n, b == 0, &lo, &hi);
+          if (b == 0) {
+            rq.nv = 0;
+            rq.v[0] = static_cast<float>(hi);
+          } else {
+            rq.nv = 2;
+            rq.v[0] = static_cast<float>((hi + lo) / 2);
+            rq.v[1] = static_cast<float>((hi - lo) / 2);
+          }
+          break;
+        }
+        [[fallthrough]];
+      default: {  // greedy: pass i averages |r_i|, replaying the first i steps
+        rq.nv = b;
+        for (int i = 0; i < b; ++i) {
+          const Partial s = stats(Stat::kAbsResidual, first, m, rq.v, i);
+          bad |= s.bad;
+          first = false;
+          rq.v[i] = row_mean(s, n);
+        }
+      }
+    }
+    const int K = static_cast<int>(a.K);
+    fill_levels(rq, Q, K);
+    if (levels_need_sort(rq)) std::sort(Q, Q + K);
+    if (a.center) {
+      for (int j = 0; j < K; ++j) Q[j] = Q[j] + m;
+    }
+    return bad;
+  }
+
+  bool run() {
+    const int K = static_cast<int>(a.K);
+    const bool uniform =
+        a.quant_kind == kUniform || a.quant_kind == kTernaryUnif || a.quant_kind == kAsym;
+    RowQuant rq{};
+    bool bad = false;
+    const bool single = !a.update;  // one pass: latent copy + check + lookup + write
+    if (a.update) bad = quantize(rq);
+    const bool writes = a.prox_kind != kNone || a.gamma != 1.0f;
+    if (!single && !writes) return bad;
+    Finder near{}, inter{};
+    if (a.prox_kind == kSoft || a.prox_kind == kParq) inter = make_finder(Q, K, uniform);
+    if (!a.update && (a.prox_kind == kHard || a.prox_kind == kRelax)) {
+      ws.mid.resize(static_cast<size_t>(std::max(K - 1, 0)));
+      for (int j = 0; j + 1 < K; ++j) ws.mid[j] = (Q[j] + Q[j + 1]) / 2;
+      near = make_finder(ws.mid.data(), K - 1, uniform);
+    }
+    const WriteArgs w{&a, a.update ? &rq : nullptr, Q, K, near, inter, writes};
+    const Partial s = over_chunks(parallel, nchunks(), [&](int64_t c) {
+      const int64_t o = off(c);
+      return write_chunk(p + o, single ? lat + o : nullptr, len(c), w);
+    });
+    return bad || s.bad;
+  }
+};
+
+template <typename T>
+bool run_param(const OpArgs& a, const at::Tensor& p, const at::Tensor& lat, const at::Tensor& Q) {
+  const int64_t rows = p.size(0), cols = p.size(1);
+  if (rows == 0) return false;
+  T* pp = p.data_ptr<T>();
+  T* lp = lat.data_ptr<T>();
+  float* qp = Q.data_ptr<float>();
+  const int64_t K = a.K;
+  // Few long rows: parallel over each row's chunks. Otherwise: parallel over rows.
+  if (cols >= 4 * kChunk && rows < 2 * at::get_num_threads()) {
+    Workspace ws;
+    bool bad = false;
+    for (int64_t r = 0; r < rows; ++r) {
+      RowJob<T> job{a, pp + r * cols, lp + r * cols, qp + r * K, cols, true, ws};
+      bad |= job.run();
+    }
+    return bad;
+  }
+  std::atomic<bool> bad{false};
+  const int64_t grain = std::max<int64_t>(1, (16 * kChunk) / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    Workspace ws;
+    bool local = false;
+    for (int64_t r = b; r < e; ++r) {
+      RowJob<T> job{a, pp + r * cols, lp + r * cols, qp + r * K, cols, false, ws};
+      local |= job.run();
+    }
+    if (local) bad.store(true, std::memory_order_relaxed);
+  });
+  return bad.load();
+}
+
+}  // namespace
+
+void quant_prox_cpu(at::TensorList params, at::TensorList latents, at::TensorList quants,
+                    const at::Tensor& nonfinite, int64_t quant_kind, int64_t bits,
+                    c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,
+                    double prox_arg, double gamma) {
+  const OpArgs a = validate_args(params, latents, quants, nonfinite, quant_kind, bits, qargs,
+                                 center, update, prox_kind, prox_arg, gamma);
+  TORCH_CHECK(nonfinite.device().is_cpu(), "quant_prox_ (cpu): nonfinite must be a CPU tensor");
+  int32_t* flags = nonfinite.data_ptr<int32_t>();
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].device().is_cpu(), "quant_prox_ (cpu): params[", i,
+                "] must be a CPU tensor");
+    bool bad = false;
+    switch (params[i].scalar_type()) {
+      case at::kFloat:
+        bad = run_param<float>(a, params[i], latents[i], quants[i]);
+        break;
+      case at::kBFloat16:
+        bad = run_param<c10::BFloat16>(a, params[i], latents[i], quants[i]);
+        break;
+      default:
+        bad = run_param<c10::Half>(a, params[i], latents[i], quants[i]);
+    }
+    if (bad) flags[i] = 1;
+  }
+}
+
+}  // namespace parq

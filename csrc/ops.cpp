@@ -1,0 +1,28 @@
+// Schema and registrations of parq_kernels_C::quant_prox_, and the Python module
+// parq_kernels._C (whose only attribute is HAS_CUDA; the op lives in torch.ops).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "quant_prox.h"
+
+TORCH_LIBRARY(parq_kernels_C, m) {
+  m.def(
+      "quant_prox_(Tensor(a!)[] params, Tensor(b!)[] latents, Tensor(c!)[] quants, "
+      "Tensor(d!) nonfinite, int quant_kind, int bits, float[] qargs, bool center, bool update, "
+      "int prox_kind, float prox_arg, float gamma) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(parq_kernels_C, CPU, m) { m.impl("quant_prox_", &parq::quant_prox_cpu); }
+
+#ifdef PARQ_WITH_CUDA
+TORCH_LIBRARY_IMPL(parq_kernels_C, CUDA, m) { m.impl("quant_prox_", &parq::quant_prox_cuda); }
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "parq fused quantize + prox kernels (op: torch.ops.parq_kernels_C.quant_prox_)";
+#ifdef PARQ_WITH_CUDA
+  m.attr("HAS_CUDA") = true;
+#else
+  m.attr("HAS_CUDA") = false;
+#endif
+}
