@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from parq.optim import sharding
 from parq.optim.layout import RowLayout, check_quantized_group, group_bits, row_layout
 from parq.optim.proxmap import KernelProxMap, ProxMap
 from parq.quant.quantizer import KernelQuantizer, Quantizer
@@ -160,7 +161,8 @@ class QuantOptimizer(Optimizer):
         self._init_group(self.param_groups[-1], len(self.param_groups) - 1)
 
     def state_dict(self) -> dict:
-        return self.base_optimizer.state_dict()
+        # placeholders make torch.distributed.checkpoint request latent/quants (sharding.py)
+        return sharding.add_state_placeholders(self, self.base_optimizer.state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a checkpoint; ``quants`` stay float32 whatever the parameter dtype."""
@@ -173,6 +175,7 @@ class QuantOptimizer(Optimizer):
                 if Q is not None:  # the base optimizer cast it to the parameter's dtype
                     self.state[p]["quants"] = Q.to(device=p.device, dtype=torch.float32)
                 index += 1
+        sharding.drop_state_placeholders(self)  # taken before quantization started
 
     # -- quantized groups ------------------------------------------------------
 
@@ -182,6 +185,8 @@ class QuantOptimizer(Optimizer):
             return
         qi = sum(1 for g in self.param_groups[:index] if group_bits(g, -1) is not None)
         check_quantized_group(group, index, bits, self._quantizer_for(qi), self.quant_per_channel)
+        K = self._quantizer_for(qi).get_quant_size(bits)
+        sharding.check_group(group, index, K, self.quant_per_channel)  # DTensor placements
         group.setdefault("cumu_lr", 0.0)
         group.setdefault("initial_wd", group.get("weight_decay", 0.0))
 
@@ -235,7 +240,9 @@ class QuantOptimizer(Optimizer):
             self._apply_corrections(group, params, corrections)
             quantizer = self._quantizer_for(qi)
             gamma = self._shrink_gamma(group) if self.quant_shrink else 1.0
-            if self._use_fused(quantizer, params):
+            if sharding.has_dtensor(params):  # FSDP2 / DTensor (SPEC §7)
+                rho = sharding.step_group(self, index, group, params, quantizer, gamma, update, n)
+            elif self._use_fused(quantizer, params):
                 rho = self._fused_group(index, group, params, quantizer, gamma, update, n)
             else:
                 rho = self._generic_group(index, group, params, quantizer, gamma, update, n)
@@ -257,8 +264,8 @@ class QuantOptimizer(Optimizer):
                     params.append(p)
                     latents.append(latent)
         corrections = self._corrections(params, latents)
-        if params:
-            torch._foreach_copy_(params, latents)
+        if params:  # DTensor has no _foreach_copy_ rule: copy the local shards
+            torch._foreach_copy_(sharding.local_tensors(params), sharding.local_tensors(latents))
         return corrections
 
     def _corrections(self, params: list[Tensor], latents: list[Tensor]) -> dict[Tensor, Tensor]:

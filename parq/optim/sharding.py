@@ -1,0 +1,686 @@
+"""Sharded parameters (FSDP2 / DTensor) in ``QuantOptimizer.step`` (SPEC.md §7).
+
+A quantized DTensor parameter is cut into quantization groups (SPEC.md §2) on
+its *global* shape, and each group is handled in one of two ways:
+
+* **whole on this rank** (``Shard(0)`` with per-channel or per-block groups,
+  ``Shard(1)`` per-block groups whose blocks do not straddle ranks, and any
+  ``Replicate`` placement): the fused op (or the generic per-parameter path)
+  runs on the local tensor ``p.to_local()``. No collective.
+* **split across ranks** (per-tensor quantization of a sharded parameter,
+  per-channel quantization of a ``Shard(d >= 1)`` parameter): the statistics
+  are global. Every reduction the quantizer needs is reduced over the
+  process group of the sharded mesh dimension, batched over all such
+  parameters of the parameter group: one ``all_gather_single`` of a small
+  float64 vector per reduction round (center: +1 round; uniform, ternary,
+  asymmetric, simple-ternary LSBQ: 1 round; greedy LSBQ: ``b`` rounds), or,
+  for optimal LSBQ (b = 0, 2), one all-gather of the magnitudes followed by
+  the reference's exact split (:func:`parq_kernels.reference.optimal_split`)
+  on the gathered values. Every rank reduces the gathered vector in the same
+  order, so the levels ``Q`` are bitwise equal on every rank; they are stored
+  replicated. The prox map then runs on the local tensor. Steps that do not
+  recompute ``Q`` issue no collective.
+
+Placements: one mesh dimension may carry ``Shard(d)``; the others must be
+``Replicate`` (HSDP ``(Replicate, Shard(0))``: reductions run over the shard
+dimension's group only). ``Partial``, strided shards and two sharded mesh
+dimensions raise :class:`UnsupportedPlacementError` naming the parameter.
+
+Optimizer state stays checkpointable with ``torch.distributed.checkpoint``:
+``latent`` is a DTensor like the parameter; ``quants`` is a DTensor of global
+shape ``(K,)`` (per-tensor, replicated), ``(rows, K)`` (per-channel, placed
+like the parameter when rows are whole, else replicated), ``(rows, blocks, K)``
+(per-block of a 2-D parameter, placed like it) or ``(blocks, K)`` (per-block of
+a 1-D parameter). :func:`add_state_placeholders` / :func:`drop_state_placeholders`
+let the ``get_state_dict`` / ``set_state_dict`` round trip restore them even
+when the resuming optimizer has not quantized yet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from parq.optim.layout import RowLayout, group_bits, row_layout
+from parq.optim.proxmap import KernelProxMap
+from parq.quant.quantizer import KernelQuantizer
+from parq_kernels import reference
+from parq_kernels.ops import QuantKind, quant_prox_
+
+
+class UnsupportedPlacementError(ValueError):
+    """A DTensor parameter's placements cannot be quantized correctly."""
+
+
+def is_dtensor(p: Tensor) -> bool:
+    return type(p).__name__ == "DTensor"
+
+
+def has_dtensor(params: list[Tensor]) -> bool:
+    return any(is_dtensor(p) for p in params)
+
+
+def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
+    """The local shard of each DTensor (plain tensors as they are), sharing storage."""
+    return [t.to_local() if is_dtensor(t) else t for t in tensors]
+
+
+# ---------------------------------------------------------------------------
+# Placement plans: where each quantization group of a parameter lives.
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class ShardPlan:
+    """How one parameter's quantization groups map onto its local tensor.
+
+    ``rows_local x cols_local`` is the view of the local tensor handed to the
+    quantizer; ``split`` means its rows are parts of global groups of length
+    ``cols_global`` whose statistics are reduced over ``group``.
+    """
+
+    layout: RowLayout
+    local: Tensor  # the local shard (shares storage with the parameter)
+    rows_local: int
+    cols_local: int
+    cols_global: int
+    split: bool
+    group: object | None  # ProcessGroup of the sharded mesh dim (None: nothing to reduce)
+    shard_dim: int | None  # tensor dim sharded across ranks
+    row_chunks: tuple[int, ...]  # split rows: local row length on each rank of ``group``
+    mesh: object | None
+    placements: tuple | None
+    q_shape: tuple[int, ...]  # global shape of state["quants"]
+    q_local_shape: tuple[int, ...]  # its local shape on this rank
+    q_placements: tuple | None
+
+
+def _chunk_sizes(size: int, parts: int) -> tuple[int, ...]:
+    """Sizes of ``torch.chunk(range(size), parts)`` padded with zeros to ``parts``."""
+    step = -(-size // parts) if size else 0
+    return tuple(max(0, min(step, size - i * step)) for i in range(parts))
+
+
+def _where(index: int, j: int, p: Tensor) -> str:
+    placements = getattr(p, "placements", None)
+    extra = f", placements {tuple(placements)}" if placements is not None else ""
+    return f"param_groups[{index}] params[{j}] (shape {tuple(p.shape)}{extra})"
+
+
+def plan_param(p: Tensor, layout: RowLayout, K: int, where: str) -> ShardPlan:
+    """The :class:`ShardPlan` of ``p`` (a DTensor or a plain tensor)."""
+    if not is_dtensor(p):
+        q_shape = (layout.rows, K) if layout.grouped else (K,)
+        return ShardPlan(layout, p, layout.rows, layout.cols, layout.cols, False, None, None, (),
+                         None, None, q_shape, q_shape, None)  # fmt: skip
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh, placements = p.device_mesh, tuple(p.placements)
+    shard_mesh_dim, shard_dim = None, None
+    for mesh_dim, pl in enumerate(placements):
+        if type(pl) is Replicate:
+            continue
+        if type(pl) is not Shard:
+            raise UnsupportedPlacementError(
+                f"{where}: placement {pl} on mesh dim {mesh_dim} is not supported "
+                "(only Shard(d) on one mesh dim and Replicate elsewhere)"
+            )
+        if shard_mesh_dim is not None:
+            raise UnsupportedPlacementError(
+                f"{where}: sharded on two mesh dims ({shard_mesh_dim} and {mesh_dim}); "
+                "only one sharded mesh dim is supported"
+            )
+        shard_mesh_dim, shard_dim = mesh_dim, pl.dim % p.dim()
+    local = p.to_local()
+    split, group, sizes = False, None, ()
+    if shard_mesh_dim is not None and mesh.size(shard_mesh_dim) > 1:
+        sizes = _chunk_sizes(p.size(shard_dim), mesh.size(shard_mesh_dim))
+        coord = mesh.get_local_rank(shard_mesh_dim)
+        if local.size(shard_dim) != sizes[coord]:
+            raise UnsupportedPlacementError(
+                f"{where}: local shard has {local.size(shard_dim)} entries along dim "
+                f"{shard_dim}, expected {sizes[coord]} (torch.chunk layout)"
+            )
+        split = _rows_split(p, layout, shard_dim, sizes, where)
+        if split:
+            group = mesh.get_group(shard_mesh_dim)
+    replicated = tuple(Replicate() for _ in placements)
+    B = layout.block_size
+    if split:  # rows = global groups, each holding its local part
+        rows_local = layout.rows
+        cols_local = local.numel() // rows_local if rows_local else 0
+        per_rank = p.numel() // p.size(shard_dim) if p.size(shard_dim) else 0
+        row_chunks = tuple(per_rank * s // max(rows_local, 1) for s in sizes)
+    else:  # whole groups on this rank
+        cols_local = layout.cols
+        rows_local = local.numel() // cols_local if layout.grouped and cols_local else 1
+        row_chunks = ()
+    if not layout.grouped:
+        q_shape, q_local, q_pl = (K,), (K,), replicated
+    elif split:  # per-channel rows split across ranks
+        q_shape, q_local, q_pl = (layout.rows, K), (layout.rows, K), replicated
+    elif B is not None and p.dim() == 2:
+        q_shape = (p.size(0), p.size(1) // B, K)
+        q_local, q_pl = (local.size(0), local.size(1) // B, K), placements
+    else:  # per-channel or per-block of a 1-D parameter: one level row per local row
+        q_shape, q_local, q_pl = (layout.rows, K), (rows_local, K), placements
+    return ShardPlan(layout, local, rows_local, cols_local, layout.cols, split, group, shard_dim,
+                     row_chunks, mesh, placements, q_shape, q_local, q_pl)  # fmt: skip
+
+
+def _rows_split(
+    p: Tensor, layout: RowLayout, shard_dim: int, sizes: tuple[int, ...], where: str
+) -> bool:
+    """Are the quantization groups of ``p`` split across ranks by this sharding?"""
+    if not layout.grouped:
+        return True
+    B = layout.block_size
+    if B is None:  # per-channel: rows are dim 0
+        return shard_dim != 0
+    # per-block: blocks run along the last dim; a block must not straddle two ranks
+    if (p.dim() == 2 and shard_dim == 0) or all(s % B == 0 for s in sizes):
+        return False
+    raise UnsupportedPlacementError(
+        f"{where}: quant_block_size={B} blocks straddle ranks (local sizes along dim "
+        f"{shard_dim}: {list(sizes)}); shard dim 0 of a 2-D parameter, or make the shard "
+        "sizes multiples of the block size"
+    )
+
+
+def check_group(group: dict, index: int, K: int, per_channel: bool) -> None:
+    """Raise :class:`UnsupportedPlacementError` early for a group's DTensor parameters."""
+    for j, p in enumerate(group["params"]):
+        if is_dtensor(p):
+            where = _where(index, j, p)
+            layout = row_layout(p, group.get("quant_block_size"), per_channel, where + ": ")
+            plan_param(p, layout, K, where)
+
+
+# ---------------------------------------------------------------------------
+# Global statistics: one all-gather per reduction round for the whole group.
+# ---------------------------------------------------------------------------
+
+
+def _all_gather(flat: Tensor, group) -> Tensor:
+    """``(world, m)``: ``flat`` of every rank of ``group``, in group-rank order."""
+    world = dist.get_world_size(group)
+    out = flat.new_empty(world * flat.numel())
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, flat.contiguous(), group=group)
+    return out.view(world, flat.numel())
+
+
+def _reduce(
+    groups: list, sums: list[Tensor], maxes: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Sum ``sums[i]`` and max ``maxes[i]`` (float64, any shape) over ``groups[i]``.
+
+    One collective per distinct process group; every rank reduces the gathered
+    values in rank order, so the results are bitwise equal everywhere.
+    """
+    out_s, out_m = list(sums), list(maxes)
+    by_group: dict = {}
+    for i, g in enumerate(groups):
+        if g is not None:
+            by_group.setdefault(g, []).append(i)
+    for g, idx in by_group.items():
+        parts = [sums[i].reshape(-1) for i in idx] + [maxes[i].reshape(-1) for i in idx]
+        flat = torch.cat(parts) if parts else sums[idx[0]].new_zeros(0)
+        gathered = _all_gather(flat, g)
+        ns = sum(sums[i].numel() for i in idx)
+        s_all, m_all = gathered[:, :ns].sum(dim=0), gathered[:, ns:].amax(dim=0)
+        off = 0
+        for i in idx:
+            out_s[i] = s_all[off : off + sums[i].numel()].view_as(sums[i])
+            off += sums[i].numel()
+        off = 0
+        for i in idx:
+            out_m[i] = m_all[off : off + maxes[i].numel()].view_as(maxes[i])
+            off += maxes[i].numel()
+    return out_s, out_m
+
+
+def _means(S: Tensor, n: int) -> Tensor:
+    """float32 ``S / n`` (0 for empty groups), like ``reference._row_mean``."""
+    return (S / n if n else torch.zeros_like(S)).float()
+
+
+def _abs_max(x: Tensor) -> Tensor:
+    """max |x| per row (0 on an empty shard), float64 ``(rows, 1)``."""
+    if x.size(1) == 0:
+        return x.new_zeros(x.size(0), 1, dtype=torch.float64)
+    return x.abs().amax(dim=1, keepdim=True).double()
+
+
+def _abs_sum(x: Tensor) -> Tensor:
+    return x.abs().double().sum(dim=1, keepdim=True)
+
+
+def global_quantize(
+    xs: list[Tensor],
+    ns: list[int],
+    groups: list,
+    chunks: list[list[int]],
+    kind: int,
+    b: int,
+    qargs: tuple[float, ...],
+    center: bool,
+) -> tuple[list[Tensor], list[Tensor], list[bool]]:
+    """``(q, Q, nonfinite)`` for rows split across ranks, with global statistics.
+
+    ``xs[i]``: float32 ``(rows, n_local)``, the local parts of ``rows`` groups of
+    global length ``ns[i]``, reduced over ``groups[i]``; ``chunks[i]``: the
+    ``n_local`` of every rank of the group (for optimal LSBQ's all-gather).
+    The math is :func:`parq_kernels.reference.quantize_rows` with every mean,
+    max and sum taken over the whole group; ``Q`` is ``(rows, K)``.
+    """
+    kind = QuantKind(kind)
+    nonfinite = [False] * len(xs)
+    ms = None
+    if center:
+        (S,), _ = _reduce_one(groups, [[x.double().sum(dim=1, keepdim=True)] for x in xs])
+        ms = [_means(s, n) for s, n in zip(S, ns, strict=True)]
+        nonfinite = [not bool(torch.isfinite(s).all()) for s in S]
+        xs = [x - m for x, m in zip(xs, ms, strict=True)]
+    if kind == QuantKind.LSBQ_OPTIMAL and b != 1:
+        out, bad = _optimal(xs, groups, chunks, b)
+    else:
+        out, bad = _by_stats(xs, ns, groups, kind, b, qargs)
+    nonfinite = [a or c for a, c in zip(nonfinite, bad, strict=True)]
+    qs, Qs = [o[0] for o in out], [o[1] for o in out]
+    if ms is not None:
+        qs = [q + m for q, m in zip(qs, ms, strict=True)]
+        Qs = [Q + m for Q, m in zip(Qs, ms, strict=True)]
+    return qs, Qs, nonfinite
+
+
+def _reduce_one(groups: list, sums: list[list[Tensor]], maxes: list[list[Tensor]] | None = None):
+    """:func:`_reduce` over per-item lists of ``(rows, 1)`` columns; returns lists of columns."""
+    maxes = maxes or [[] for _ in sums]
+    width_s = len(sums[0]) if sums else 0
+    width_m = len(maxes[0]) if maxes else 0
+
+    def cat(cols: list[Tensor], like: Tensor) -> Tensor:
+        return torch.cat(cols, dim=1) if cols else like.new_zeros(like.size(0), 0)
+
+    like = [(s or m)[0] for s, m in zip(sums, maxes, strict=True)]
+    S, M = _reduce(
+        groups,
+        [cat(s, lk) for s, lk in zip(sums, like, strict=True)],
+        [cat(m, lk) for m, lk in zip(maxes, like, strict=True)],
+    )
+    s_cols = [[s[:, k : k + 1] for s in S] for k in range(width_s)]
+    m_cols = [[m[:, k : k + 1] for m in M] for k in range(width_m)]
+    return s_cols, m_cols
+
+
+def _by_stats(xs, ns, groups, kind: QuantKind, b: int, qargs) -> tuple[list, list[bool]]:
+    """Quantizers whose statistics are sums and maxima (all but optimal LSBQ)."""
+    tiny = torch.finfo(torch.float32).tiny
+    if kind == QuantKind.LSBQ_GREEDY or kind == QuantKind.LSBQ_OPTIMAL:  # optimal b=1 is greedy
+        rs = list(xs)
+        qs = [torch.zeros_like(x) for x in xs]
+        vs: list[list[Tensor]] = [[] for _ in xs]
+        bad = [False] * len(xs)
+        for _ in range(b):
+            (S,), _ = _reduce_one(groups, [[_abs_sum(r)] for r in rs])
+            for i, (s, n) in enumerate(zip(S, ns, strict=True)):
+                bad[i] = bad[i] or not bool(torch.isfinite(s).all())
+                v = _means(s, n)
+                step = v * reference._sgn(rs[i])
+                qs[i] = qs[i] + step
+                rs[i] = rs[i] - step
+                vs[i].append(v)
+        out = [
+            (q, reference._binary_levels(torch.cat(v, dim=1))) for q, v in zip(qs, vs, strict=True)
+        ]
+        return out, bad
+    if kind == QuantKind.LSBQ_TERNARY:
+        (S,), _ = _reduce_one(groups, [[_abs_sum(x)] for x in xs])
+        out = []
+        for x, s, n in zip(xs, S, ns, strict=True):
+            v = qargs[0] * _means(s, n)
+            q = torch.where(x <= -v / 2, -v, torch.where(x <= v / 2, torch.zeros_like(x), v))
+            out.append((q, torch.cat([-v, torch.zeros_like(v), v], dim=1)))
+        return out, [not bool(torch.isfinite(s).all()) for s in S]
+    if kind == QuantKind.ASYM:
+        neg_inf = [x.new_full((x.size(0), 1), -math.inf, dtype=torch.float64) for x in xs]
+        mx = [_amax_or(x, fill) for x, fill in zip(xs, neg_inf, strict=True)]
+        mn = [_amax_or(-x, fill) for x, fill in zip(xs, neg_inf, strict=True)]
+        _, (M_max, M_negmin) = _reduce_one(
+            groups, [[] for _ in xs], [[a, c] for a, c in zip(mx, mn, strict=True)]
+        )
+        out = []
+        top = 2**b - 1
+        for x, hi, neg_lo, n in zip(xs, M_max, M_negmin, ns, strict=True):
+            x_max = hi.float() if n else torch.zeros_like(hi, dtype=torch.float32)
+            x_min = (-neg_lo).float() if n else torch.zeros_like(hi, dtype=torch.float32)
+            s = ((x_max - x_min) / top).clamp_min(tiny)
+            z = torch.round(x_min / s)
+            q = torch.clamp(torch.round(x / s), z, z + top) * s
+            Q = (z + torch.arange(top + 1, dtype=x.dtype, device=x.device)) * s
+            out.append((q, Q))
+        return out, [not bool(torch.isfinite(a).all() and torch.isfinite(c).all())
+                     for a, c in zip(M_max, M_negmin, strict=True)]  # fmt: skip
+    if kind == QuantKind.TERNARY_UNIF:
+        _, (M,) = _reduce_one(groups, [[] for _ in xs], [[_abs_max(x)] for x in xs])
+        out = []
+        for x, m in zip(xs, M, strict=True):
+            s = m.float().clamp_min(tiny) / 1.5
+            q = torch.clamp(torch.round(x / s), -1, 1) * s
+            out.append((q, torch.tensor([-1.0, 0.0, 1.0], dtype=x.dtype, device=x.device) * s))
+        return out, [not bool(torch.isfinite(m).all()) for m in M]
+    # UNIFORM
+    scale_max, int_shift, zero_point = bool(qargs[0]), qargs[1], qargs[2]
+    sums = [[] if scale_max else [_abs_sum(x)] for x in xs]
+    cols, (M,) = _reduce_one(groups, sums, [[_abs_max(x)] for x in xs])
+    out = []
+    r = 2 ** (b - 1) - int_shift
+    K = int((2**b - 2 * int_shift) // 1) + 1
+    for i, (x, m, n) in enumerate(zip(xs, M, ns, strict=True)):
+        q_max = m.float()
+        if not scale_max:
+            q_max = torch.minimum(b * _means(cols[0][i], n), q_max)
+        q_max = q_max.clamp_min(tiny)
+        s = q_max / r
+        q = (torch.round(torch.clamp(x, -q_max, q_max) / s - zero_point) + zero_point) * s
+        out.append((q, (torch.arange(K, dtype=x.dtype, device=x.device) - r) * s))
+    return out, [not bool(torch.isfinite(m).all()) for m in M]
+
+
+def _amax_or(x: Tensor, fill: Tensor) -> Tensor:
+    return fill if x.size(1) == 0 else x.amax(dim=1, keepdim=True).double()
+
+
+def _optimal(xs, groups, chunks, b: int) -> tuple[list, list[bool]]:
+    """Optimal LSBQ (b = 0, 2): all-gather the magnitudes, then the reference split."""
+    full: list[Tensor | None] = [None] * len(xs)
+    by_group: dict = {}
+    for i, g in enumerate(groups):
+        if g is None:
+            full[i] = xs[i].abs()
+        else:
+            by_group.setdefault(g, []).append(i)
+    for g, idx in by_group.items():
+        world = len(chunks[idx[0]])
+        totals = [sum(xs[i].size(0) * chunks[i][c] for i in idx) for c in range(world)]
+        flat = torch.cat([xs[i].abs().reshape(-1) for i in idx])
+        padded = flat.new_zeros(max(totals))
+        padded[: flat.numel()] = flat
+        gathered = _all_gather(padded, g)
+        offsets = [0] * world
+        for i in idx:
+            rows = xs[i].size(0)
+            pieces = []
+            for c in range(world):
+                m = rows * chunks[i][c]
+                pieces.append(gathered[c, offsets[c] : offsets[c] + m].view(rows, chunks[i][c]))
+                offsets[c] += m
+            full[i] = torch.cat(pieces, dim=1)
+    out, bad = [], []
+    for x, a in zip(xs, full, strict=True):
+        bad.append(not bool(torch.isfinite(a).all()))
+        lo, hi = reference.optimal_split(a, ternary=(b == 0))
+        if b == 0:  # the elementwise part of reference.quantize_lsbq_optimal
+            A = hi.to(x.dtype)
+            half = A / 2
+            s = reference._sgn(x)
+            q = (s + reference._sgn(x - s * half)) * half
+            out.append((q, torch.cat([-A, torch.zeros_like(A), A], dim=1)))
+        else:
+            v1 = ((hi + lo) / 2).to(x.dtype)
+            v2 = ((hi - lo) / 2).to(x.dtype)
+            q = v1 * reference._sgn(x)
+            q = q + v2 * reference._sgn(x - q)
+            out.append((q, reference._binary_levels(torch.cat([v1, v2], dim=1))))
+    return out, bad
+
+
+# ---------------------------------------------------------------------------
+# The step of a parameter group holding DTensor parameters.
+# ---------------------------------------------------------------------------
+
+
+def _wrap(local: Tensor, plan: ShardPlan, shape: tuple[int, ...], placements) -> Tensor:
+    """``local`` as a DTensor of global ``shape`` (plain tensors stay plain)."""
+    if plan.mesh is None:
+        return local
+    from torch.distributed.tensor import DTensor
+
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, plan.mesh, placements, run_check=False, shape=shape,
+                              stride=stride)  # fmt: skip
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _latent_buffer(state: dict, p: Tensor, plan: ShardPlan) -> Tensor:
+    """The local tensor of ``state["latent"]`` (created like ``p`` if missing or unusable)."""
+    latent = state.get("latent")
+    if latent is not None and is_dtensor(latent) == is_dtensor(p):
+        buf = _local(latent)
+        if buf.shape == plan.local.shape and buf.dtype == p.dtype and buf.is_contiguous():
+            return buf
+    buf = torch.empty_like(plan.local, memory_format=torch.contiguous_format)
+    state["latent"] = _wrap(buf, plan, tuple(p.shape), plan.placements)
+    return buf
+
+
+def _quants_buffer(state: dict, plan: ShardPlan, fresh: bool) -> Tensor:
+    """The local tensor of ``state["quants"]``; reallocated when it will be rewritten."""
+    Q = state.get("quants")
+    buf = None if Q is None else _local(Q)
+    if fresh and not (
+        buf is not None
+        and tuple(buf.shape) == plan.q_local_shape
+        and buf.dtype == torch.float32
+        and buf.device == plan.local.device
+        and buf.is_contiguous()
+    ):
+        buf = torch.zeros(plan.q_local_shape, dtype=torch.float32, device=plan.local.device)
+        state["quants"] = _wrap(buf, plan, plan.q_shape, plan.q_placements)
+    return buf
+
+
+def _rows(t: Tensor, plan: ShardPlan) -> Tensor:
+    return t.reshape(plan.rows_local, plan.cols_local)
+
+
+def step_group(
+    opt, index: int, group: dict, params: list[Tensor], quantizer, gamma: float, update: bool,
+    n: int,
+) -> float | None:  # fmt: skip
+    """One ``QuantOptimizer.step`` for a group with DTensor parameters (module doc)."""
+    bits = group["quant_bits"]
+    K = quantizer.get_quant_size(bits)
+    fused = opt._use_fused(quantizer, [])
+    prox = opt.prox_map
+    builtin_prox = isinstance(prox, KernelProxMap) and type(prox).apply_ is KernelProxMap.apply_
+    local_items, split_items = [], []
+    for j, p in enumerate(params):
+        where = _where(index, j, p)
+        layout = row_layout(p, group.get("quant_block_size"), opt.quant_per_channel, where + ": ")
+        plan = plan_param(p, layout, K, where)
+        state = opt.state[p]
+        fresh = update or "quants" not in state
+        if plan.split and fresh:
+            split_items.append((j, p, plan))
+        else:
+            local_items.append((j, p, plan, fresh))
+    rho = None
+    if split_items:
+        rho = _split_update(opt, index, bits, quantizer, prox, builtin_prox, gamma, n, split_items)
+    if local_items:
+        if fused:
+            rho = _local_fused(opt, index, bits, quantizer, gamma, n, local_items)
+        else:
+            rho = _local_generic(opt, index, bits, quantizer, gamma, n, local_items)
+    elif split_items and fused:
+        rho = prox.schedule(n)[2]
+    return rho
+
+
+def _local_fused(opt, index, bits, quantizer, gamma, n, items) -> float | None:
+    """Whole groups on this rank: ``quant_prox_`` on the local tensors."""
+    kind, qargs = quantizer.kernel_spec(bits)
+    K = quantizer.get_quant_size(bits)
+    prox_kind, prox_arg, rho = opt.prox_map.schedule(n)
+    buckets: dict[tuple, list] = {}
+    for j, p, plan, fresh in items:
+        state = opt.state[p]
+        latent = _latent_buffer(state, p, plan)
+        Q = _quants_buffer(state, plan, fresh)
+        local = plan.local
+        if local.numel() == 0:
+            continue
+        rows = _rows(local, plan) if local.is_contiguous() else _rows(local.contiguous(), plan)
+        buckets.setdefault((local.device, local.dtype, fresh), []).append(
+            (j, p, local, rows, _rows(latent, plan), Q.view(-1, K))
+        )
+    for (device, _dtype, fresh), its in buckets.items():
+        flags = torch.zeros(len(its), dtype=torch.int32, device=device)
+        quant_prox_(
+            [it[3] for it in its], [it[4] for it in its], [it[5] for it in its], flags,
+            int(kind), bits, list(qargs), quantizer.center, fresh, int(prox_kind),
+            float(prox_arg), float(gamma), opt.backend or "",
+        )  # fmt: skip
+        for _, _, local, rows, _, _ in its:
+            if rows.data_ptr() != local.data_ptr():
+                local.copy_(rows.view(local.shape))
+        if fresh and opt.check_finite and bool(flags.any()):
+            bad = int(flags.nonzero()[0, 0])
+            opt._raise_nonfinite(index, its[bad][0], its[bad][1])
+    return rho
+
+
+def _local_view(local: Tensor, plan: ShardPlan) -> Tensor:
+    """What the generic path hands to ``quantize`` / ``apply_`` (as for a plain parameter)."""
+    if plan.layout.grouped or plan.layout.block_size is not None:
+        return _rows(local, plan)
+    return local
+
+
+def _local_generic(opt, index, bits, quantizer, gamma, n, items) -> float | None:
+    """Whole groups on this rank, user quantizer / prox map: the per-parameter path."""
+    rho = None
+    for j, p, plan, fresh in items:
+        state = opt.state[p]
+        _latent_buffer(state, p, plan).copy_(plan.local)
+        local = plan.local
+        if gamma != 1.0:
+            local.div_(gamma)
+        view = _local_view(local, plan)
+        dim = plan.layout.dim if not plan.split else -1
+        if fresh:
+            if opt.check_finite and not torch.isfinite(local).all():
+                opt._raise_nonfinite(index, j, p)
+            q, Q = quantizer.quantize(view, bits, dim)
+            _quants_buffer(state, plan, True).copy_(Q.reshape(plan.q_local_shape))
+        else:
+            q = None
+        Q = _local(state["quants"])
+        Q = Q.reshape(-1, Q.size(-1)) if dim is not None else Q.reshape(-1)
+        rho = opt.prox_map.apply_(view, q, Q, step_count=n, dim=dim)
+        if view.data_ptr() != local.data_ptr() or not local.is_contiguous():
+            local.copy_(view.reshape(local.shape))
+    return rho
+
+
+def _split_update(opt, index, bits, quantizer, prox, builtin_prox, gamma, n, items):
+    """Groups split across ranks on an update step: global statistics, local prox."""
+    if not isinstance(quantizer, KernelQuantizer) or (
+        type(quantizer).quantize is not KernelQuantizer.quantize
+    ):
+        j, p, _ = items[0]
+        raise UnsupportedPlacementError(
+            f"{_where(index, j, p)}: quantization groups split across ranks need global "
+            f"statistics, which only the built-in quantizers compute; {type(quantizer).__name__} "
+            "is a user quantizer (use quant_per_channel with Shard(0), or Replicate)"
+        )
+    kind, qargs = quantizer.kernel_spec(bits)
+    xs, ns, groups, chunks = [], [], [], []
+    for _, p, plan in items:
+        state = opt.state[p]
+        _latent_buffer(state, p, plan).copy_(plan.local)
+        x = _rows(plan.local.detach(), plan).float()
+        if gamma != 1.0:
+            x = x / gamma
+        xs.append(x)
+        ns.append(plan.cols_global)
+        groups.append(plan.group)
+        chunks.append(list(plan.row_chunks))
+    qs, Qs, bad = global_quantize(xs, ns, groups, chunks, kind, bits, qargs, quantizer.center)
+    if opt.check_finite and any(bad):
+        j, p, _ = items[bad.index(True)]
+        opt._raise_nonfinite(index, j, p)
+    rho = None
+    if builtin_prox:
+        prox_kind, prox_arg, rho = prox.schedule(n)
+    for (_, p, plan), x, q, Q in zip(items, xs, qs, Qs, strict=True):
+        _quants_buffer(opt.state[p], plan, True).copy_(Q.reshape(plan.q_local_shape))
+        if builtin_prox:
+            y = reference.apply_prox(x, q, Q, prox_kind, prox_arg)
+            plan.local.copy_(y.reshape(plan.local.shape))
+        else:
+            dim = None if not plan.layout.grouped else -1
+            view = x if dim is not None else x.reshape(-1)
+            q_view = q if dim is not None else q.reshape(-1)
+            rho = prox.apply_(view, q_view, Q if dim is not None else Q[0], step_count=n, dim=dim)
+            plan.local.copy_(view.reshape(plan.local.shape))
+    return rho
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: state placeholders so that get_state_dict / set_state_dict
+# (torch.distributed.checkpoint) carry latent and quants for a fresh optimizer.
+# ---------------------------------------------------------------------------
+
+
+def add_state_placeholders(opt, state_dict: dict) -> dict:
+    """Give every quantized parameter without ``latent`` / ``quants`` placeholders in
+    ``state_dict["state"]`` (a copy of ``p`` and zero levels, placed like the real
+    ones), so that a checkpoint skeleton built from a fresh optimizer requests them.
+    :func:`drop_state_placeholders` removes them again at load time."""
+    saved = state_dict["state"]
+    pid = 0
+    qi = 0
+    for index, group in enumerate(opt.param_groups):
+        bits = group_bits(group, index)
+        quantizer = opt._quantizer_for(qi) if bits is not None else None
+        if bits is not None:
+            qi += 1
+        for j, p in enumerate(group["params"]):
+            if bits is not None and p.requires_grad and "latent" not in opt.state.get(p, {}):
+                where = _where(index, j, p)
+                block = group.get("quant_block_size")
+                layout = row_layout(p, block, opt.quant_per_channel, where + ": ")
+                plan = plan_param(p, layout, quantizer.get_quant_size(bits), where)
+                entry = dict(saved.get(pid, {}))
+                entry["latent"] = p.detach().clone()
+                Q = torch.zeros(plan.q_local_shape, dtype=torch.float32, device=plan.local.device)
+                entry["quants"] = _wrap(Q, plan, plan.q_shape, plan.q_placements)
+                saved[pid] = entry
+            pid += 1
+    return state_dict
+
+
+def drop_state_placeholders(opt) -> None:
+    """After loading: a checkpoint taken before quantization started (``num_steps <=
+    warmup_steps``) holds only placeholders; remove them so that the base optimizer
+    still sees an empty state on its first step and the latents are taken afresh."""
+    if opt.num_steps > opt.warmup_steps:
+        return
+    for _, group in enumerate(opt.param_groups):
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state:
+                state.pop("latent", None)
+                state.pop("quants", None)
+                if not state:
+                    del opt.state[p]

@@ -1,0 +1,257 @@
+"""Per-rank bodies of the FSDP2 / DTensor tests (run through ``distributed_harness``).
+
+Every scenario trains the same small conv + Linear net twice in each process:
+the **reference** is a plain model with a plain ``QuantOptimizer`` on the full
+batch; the **sharded** copy is wrapped with ``fully_shard`` and sees this rank's
+slice of the batch (FSDP2 averages the gradients). After every step the full
+sharded parameters must equal the reference's (SPEC.md §6 tolerances), and the
+collectives issued inside ``QuantOptimizer.step`` are counted.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
+from parq.quant import (
+    AsymUnifQuantizer,
+    LSBQuantizer,
+    MaxUnifQuantizer,
+    TernaryUnifQuantizer,
+    UnifQuantizer,
+)
+
+BATCH = 6  # divisible by world sizes 1, 2, 3
+STEPS = 9
+WARMUP, PERIOD, ANNEAL = 1, 2, (3, 7)  # warmup, annealing and hard phases within STEPS
+
+
+class Net(nn.Module):
+    """conv (6,2,3,3) -> fc1 (33,96) -> fc2 (16,33) -> fc3 (5,16): uneven rows for 2 and 3 ranks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3)
+        self.fc1 = nn.Linear(96, 33)
+        self.fc2 = nn.Linear(33, 16)
+        self.fc3 = nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.conv(x)).flatten(1)
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(h)))))
+
+
+def batch(step: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(BATCH, 2, 6, 6, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+
+
+# Configurations: (groups, quant_per_channel, group_quantizer_map, prox, base, expected
+# collectives per quantization-update step). Groups: (param names, quant_bits, block size).
+WEIGHTS_BLOCK, WEIGHTS_CHAN = ["fc1.weight", "fc3.weight"], ["conv.weight", "fc2.weight"]
+BIASES = ["conv.bias", "fc1.bias", "fc2.bias", "fc3.bias"]
+CONFIGS = {
+    # per-block (Unif), per-channel (greedy LSBQ), per-tensor biases (optimal LSBQ b=2: 1 gather)
+    "channel-parq-sgd": dict(
+        groups=[(WEIGHTS_BLOCK, 2, 8), (WEIGHTS_CHAN, 2, None), (BIASES, 2, None)],
+        per_channel=True,
+        qmap={0: UnifQuantizer(), 1: LSBQuantizer(), 2: LSBQuantizer(optimal=True)},
+        prox="parq",
+        base="sgd",
+        collectives=1,
+    ),
+    # per-channel only, biases unquantized: no collective at all
+    "channel-only-hard-adamw": dict(
+        groups=[(WEIGHTS_BLOCK, 3, 8), (WEIGHTS_CHAN, 0, None), (BIASES, 16, None)],
+        per_channel=True,
+        qmap={0: MaxUnifQuantizer(), 1: LSBQuantizer(optimal=True)},
+        prox="hard",
+        base="adamw",
+        collectives=0,
+    ),
+    # per-tensor: center (1 round) + uniform (1); greedy b=3 (3 rounds); optimal ternary (1)
+    "tensor-parq-adamw": dict(
+        groups=[(WEIGHTS_BLOCK, 2, None), (WEIGHTS_CHAN, 3, None), (BIASES, 0, None)],
+        per_channel=False,
+        qmap={0: UnifQuantizer(center=True), 1: LSBQuantizer(), 2: LSBQuantizer(optimal=True)},
+        prox="parq",
+        base="adamw",
+        collectives=2 + 3 + 1,
+    ),
+    # per-tensor: asymmetric (1), ternary uniform (1), simple ternary LSBQ (1)
+    "tensor-hard-sgd": dict(
+        groups=[(WEIGHTS_BLOCK, 2, None), (WEIGHTS_CHAN, 0, None), (BIASES, 0, None)],
+        per_channel=False,
+        qmap={0: AsymUnifQuantizer(), 1: TernaryUnifQuantizer(), 2: LSBQuantizer()},
+        prox="hard",
+        base="sgd",
+        collectives=3,
+    ),
+}
+
+
+def build(cfg: dict, model: nn.Module, **kw) -> QuantOptimizer:
+    named = dict(model.named_parameters())
+    groups = []
+    for names, bits, block in cfg["groups"]:
+        g = {"params": [named[n] for n in names], "quant_bits": bits}
+        if block is not None:
+            g["quant_block_size"] = block
+        groups.append(g)
+    if cfg["base"] == "sgd":
+        base = torch.optim.SGD(groups, lr=0.2, momentum=0.9, weight_decay=1e-3)
+    else:
+        base = torch.optim.AdamW(groups, lr=0.02, weight_decay=1e-2)
+    prox = ProxPARQ(*ANNEAL) if cfg["prox"] == "parq" else ProxHardQuant()
+    return QuantOptimizer(
+        base, LSBQuantizer(), prox, warmup_steps=WARMUP, quant_period=PERIOD,
+        quant_per_channel=cfg["per_channel"], group_quantizer_map=cfg["qmap"],
+        anneal_wd_frac=0.5, **kw,
+    )  # fmt: skip
+
+
+def shard(model: nn.Module, mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for m in (model.conv, model.fc1, model.fc2, model.fc3):
+        fully_shard(m, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def train_step(model, opt, step: int, rank: int, world: int) -> None:
+    x, y = batch(step)
+    n = BATCH // world
+    x, y = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+# ---------------------------------------------------------------------------
+# Counting the collectives issued inside step()
+# ---------------------------------------------------------------------------
+
+COLLECTIVES = (
+    "all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor",
+    "all_gather_object", "broadcast", "reduce_scatter", "reduce_scatter_tensor",
+    "all_to_all", "all_to_all_single", "reduce", "gather", "scatter", "barrier",
+)  # fmt: skip
+
+
+class CollectiveCounter:
+    """Counts outermost calls of torch.distributed collectives while active."""
+
+    def __init__(self) -> None:
+        self.count, self._depth, self._saved = 0, 0, []
+
+    def _wrap(self, fn):
+        @functools.wraps(fn)
+        def counted(*args, **kwargs):
+            if self._depth == 0:
+                self.count += 1
+            self._depth += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+
+        return counted
+
+    def __enter__(self):
+        from torch.distributed import distributed_c10d
+
+        for module in (dist, distributed_c10d):
+            for name in COLLECTIVES:
+                fn = getattr(module, name, None)
+                if fn is not None:
+                    self._saved.append((module, name, fn))
+                    setattr(module, name, self._wrap(fn))
+        return self
+
+    def __exit__(self, *exc):
+        for module, name, fn in reversed(self._saved):
+            setattr(module, name, fn)
+        self._saved.clear()
+
+
+# ---------------------------------------------------------------------------
+# Comparison with the reference (SPEC.md §6)
+# ---------------------------------------------------------------------------
+
+
+def full(t: Tensor) -> Tensor:
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def max_rel_diff(sharded: nn.Module, ref: nn.Module) -> float:
+    """max over parameters of max|a - b| / max(max|b|, 1e-12) (a full_tensor collective)."""
+    worst = 0.0
+    ref_params = dict(ref.named_parameters())
+    for name, p in sharded.named_parameters():
+        a, b = full(p.detach()), ref_params[name].detach()
+        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)))
+    return worst
+
+
+def assert_state_equal(opt: QuantOptimizer, ref_opt: QuantOptimizer, sharded, ref, tol) -> None:
+    """latent and quants of every quantized parameter, and the group scalars."""
+    ref_params = dict(ref.named_parameters())
+    for name, p in sharded.named_parameters():
+        st, rst = opt.state.get(p, {}), ref_opt.state.get(ref_params[name], {})
+        assert st.keys() == rst.keys(), (name, st.keys(), rst.keys())
+        for key in ("latent", "quants"):
+            if key in rst:
+                a, b = full(st[key]), rst[key]
+                a = a.reshape(b.shape)  # per-block quants are (rows, blocks, K) when sharded
+                err = float((a - b).abs().max()) if a.numel() else 0.0
+                assert err <= tol * max(float(b.abs().max()) if b.numel() else 0.0, 1e-12), (
+                    name, key, err,
+                )  # fmt: skip
+    for g, rg in zip(opt.param_groups, ref_opt.param_groups, strict=True):
+        for key in ("num_steps", "cumu_lr", "inv_slope", "initial_wd", "weight_decay"):
+            assert g.get(key) == rg.get(key), (key, g.get(key), rg.get(key))
+
+
+TOL = 2e-5  # relative to max|p|; float32 sums in a different order (SPEC §6)
+
+
+def equivalence(rank: int, world: int, names: list[str]) -> dict:
+    """Sharded vs reference for each named config; returns collectives per step."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for cname in names:
+        cfg = CONFIGS[cname]
+        torch.manual_seed(0)
+        ref = Net()
+        sharded = Net()
+        sharded.load_state_dict(ref.state_dict())
+        shard(sharded, mesh)
+        ref_opt, opt = build(cfg, ref), build(cfg, sharded)
+        counts, diffs = [], []
+        for step in range(STEPS):
+            train_step(ref, ref_opt, step, 0, 1)
+            counter = CollectiveCounter()
+            x, y = batch(step)
+            n = BATCH // world
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(
+                sharded(x[rank * n : (rank + 1) * n]), y[rank * n : (rank + 1) * n]
+            )
+            loss.backward()
+            with counter:
+                opt.step()
+            counts.append(counter.count)
+            diffs.append(max_rel_diff(sharded, ref))
+            assert diffs[-1] <= TOL, (cname, step, diffs)
+        assert_state_equal(opt, ref_opt, sharded, ref, TOL)
+        update = [s >= WARMUP and (s - WARMUP) % PERIOD == 0 for s in range(STEPS)]
+        expected = [cfg["collectives"] if u else 0 for u in update]
+        assert counts == expected, (cname, counts, expected)
+        out[cname] = {"counts": counts, "max_rel_diff": max(diffs)}
+    return out
