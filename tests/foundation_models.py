@@ -31,6 +31,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    """The fused path runs on the reference backend (the ground truth of SPEC.md),
+    whatever compiled backend is built: these tests compare it bitwise with the
+    generic path. Backends are compared with the reference elsewhere."""
+    monkeypatch.setenv("PARQ_KERNELS_BACKEND", "reference")
+
+
 # (id, quantizer factory, bits, K)
 QUANTIZERS = [
     ("unif-b2", lambda: UnifQuantizer(), 2, 4),

@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 import torch
-from foundation_models import one_thread  # noqa: F401
+from foundation_models import one_thread, reference_backend  # noqa: F401
 from torch import nn
 
 import parq

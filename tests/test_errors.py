@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from foundation_models import one_thread  # noqa: F401
+from foundation_models import one_thread, reference_backend  # noqa: F401
 from torch import nn
 
 from parq.optim import (

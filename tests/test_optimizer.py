@@ -13,6 +13,7 @@ from foundation_models import (
     build,
     make_batches,
     one_thread,  # noqa: F401
+    reference_backend,  # noqa: F401
     snapshot,
     split_params,
     train_step,
@@ -436,11 +437,14 @@ def test_per_block(fused, block, per_channel):
 @pytest.mark.parametrize("fused", [True, False])
 def test_per_channel_conv_weight(fused):
     conv = nn.Conv2d(3, 5, 3)
-    base = torch.optim.SGD([{"params": [conv.weight], "quant_bits": 3}], lr=0.1)
+    base = torch.optim.SGD([{"params": [conv.weight, conv.bias], "quant_bits": 3}], lr=0.1)
     quantizer = UnifQuantizer()
     opt = QuantOptimizer(base, quantizer, ProxHardQuant(), quant_per_channel=True, fused=fused)
     set_grad(conv.weight, 0)
+    set_grad(conv.bias, 0)
     opt.step()
+    # a 1-D parameter is one group even with quant_per_channel (SPEC §2)
+    assert opt.state[conv.bias]["quants"].shape == (8,)
     Q = opt.state[conv.weight]["quants"]
     assert Q.shape == (5, 8)
     q, Q_ref = quantizer.quantize(opt.state[conv.weight]["latent"].reshape(5, -1), 3, dim=-1)

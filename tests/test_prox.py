@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from foundation_models import one_thread  # noqa: F401
+from foundation_models import one_thread, reference_backend  # noqa: F401
 
 from parq.optim import ProxBinaryRelax, ProxHardQuant, ProxPARQ, ProxSoftQuant
 from parq.optim.parq import normalized_mirror_sigmoid

@@ -11,6 +11,7 @@ from foundation_models import (
     build,
     make_batches,
     one_thread,  # noqa: F401
+    reference_backend,  # noqa: F401
     snapshot,
     train_step,
 )
