@@ -255,3 +255,120 @@ def equivalence(rank: int, world: int, names: list[str]) -> dict:
         assert counts == expected, (cname, counts, expected)
         out[cname] = {"counts": counts, "max_rel_diff": max(diffs)}
     return out
+
+
+def run_sharded(rank, world, mesh, cfg, steps, model=None, opt=None, start=0, save=()):
+    """Train a sharded Net up to ``steps``; ``save``: ``(step, dir, group)`` checkpoints."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    if model is None:
+        torch.manual_seed(0)
+        model = shard(Net(), mesh)
+        opt = build(cfg, model)
+    for step in range(start, steps):
+        for at, ckpt, group in save:
+            if step == at:
+                model_sd, optim_sd = get_state_dict(model, opt)
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=ckpt,
+                         process_group=group)  # fmt: skip
+        train_step(model, opt, step, rank, world)
+    return model, opt
+
+
+def resume(rank, world, mesh, cfg, ckpt: str, group, optimizer_only_api: bool = False):
+    """A fresh sharded Net (other init) loaded from ``ckpt``; returns (model, opt, step)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import state_dict as sd
+
+    torch.manual_seed(123)  # different init: everything must come from the checkpoint
+    model = shard(Net(), mesh)
+    opt = build(cfg, model)
+    if optimizer_only_api:
+        model_sd = sd.get_model_state_dict(model)
+        optim_sd = sd.get_optimizer_state_dict(model, opt)
+    else:
+        model_sd, optim_sd = sd.get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=ckpt, process_group=group)
+    if optimizer_only_api:
+        sd.set_model_state_dict(model, state["model"])
+        sd.set_optimizer_state_dict(model, opt, state["optim"])
+    else:
+        sd.set_state_dict(model, opt, model_state_dict=state["model"],
+                          optim_state_dict=state["optim"])  # fmt: skip
+    return model, opt, opt.num_steps
+
+
+CKPT_CONFIG = dict(
+    groups=[(WEIGHTS_BLOCK, 2, 8), (WEIGHTS_CHAN, 2, None), (BIASES, 2, None)],
+    per_channel=True,
+    qmap={0: UnifQuantizer(), 1: LSBQuantizer(), 2: LSBQuantizer(optimal=True)},
+    prox="parq",
+    base="adamw",
+)
+SAVE_AT = 5  # mid-annealing (ANNEAL = (3, 7))
+
+
+def checkpoint(rank: int, world: int, ckpt_dir: str) -> dict:
+    """Save at world 2 mid-annealing; resume at world 2 and world 1; and save at 1, load at 2."""
+    import os
+
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+    assert world == 2
+    mesh = init_device_mesh("cpu", (world,))
+    cfg = CKPT_CONFIG
+    torch.manual_seed(0)
+    ref = Net()
+    ref_opt = build(cfg, ref)
+    for step in range(STEPS):
+        train_step(ref, ref_opt, step, 0, 1)
+    ck2, ck1 = os.path.join(ckpt_dir, "w2"), os.path.join(ckpt_dir, "w1")
+    ck_warm = os.path.join(ckpt_dir, "warmup")
+    out = {}
+    # uninterrupted world-2 run, checkpointed at SAVE_AT
+    saves = ((SAVE_AT, ck2, None), (WARMUP, ck_warm, None))
+    model, opt = run_sharded(rank, world, mesh, cfg, STEPS, save=saves)
+    out["uninterrupted"] = max_rel_diff(model, ref)
+    assert out["uninterrupted"] <= TOL, out
+    final = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    # resume at world 2: bitwise the uninterrupted run
+    m2, o2, n2 = resume(rank, world, mesh, cfg, ck2, None)
+    assert n2 == SAVE_AT, n2
+    assert abs(o2.param_groups[0]["cumu_lr"] - 0.02 * (SAVE_AT - WARMUP)) < 1e-12
+    run_sharded(rank, world, mesh, cfg, STEPS, m2, o2, start=SAVE_AT)
+    for n, p in m2.named_parameters():
+        assert torch.equal(full(p.detach()), final[n]), n
+    assert_state_equal(o2, ref_opt, m2, ref, TOL)
+    # a checkpoint taken before quantization started (state placeholders only)
+    mw, ow, nw = resume(rank, world, mesh, cfg, ck_warm, None)
+    assert nw == WARMUP and all("latent" not in ow.state[p] for p in mw.parameters()), nw
+    run_sharded(rank, world, mesh, cfg, STEPS, mw, ow, start=WARMUP)
+    for n, p in mw.named_parameters():
+        assert torch.equal(full(p.detach()), final[n]), n
+    # world 1 (rank 0 alone, its own 1-rank group): resume from the world-2 checkpoint,
+    # and an uninterrupted world-1 run that saves its own checkpoint
+    solo = dist.new_group([0])
+    if rank == 0:
+        mesh1 = DeviceMesh.from_group(solo, "cpu")
+        m1, o1, n1 = resume(0, 1, mesh1, cfg, ck2, solo, optimizer_only_api=True)
+        assert n1 == SAVE_AT, n1
+        run_sharded(0, 1, mesh1, cfg, STEPS, m1, o1, start=SAVE_AT)
+        out["w2_to_w1"] = max_rel_diff(m1, ref)
+        assert out["w2_to_w1"] <= TOL, out
+        assert_state_equal(o1, ref_opt, m1, ref, TOL)
+        run_sharded(0, 1, mesh1, cfg, STEPS, save=((SAVE_AT, ck1, solo),))
+    dist.barrier()
+    # resume at world 2 from the world-1 checkpoint
+    m3, o3, n3 = resume(rank, world, mesh, cfg, ck1, None)
+    assert n3 == SAVE_AT, n3
+    run_sharded(rank, world, mesh, cfg, STEPS, m3, o3, start=SAVE_AT)
+    out["w1_to_w2"] = max_rel_diff(m3, ref)
+    assert out["w1_to_w2"] <= TOL, out
+    assert_state_equal(o3, ref_opt, m3, ref, TOL)
+    # placements of the restored state
+    for p in m3.parameters():
+        st = o3.state[p]
+        assert tuple(st["latent"].placements) == tuple(p.placements)
+    return out
