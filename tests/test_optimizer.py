@@ -29,7 +29,7 @@ from parq.optim import (
     QuantOptimizer,
     build_quant_optimizer,
 )
-from parq.quant import LSBQuantizer, TernaryUnifQuantizer, UnifQuantizer
+from parq.quant import LSBQuantizer, MaxUnifQuantizer, TernaryUnifQuantizer, UnifQuantizer
 
 STEPS = ANNEAL_END + 3
 
@@ -487,3 +487,17 @@ def test_non_contiguous_empty_and_zero_rows(per_channel):
         runs.append([p.detach().clone() for p in (t, e, z)])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_hard_is_q_on_update_steps_and_nearest_level_between(fused):
+    # MaxUnif b = 2 on [-1.5, -0.25, 0.5, 3]: s = 3, levels [-3, 0, 3]. The quantizer
+    # rounds -1.5 / 3 = -0.5 half to even (to 0); the nearest level breaks the tie low (-3)
+    p, base = single([-1.5, -0.25, 0.5, 3.0], lr=0.0)
+    opt = QuantOptimizer(base, MaxUnifQuantizer(), ProxHardQuant(), quant_period=2, fused=fused)
+    expected = [[0.0, 0.0, 0.0, 3.0], [-3.0, 0.0, 0.0, 3.0], [0.0, 0.0, 0.0, 3.0]]
+    for step in range(3):
+        p.grad = torch.zeros(4)
+        opt.step()
+        assert torch.equal(opt.state[p]["latent"], torch.tensor([-1.5, -0.25, 0.5, 3.0]))
+        assert torch.equal(p.detach(), torch.tensor(expected[step])), step
