@@ -1,0 +1,413 @@
+"""QAT demo: full precision vs PARQ quantization-aware training on scikit-learn digits.
+
+The 1797 8x8 digit images of ``sklearn.datasets.load_digits`` (shipped with
+scikit-learn, no download) are split 80/20 (stratified, ``--seed``), and a small
+CNN (or ResNet-20) is trained once in full precision and once per QAT setting,
+all from the same initialization. A QAT setting is one (bits, method, prox map)
+of the cross product of ``--quant-bits``, ``--quant-method`` and
+``--quant-proxmap``; the default run compares FP, 2-bit and ternary (0-bit)
+LSBQ with the PARQ prox map, per channel.
+
+Quantized: every conv / linear weight (per channel by default; with
+``--quant-block-size B`` the 2-D weights whose width B divides are quantized in
+blocks of B). BatchNorm parameters and biases stay in full precision.
+
+Schedules are in epochs (fractions allowed) and converted to optimizer steps:
+the prox map anneals from ``--anneal-start`` to ``--anneal-end``, after which
+weights are hard-quantized; ``--anneal-end`` must not exceed ``--epochs``, so
+the evaluated model is quantized. ``--warmup-steps`` and ``--quant-period``
+are in optimizer steps, as in ``QuantOptimizer``.
+
+Writes the accuracy table to ``<out>/qat_digits_<model>_<date>.{md,json}``
+(default ``benchmarks/results``).
+
+Examples::
+
+    python examples/qat_digits.py
+    python examples/qat_digits.py --quant-bits 1 2 4 --quant-method uniform lsbq
+    python examples/qat_digits.py --quant-bits 2 --quant-lsbq-optimal --quant-proxmap parq hard
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+_ROOT = Path(__file__).resolve().parent.parent
+try:
+    import parq  # noqa: F401
+except ImportError:  # running from a checkout that is not pip-installed
+    sys.path.insert(0, str(_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from models import MODELS, build_model  # noqa: E402
+
+from parq.optim import (  # noqa: E402
+    ProxBinaryRelax,
+    ProxHardQuant,
+    ProxPARQ,
+    ProxSoftQuant,
+    QuantOptimizer,
+)
+from parq.quant import LSBQuantizer, TernaryUnifQuantizer, UnifQuantizer  # noqa: E402
+from parq_kernels import backends  # noqa: E402
+
+PROXMAPS = ("hard", "soft", "parq", "binaryrelax")
+METHODS = ("lsbq", "uniform")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One training run: ``bits is None`` is full precision."""
+
+    bits: int | None = None
+    method: str = "lsbq"
+    proxmap: str = "parq"
+
+    @property
+    def label(self) -> str:
+        if self.bits is None:
+            return "FP32"
+        b = "ternary" if self.bits == 0 else f"{self.bits}-bit"
+        return f"{b} {self.method} {self.proxmap}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Several values of --quant-bits/--quant-method/--quant-proxmap run every "
+        "combination; the FP baseline runs first unless --no-fp.",
+    )
+    p.add_argument("--model", default="cnn", help=f"{' or '.join(MODELS)} (default cnn)")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--quant-bits",
+        type=int,
+        nargs="+",
+        default=[2, 0],
+        help="bits per weight, 0 = ternary; several values run several settings",
+    )
+    p.add_argument("--quant-method", nargs="+", choices=METHODS, default=["lsbq"])
+    p.add_argument("--quant-proxmap", nargs="+", choices=PROXMAPS, default=["parq"])
+    p.add_argument(
+        "--quant-lsbq-optimal", action="store_true", help="optimal LSBQ levels (bits 0, 1, 2 only)"
+    )
+    p.add_argument(
+        "--quant-per-channel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one level set per output channel (default on)",
+    )
+    p.add_argument(
+        "--quant-block-size",
+        type=int,
+        default=None,
+        help="quantize 2-D weights in blocks of this many columns",
+    )
+    p.add_argument(
+        "--anneal-start",
+        type=float,
+        default=None,
+        help="epoch where the prox map starts annealing (default 10%% of --epochs)",
+    )
+    p.add_argument(
+        "--anneal-end",
+        type=float,
+        default=None,
+        help="epoch where weights become hard-quantized (default 70%% of --epochs)",
+    )
+    p.add_argument("--anneal-steepness", type=float, default=10.0, help="PARQ steepness")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=0,
+        help="full-precision optimizer steps before QAT starts",
+    )
+    p.add_argument(
+        "--quant-period", type=int, default=10, help="recompute the levels every this many steps"
+    )
+    p.add_argument(
+        "--backend", default="auto", help="fused-op backend: auto, reference, cpu, cuda or triton"
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    p.add_argument("--no-fp", action="store_true", help="skip the full-precision baseline")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny run for tests: 2 epochs on 512 training images"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=_ROOT / "benchmarks" / "results",
+        help="directory for the accuracy table (default benchmarks/results)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)  # fmt: skip
+    check_args(p, args)
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad combinations with a message naming the argument."""
+    if args.smoke:
+        args.epochs = 2
+    if args.model not in MODELS and not args.model.startswith("tv:"):
+        p.error(f"--model must be one of {MODELS} (or tv:<torchvision model>), got {args.model!r}")
+    for name in ("epochs", "batch_size", "quant_period"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.warmup_steps < 0:
+        p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+    if args.lr <= 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    bad = [b for b in args.quant_bits if not 0 <= b <= 8]
+    if bad:
+        p.error(f"--quant-bits must be in 0..8 (0 = ternary), got {bad}")
+    if args.quant_lsbq_optimal:
+        if "lsbq" not in args.quant_method:
+            p.error("--quant-lsbq-optimal needs --quant-method lsbq")
+        big = [b for b in args.quant_bits if b > 2]
+        if big:
+            p.error(f"--quant-lsbq-optimal supports --quant-bits 0, 1 or 2, got {big}")
+    if args.quant_block_size is not None:
+        if args.quant_block_size < 1:
+            p.error(f"--quant-block-size must be >= 1, got {args.quant_block_size}")
+        if not args.quant_per_channel:
+            p.error("--quant-block-size needs --quant-per-channel (each block is one group)")
+    if args.anneal_start is None:
+        args.anneal_start = 0.1 * args.epochs
+    if args.anneal_end is None:
+        args.anneal_end = 0.7 * args.epochs
+    if not 0 <= args.anneal_start < args.anneal_end:
+        p.error(
+            f"--anneal-start must be >= 0 and < --anneal-end, got {args.anneal_start} "
+            f"and {args.anneal_end}"
+        )
+    if args.anneal_end > args.epochs:
+        p.error(
+            f"--anneal-end ({args.anneal_end}) must be <= --epochs ({args.epochs}), "
+            "so that the evaluated model is quantized"
+        )
+    if args.anneal_steepness <= 0:
+        p.error(f"--anneal-steepness must be > 0, got {args.anneal_steepness}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available")
+    if args.backend != "auto":
+        try:
+            backends.resolve(args.device, args.backend)
+        except (ValueError, backends.BackendUnavailableError) as exc:
+            p.error(f"--backend {args.backend}: {exc}")
+
+
+def settings(args: argparse.Namespace) -> list[Setting]:
+    runs = [] if args.no_fp else [Setting()]
+    for bits, method, prox in itertools.product(
+        args.quant_bits, args.quant_method, args.quant_proxmap
+    ):
+        runs.append(Setting(bits, method, prox))
+    return list(dict.fromkeys(runs))
+
+
+def load_data(seed: int, smoke: bool) -> tuple[torch.Tensor, ...]:
+    """``(x_train, y_train, x_test, y_test)``: standardized ``(N, 1, 8, 8)`` images."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(
+        range(len(y)), test_size=0.2, random_state=seed, stratify=digits.target
+    )
+    if smoke:
+        idx_train = idx_train[:512]
+    x_train, x_test = x[idx_train], x[idx_test]
+    mean, std = x_train.mean(), x_train.std()
+    return (x_train - mean) / std, y[idx_train], (x_test - mean) / std, y[idx_test]
+
+
+def make_quantizer(s: Setting, optimal: bool):
+    if s.method == "lsbq":
+        return LSBQuantizer(optimal=optimal)
+    return TernaryUnifQuantizer() if s.bits == 0 else UnifQuantizer()
+
+
+def make_proxmap(s: Setting, start: int, end: int, steepness: float):
+    if s.proxmap == "hard":
+        return ProxHardQuant()
+    if s.proxmap == "soft":
+        return ProxSoftQuant(start, end)
+    if s.proxmap == "binaryrelax":
+        return ProxBinaryRelax(start, end)
+    return ProxPARQ(start, end, steepness=steepness)
+
+
+def param_groups(model: torch.nn.Module, s: Setting, args: argparse.Namespace) -> list[dict]:
+    weights, blocked, other = [], [], []
+    block = args.quant_block_size
+    for p in model.parameters():
+        if p.dim() < 2:
+            other.append(p)
+        elif block is not None and p.dim() == 2 and p.size(-1) % block == 0:
+            blocked.append(p)
+        else:
+            weights.append(p)
+    groups = [{"params": other, "weight_decay": 0.0}]
+    if s.bits is None:
+        return groups + [{"params": weights + blocked}]
+    if weights:
+        groups.append({"params": weights, "quant_bits": s.bits})
+    if blocked:
+        groups.append({"params": blocked, "quant_bits": s.bits, "quant_block_size": block})
+    return groups
+
+
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    model.train()
+    return acc
+
+
+def max_levels_used(opt: torch.optim.Optimizer) -> tuple[int, int]:
+    """``(most distinct values in one quantization group, K)`` over the quantized weights."""
+    most, k = 0, 0
+    for group in opt.regularized_param_groups():
+        for p in group["params"]:
+            Q = opt.state[p]["quants"]
+            k = max(k, Q.size(-1))
+            rows = p.detach().reshape(Q.size(0) if Q.dim() == 2 else 1, -1)
+            most = max(most, max(len(torch.unique(r)) for r in rows))
+    return most, k
+
+
+def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace) -> dict:
+    x_train, y_train, x_test, y_test = (t.to(args.device) for t in data)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, num_classes=10, in_channels=1).to(args.device)
+    steps_per_epoch = -(-len(y_train) // args.batch_size)
+    total = steps_per_epoch * args.epochs
+    base = torch.optim.AdamW(param_groups(model, s, args), lr=args.lr,
+                             weight_decay=args.weight_decay)  # fmt: skip
+    opt = base
+    if s.bits is not None:
+        start = round(args.anneal_start * steps_per_epoch)
+        end = max(start + 1, round(args.anneal_end * steps_per_epoch))
+        opt = QuantOptimizer(
+            base,
+            make_quantizer(s, args.quant_lsbq_optimal),
+            make_proxmap(s, start, end, args.anneal_steepness),
+            warmup_steps=args.warmup_steps,
+            quant_period=args.quant_period,
+            quant_per_channel=args.quant_per_channel,
+            backend=None if args.backend == "auto" else args.backend,
+        )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=total)
+    gen = torch.Generator().manual_seed(args.seed)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.epochs, desc=f"{s.label:>24}", unit="epoch", file=sys.stderr)
+    t0 = time.perf_counter()
+    for _ in range(args.epochs):
+        order = torch.randperm(len(y_train), generator=gen).to(args.device)
+        for i in range(0, len(order), args.batch_size):
+            idx = order[i : i + args.batch_size]
+            loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if bar is not None:
+            acc = evaluate(model, x_test, y_test)
+            bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{acc:.3f}")
+            bar.update(1)
+    seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    result = {
+        "setting": s.label,
+        "bits": s.bits,
+        "method": s.method if s.bits is not None else None,
+        "proxmap": s.proxmap if s.bits is not None else None,
+        "test_acc": evaluate(model, x_test, y_test),
+        "train_acc": evaluate(model, x_train, y_train),
+        "steps": total,
+        "train_s": seconds,
+        "backend": None,
+        "levels_used": None,
+        "levels": None,
+    }
+    if s.bits is not None:
+        result["backend"] = backends.resolve(args.device, opt.backend)
+        result["levels_used"], result["levels"] = max_levels_used(opt)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table: test accuracy per setting and its difference from FP."""
+    fp = next((r["test_acc"] for r in results if r["bits"] is None), None)
+    lines = [
+        "| setting | test acc | vs FP (points) | train acc | levels used / K | steps | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        delta = "-" if fp is None or r["bits"] is None else f"{100 * (r['test_acc'] - fp):+.1f}"
+        lv = "-" if r["levels"] is None else f"{r['levels_used']} / {r['levels']}"
+        lines.append(
+            f"| {r['setting']} | {r['test_acc']:.4f} | {delta} | {r['train_acc']:.4f} | {lv} "
+            f"| {r['steps']} | {r['train_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = load_data(args.seed, args.smoke)
+    runs = settings(args)
+    print(
+        f"digits: {len(data[1])} train / {len(data[3])} test images, model {args.model}, "
+        f"{args.epochs} epochs, {len(runs)} settings, per-channel={args.quant_per_channel}",
+        flush=True,
+    )
+    results = [train(s, data, args) for s in runs]
+    text = table(results)
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    stem = args.out / f"qat_digits_{args.model}_{date}{'_smoke' if args.smoke else ''}"
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    stem.with_suffix(".md").write_text(
+        f"QAT on scikit-learn digits ({date}), command: "
+        f"`python examples/qat_digits.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
+        + text + "\n"
+    )  # fmt: skip
+    stem.with_suffix(".json").write_text(
+        json.dumps({"date_utc": date, "config": config, "results": results}, indent=2) + "\n"
+    )
+    print(f"\nwrote {stem}.{{md,json}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
