@@ -501,3 +501,17 @@ def test_hard_is_q_on_update_steps_and_nearest_level_between(fused):
         opt.step()
         assert torch.equal(opt.state[p]["latent"], torch.tensor([-1.5, -0.25, 0.5, 3.0]))
         assert torch.equal(p.detach(), torch.tensor(expected[step])), step
+
+
+def test_float64_params_with_the_automatic_backend(monkeypatch):
+    # the fused op serves fp32 / bf16 / fp16; a float64 model still trains (generic path)
+    monkeypatch.delenv("PARQ_KERNELS_BACKEND", raising=False)
+    runs = [
+        build("mlp", LSBQuantizer(), ProxPARQ(1, 4), 2, dtype=torch.float64, fused=f)
+        for f in (True, False)
+    ]
+    for batch in make_batches("mlp", 5, dtype=torch.float64):
+        for model, opt in runs:
+            train_step(model, opt, batch)
+        assert_bitwise_equal(snapshot(*runs[0]), snapshot(*runs[1]))
+    assert all(p.dtype == torch.float64 for p in runs[0][0].parameters())

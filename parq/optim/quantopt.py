@@ -36,6 +36,9 @@ class NonFiniteParameterError(FloatingPointError):
     """A quantized parameter holds NaN or Inf at a quantization-update step."""
 
 
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _is_dtensor(p: Tensor) -> bool:
     return type(p).__name__ == "DTensor"
 
@@ -284,6 +287,8 @@ class QuantOptimizer(Optimizer):
             and isinstance(self.prox_map, KernelProxMap)
             and type(self.prox_map).apply_ is KernelProxMap.apply_
             and not any(_is_dtensor(p) for p in params)
+            # the op serves fp32 / bf16 / fp16 (SPEC §6); other dtypes (fp64) go generic
+            and all(p.dtype in _FUSED_DTYPES for p in params)
         )
 
     def _layout(self, group: dict, index: int, j: int, p: Tensor) -> RowLayout:
