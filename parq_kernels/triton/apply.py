@@ -67,7 +67,7 @@ def quantizer_q(xc, st, rmask, qa0, qa2, KIND: tl.constexpr, BITS: tl.constexpr,
         res = xc
         for i in tl.static_range(BITS):
             v = tl.load(st + S_V + i, mask=rmask, other=0.0)
-            step = v * sgn(res)
+            step = v * tl.where(res >= 0, 1.0, -1.0)  # v sgn(r), inlined
             q = q + step
             res = res - step
     return q

@@ -111,7 +111,7 @@ def _partials_kernel(
             res = x
             for i in tl.static_range(PASS - 1):
                 v = tl.load(st + S_V + i, mask=rmask, other=0.0)
-                res = res - v * sgn(res)
+                res = res - v * tl.where(res >= 0, 1.0, -1.0)  # v sgn(r), inlined
             tl.store(out, tl.sum(tl.where(mask, tl.abs(res), 0.0), axis=1)[:, None], mask=rmask)
 
 
