@@ -93,8 +93,9 @@ def quick_grid() -> list[OpCase]:
 
 
 def smoke_grid() -> list[OpCase]:
+    """Two tiny cases (the first with the torch.compile baseline unless --no-compile)."""
     return [
-        OpCase("uniform", 2, "parq", "channel", compile=False),
+        OpCase("uniform", 2, "parq", "channel", compile=True),
         OpCase("lsbq", 2, "hard", "block32", compile=False),
     ]
 

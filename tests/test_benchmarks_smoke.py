@@ -1,0 +1,220 @@
+"""Smoke tests of the benchmark suite (``python -m benchmarks --smoke``) and its parts.
+
+One in-process smoke run (tiny shapes, a few repeats) is shared by the checks on
+its outputs; the torch.compile baseline is replaced by the uncompiled reference
+so that no compilation runs here (``benchmarks/README.md`` covers the real one).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import cli, environment, op_bench, report, shapes, step_bench
+from benchmarks.timing import measure, summarize
+from parq_kernels import backends, reference
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(op_bench, "compiled_reference", lambda: (reference.quant_prox_, ""))
+    try:
+        torch.manual_seed(0)
+        assert cli.main(["--smoke", "--out", str(out), "--no-progress"]) == 0
+    finally:
+        mp.undo()
+    stems = {p.stem for p in out.iterdir()}
+    assert len(stems) == 1, stems
+    stem = out / stems.pop()
+    with open(stem.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    payload = json.loads(stem.with_suffix(".json").read_text())
+    return stem, rows, payload
+
+
+def _f(value: str) -> float | None:
+    return float(value) if value != "" else None
+
+
+def test_smoke_writes_all_outputs(smoke_run):
+    stem, rows, payload = smoke_run
+    assert stem.name.startswith("cpu-") and stem.name.endswith("_smoke")
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = stem.with_suffix(".md").read_text()
+    assert "copy bandwidth" in md and "| case | variant | median ms |" in md
+    assert list(rows[0]) == report.COLUMNS
+    assert {r["suite"] for r in rows} == {"op", "step"}
+    assert payload["mode"] == "smoke" and len(payload["rows"]) == len(rows)
+    assert payload["copy_bandwidth_gbps"] > 0
+    assert "3 * itemsize" in payload["byte_models"]["op"]
+
+
+def test_smoke_reports_every_backend(smoke_run):
+    _, rows, payload = smoke_run
+    env = payload["environment"]
+    assert env["torch"] == torch.__version__
+    available, missing = env["backends_available"], env["backends_missing"]
+    assert "reference" in available
+    assert set(available) | set(missing) == set(backends.BACKENDS)
+    assert all(isinstance(why, str) and why for why in missing.values())
+    # TRITON_INTERPRET=1 is set by conftest on CPU: the interpreter is never timed
+    assert "triton" not in available
+    op_variants = {r["variant"] for r in rows if r["suite"] == "op"}
+    assert op_variants == set(available) | {op_bench.COMPILED}
+    step_variants = {r["variant"] for r in rows if r["suite"] == "step"}
+    assert step_variants == {"base", "generic"} | {f"fused:{b}" for b in available}
+
+
+def test_smoke_derived_columns_are_ratios_of_measured_medians(smoke_run):
+    _, rows, payload = smoke_run
+    copy_gbps = payload["copy_bandwidth_gbps"]
+    by_case = {}
+    for r in rows:
+        by_case.setdefault((r["suite"], r["case"]), {})[r["variant"]] = r
+    checked = 0
+    for r in rows:
+        med = _f(r["median_ms"])
+        assert med is not None and med > 0
+        assert _f(r["min_ms"]) <= _f(r["q1_ms"]) <= med <= _f(r["q3_ms"]) <= _f(r["max_ms"])
+        gbps = int(r["bytes"]) / (med * 1e-3) / 1e9
+        assert math.isclose(_f(r["gbps"]), gbps, rel_tol=1e-9)
+        assert math.isclose(_f(r["frac_copy_bw"]), gbps / copy_gbps, rel_tol=1e-9)
+        peers = by_case[(r["suite"], r["case"])]
+        if r["suite"] == "op":
+            ref = _f(peers["reference"]["median_ms"])
+            if op_bench.COMPILED in peers:
+                comp = _f(peers[op_bench.COMPILED]["median_ms"])
+                assert math.isclose(_f(r["speedup_vs_compile"]), comp / med, rel_tol=1e-9)
+                checked += 1
+            else:
+                assert r["speedup_vs_compile"] == ""
+        else:
+            ref = _f(peers["generic"]["median_ms"])
+            base = _f(peers["base"]["median_ms"])
+            assert math.isclose(_f(r["time_vs_base"]), med / base, rel_tol=1e-9)
+        if r["variant"] == "base":
+            assert r["speedup_vs_reference"] == ""
+        else:
+            assert math.isclose(_f(r["speedup_vs_reference"]), ref / med, rel_tol=1e-9)
+            checked += 1
+    assert checked >= 6
+
+
+def test_smoke_byte_models(smoke_run):
+    _, rows, _ = smoke_run
+    op = next(r for r in rows if r["case"] == "uniform2/parq/channel/fp32")
+    # one 8 x 64 fp32 tensor, per channel, K = 4: read p + write latent + write p, plus Q
+    assert int(op["numel"]) == 512 and int(op["bytes"]) == 3 * 512 * 4 + 8 * 4 * 4
+    block = next(r for r in rows if r["case"] == "lsbq2/hard/block32/fp32")
+    assert int(block["bytes"]) == 3 * 512 * 4 + 16 * 4 * 4  # 16 blocks of 32
+    step = [r for r in rows if r["suite"] == "step"]
+    weights, biases = 2 * 64 * 64, 2 * 64
+    for r in step:
+        base = 5 * (weights + biases) * 4  # SGD with momentum
+        want = base if r["variant"] == "base" else base + 5 * weights * 4
+        assert int(r["bytes"]) == want
+
+
+def test_compile_failure_is_reported_not_fatal(monkeypatch):
+    monkeypatch.setattr(op_bench, "compiled_reference", lambda: (None, "no compiler here"))
+    case = op_bench.OpCase("ternary", 0, "hard", "tensor", compile=True)
+    out = list(
+        op_bench.run_case(
+            case, torch.device("cpu"), ["reference"], True,
+            n_tensors=1, rows=4, cols=8, repeats=1, warmup=0,
+        )
+    )  # fmt: skip
+    assert [(v, t is None, note) for v, t, _, note in out] == [
+        ("reference", False, ""),
+        (op_bench.COMPILED, True, "no compiler here"),
+    ]
+    rows = [report.make_row("op", case.name, v, 32, 400, t, note) for v, t, _, note in out]
+    report.derive(rows, copy_gbps=10.0)
+    assert rows[1]["median_ms"] is None and rows[0]["speedup_vs_compile"] is None
+    assert "n/a" in report.table(rows, "op") and "no compiler here" in report.table(rows, "op")
+
+
+def test_derive_exact_ratios():
+    class T:  # a Timing stand-in with exact values
+        def __init__(self, s):
+            self.median = self.q1 = self.q3 = self.min = self.max = s
+            self.repeats = 1
+
+    rows = [
+        report.make_row("step", "c", "base", 10, 2000, T(0.001)),
+        report.make_row("step", "c", "generic", 10, 4000, T(0.008)),
+        report.make_row("step", "c", "fused:cpu", 10, 4000, T(0.002)),
+    ]
+    report.derive(rows, copy_gbps=4.0)
+    fused = rows[2]
+    assert fused["speedup_vs_reference"] == pytest.approx(4.0)
+    assert fused["time_vs_base"] == pytest.approx(2.0)
+    assert fused["gbps"] == pytest.approx(4000 / 0.002 / 1e9)
+    assert fused["frac_copy_bw"] == pytest.approx(fused["gbps"] / 4.0)
+    assert rows[0]["speedup_vs_reference"] is None and rows[0]["time_vs_base"] == 1.0
+
+
+def test_summarize_and_measure():
+    t = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (t.median, t.q1, t.q3, t.min, t.max, t.repeats) == (3.0, 2.0, 4.0, 1.0, 5.0, 5)
+    calls = []
+    m = measure(lambda: calls.append("run"), repeats=3, warmup=2, setup=lambda: calls.append("s"))
+    assert calls == ["s", "run"] * 5 and m.repeats == 3 and m.min >= 0
+    with pytest.raises(ValueError, match="repeats"):
+        measure(lambda: None, repeats=0)
+
+
+def test_cli_argument_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--quick", "--full"])
+    assert exc.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--smoke", "--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--smoke", "--suites", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_grids_are_valid_and_quick_grid_covers_each_axis():
+    full = op_bench.full_grid()
+    for case in full:  # every case's bits are valid for its quantizer
+        kind, qargs = case.kind
+        assert op_bench.num_levels(kind, case.bits, qargs) >= 2
+    assert {(c.quantizer, c.bits) for c in full} == {
+        (q, b) for q, by_bits in op_bench.QUANTIZERS.items() for b in by_bits
+    }
+    quick = op_bench.quick_grid()
+    assert set(quick) <= set(full) | {c for c in quick if not c.compile}
+    for axis in ("quantizer", "prox", "granularity", "dtype", "update"):
+        assert len({getattr(c, axis) for c in quick}) >= 2, axis
+
+
+def test_model_shapes_match_known_parameter_counts():
+    assert shapes.count(shapes.resnet20()) == 269_722
+    assert shapes.count(shapes.resnet50()) == 25_557_032  # torchvision resnet50
+    assert shapes.count(shapes.vit_b16()) == 86_567_656  # torchvision vit_b_16
+    assert 1.23e9 < shapes.count(shapes.llama_1b()) < 1.24e9  # Llama-3.2-1B, tied embeddings
+    stack = shapes.linear_stack(8, 1024)
+    assert shapes.count(stack, quantized=True) == 8 * 1024 * 1024
+    assert shapes.count(stack, quantized=False) == 8 * 1024
+
+
+def test_issue4_cases():
+    cases = step_bench.issue4_cases()
+    assert {(c.quantizer, c.prox, c.per_channel) for c in cases} == {
+        ("uniform", "parq", True), ("lsbq", "parq", True), ("uniform", "hard", False)
+    }  # fmt: skip
+    assert {c.base for c in cases} == {"sgd", "adamw"} and all(c.bits == 2 for c in cases)
+
+
+def test_device_slug_is_file_name_safe():
+    slug = environment.device_slug(torch.device("cpu"))
+    assert slug.startswith("cpu") and all(c.isalnum() or c == "-" for c in slug)
