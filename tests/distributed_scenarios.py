@@ -219,11 +219,19 @@ def assert_state_equal(opt: QuantOptimizer, ref_opt: QuantOptimizer, sharded, re
 TOL = 2e-5  # relative to max|p|; float32 sums in a different order (SPEC §6)
 
 
-def equivalence(rank: int, world: int, names: list[str]) -> dict:
-    """Sharded vs reference for each named config; returns collectives per step."""
-    from torch.distributed.device_mesh import init_device_mesh
+def equivalence(rank: int, world: int, names: list[str], mesh_shape=None) -> dict:
+    """Sharded vs reference for each named config; returns collectives per step.
 
-    mesh = init_device_mesh("cpu", (world,))
+    ``mesh_shape=(replicas, shards)`` runs HSDP (placements ``(Replicate, Shard(0))``).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    if mesh_shape is None:
+        mesh = init_device_mesh("cpu", (world,))
+    else:
+        mesh = init_device_mesh("cpu", tuple(mesh_shape), mesh_dim_names=("replicate", "shard"))
+    shards = mesh.size(mesh.ndim - 1)
     out = {}
     for cname in names:
         cfg = CONFIGS[cname]
@@ -233,6 +241,8 @@ def equivalence(rank: int, world: int, names: list[str]) -> dict:
         sharded.load_state_dict(ref.state_dict())
         shard(sharded, mesh)
         ref_opt, opt = build(cfg, ref), build(cfg, sharded)
+        expected_placements = (Shard(0),) if mesh.ndim == 1 else (Replicate(), Shard(0))
+        assert all(tuple(p.placements) == expected_placements for p in sharded.parameters())
         counts, diffs = [], []
         for step in range(STEPS):
             train_step(ref, ref_opt, step, 0, 1)
@@ -251,9 +261,9 @@ def equivalence(rank: int, world: int, names: list[str]) -> dict:
             assert diffs[-1] <= TOL, (cname, step, diffs)
         assert_state_equal(opt, ref_opt, sharded, ref, TOL)
         update = [s >= WARMUP and (s - WARMUP) % PERIOD == 0 for s in range(STEPS)]
-        expected = [cfg["collectives"] if u else 0 for u in update]
+        expected = [cfg["collectives"] if u and shards > 1 else 0 for u in update]
         assert counts == expected, (cname, counts, expected)
-        out[cname] = {"counts": counts, "max_rel_diff": max(diffs)}
+        out[cname] = {"counts": counts, "max_rel_diff": max(diffs), "mesh": list(mesh.shape)}
     return out
 
 
@@ -372,3 +382,151 @@ def checkpoint(rank: int, world: int, ckpt_dir: str) -> dict:
         st = o3.state[p]
         assert tuple(st["latent"].placements) == tuple(p.placements)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Hand-placed DTensor parameters: Replicate, Shard(1), and the rejected ones
+# ---------------------------------------------------------------------------
+
+# name: (placement of the 2-D / 3-D weights, per_channel, block size, quantizer, bits,
+#        collectives per update step, NM-SGD)
+PLACEMENT_CASES = {
+    "replicate-channel": ("R", True, None, lambda: LSBQuantizer(), 2, 0, False),
+    "replicate-tensor": ("R", False, None, lambda: LSBQuantizer(optimal=True), 2, 0, False),
+    "shard1-tensor": ("S1", False, None, lambda: UnifQuantizer(center=True), 2, 2, False),
+    "shard1-channel": ("S1", True, None, lambda: LSBQuantizer(), 3, 3, False),
+    "shard1-channel-optimal": ("S1", True, None, lambda: LSBQuantizer(optimal=True), 0, 1, False),
+    "shard1-block": ("S1", True, 4, lambda: UnifQuantizer(), 2, 0, False),
+    "shard0-tensor-nmsgd": ("S0", False, None, lambda: MaxUnifQuantizer(), 2, 1, True),
+}
+
+
+def _placed_params(kind: str, mesh, block) -> tuple[list[Tensor], list]:
+    """Full initial tensors and their placements: two weights and a 1-D bias."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    g = torch.Generator().manual_seed(7)
+    shapes = [(9, 16), (16,)] if block else [(9, 16), (5, 3, 4), (7,)]
+    fulls = [torch.randn(s, generator=g) for s in shapes]
+    pl = {"R": Replicate(), "S0": Shard(0), "S1": Shard(1)}[kind]
+    places = [[pl] if t.dim() > 1 else [Replicate() if kind == "R" else Shard(0)] for t in fulls]
+    return fulls, places
+
+
+def placements(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    from parq.optim import NMSGDOptimizer
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for name, (kind, per_channel, block, make_q, bits, ncoll, nm) in PLACEMENT_CASES.items():
+        fulls, places = _placed_params(kind, mesh, block)
+        ref_params = [nn.Parameter(t.clone()) for t in fulls]
+        params = [nn.Parameter(distribute_tensor(t.clone(), mesh, pl))
+                  for t, pl in zip(fulls, places, strict=True)]  # fmt: skip
+        opts = []
+        for ps in (ref_params, params):
+            group = {"params": ps, "quant_bits": bits}
+            if block:
+                group["quant_block_size"] = block
+            base = torch.optim.SGD([group], lr=0.1, momentum=0.9)
+            cls, extra = (NMSGDOptimizer, {"nm_gamma": 2.0}) if nm else (QuantOptimizer, {})
+            opts.append(cls(base, make_q(), ProxPARQ(2, 5), warmup_steps=1, quant_period=2,
+                            quant_per_channel=per_channel, quant_shrink=nm, **extra))  # fmt: skip
+        counts = []
+        for step in range(7):
+            g = torch.Generator().manual_seed(50 + step)
+            for rp, p, pl in zip(ref_params, params, places, strict=True):
+                grad = torch.randn(rp.shape, generator=g)
+                rp.grad = grad
+                p.grad = distribute_tensor(grad.clone(), mesh, pl)
+            opts[0].step()
+            counter = CollectiveCounter()
+            with counter:
+                opts[1].step()
+            counts.append(counter.count)
+            for rp, p in zip(ref_params, params, strict=True):
+                a, b = full(p.detach()), rp.detach()
+                err = float((a - b).abs().max() / b.abs().max())
+                assert err <= TOL, (name, step, err)
+        for rp, p in zip(ref_params, params, strict=True):
+            st, rst = opts[1].state[p], opts[0].state[rp]
+            assert tuple(st["latent"].placements) == tuple(p.placements), name
+            torch.testing.assert_close(full(st["quants"]).reshape(rst["quants"].shape),
+                                       rst["quants"], rtol=TOL, atol=0)  # fmt: skip
+        expected = [ncoll if s >= 1 and (s - 1) % 2 == 0 else 0 for s in range(7)]
+        assert counts == expected, (name, counts, expected)
+        out[name] = counts
+    out["errors"] = _placement_errors(mesh, world)
+    return out
+
+
+def _expect_error(fn, *needles) -> str:
+    from parq.optim.sharding import UnsupportedPlacementError
+
+    try:
+        fn()
+    except UnsupportedPlacementError as exc:
+        msg = str(exc)
+        for needle in needles:
+            assert needle in msg, (needle, msg)
+        return msg
+    raise AssertionError(f"no UnsupportedPlacementError; expected {needles}")
+
+
+def _placement_errors(mesh, world: int) -> list[str]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    from parq.quant import Quantizer
+
+    def make(p, per_channel=False, block=None, quantizer=None):
+        group = {"params": [p], "quant_bits": 2}
+        if block:
+            group["quant_block_size"] = block
+        base = torch.optim.SGD([group], lr=0.1)
+        return QuantOptimizer(base, quantizer or UnifQuantizer(), ProxHardQuant(),
+                              quant_per_channel=per_channel)  # fmt: skip
+
+    msgs = []
+    partial = nn.Parameter(DTensor.from_local(torch.ones(4, 4), mesh, [Partial()]))
+    msgs.append(_expect_error(lambda: make(partial), "params[0]", "Partial"))
+    mesh2 = init_device_mesh("cpu", (1, world))
+    two = nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh2, [Shard(0), Shard(1)]))
+    msgs.append(_expect_error(lambda: make(two), "params[0]", "two mesh dims"))
+    straddle = nn.Parameter(distribute_tensor(torch.ones(12), mesh, [Shard(0)]))
+    msgs.append(_expect_error(lambda: make(straddle, True, 4), "params[0]", "straddle"))
+
+    class UserQuantizer(Quantizer):
+        def get_quant_size(self, b):
+            return 2
+
+        def quantize(self, p, b, dim=None):
+            return p.sign(), torch.tensor([-1.0, 1.0])
+
+    user = nn.Parameter(distribute_tensor(torch.ones(6, 4), mesh, [Shard(0)]))
+    opt = make(user, quantizer=UserQuantizer())
+    user.grad = distribute_tensor(torch.ones(6, 4), mesh, [Shard(0)])
+    msgs.append(_expect_error(opt.step, "params[0]", "UserQuantizer"))
+    return msgs
+
+
+# ---------------------------------------------------------------------------
+# Suites: everything one process launch runs (each launch costs seconds of imports)
+# ---------------------------------------------------------------------------
+
+
+def suite_world2(rank: int, world: int, ckpt_dir: str) -> dict:
+    return {
+        "equivalence": equivalence(rank, world, list(CONFIGS)),
+        "hsdp_1x2": equivalence(rank, world, ["tensor-parq-adamw"], mesh_shape=(1, world)),
+        "hsdp_2x1": equivalence(rank, world, ["channel-parq-sgd"], mesh_shape=(world, 1)),
+        "placements": placements(rank, world),
+        "checkpoint": checkpoint(rank, world, ckpt_dir),
+    }
+
+
+def suite_world3(rank: int, world: int) -> dict:
+    return {"equivalence": equivalence(rank, world, ["channel-parq-sgd", "tensor-parq-adamw"])}
