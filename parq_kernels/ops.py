@@ -74,10 +74,54 @@ def num_levels(kind: QuantKind, bits: int, qargs: tuple[float, ...] = ()) -> int
     return 2**bits
 
 
-@torch.library.custom_op(
-    "parq_kernels::quant_prox_",
-    mutates_args=("params", "latents", "quants", "nonfinite"),
+SCHEMA = (
+    "quant_prox_(Tensor(a!)[] params, Tensor(b!)[] latents, Tensor(c!)[] quants, "
+    "Tensor(d!) nonfinite, int quant_kind, int bits, float[] qargs, bool center, bool update, "
+    'int prox_kind, float prox_arg, float gamma, str backend="") -> ()'
 )
+
+# A plain Library registration (not torch.library.custom_op): custom_op wraps
+# every implementation in torch._disable_dynamo, whose first call imports all of
+# torch._dynamo (seconds) and adds per-call overhead to every optimizer step.
+_lib = torch.library.Library("parq_kernels", "DEF")
+_lib.define(SCHEMA)
+
+
+def _quant_prox_impl(
+    params: list[Tensor],
+    latents: list[Tensor],
+    quants: list[Tensor],
+    nonfinite: Tensor,
+    quant_kind: int,
+    bits: int,
+    qargs: list[float],
+    center: bool,
+    update: bool,
+    prox_kind: int,
+    prox_arg: float,
+    gamma: float,
+    backend: str = "",
+) -> None:
+    if not params:
+        return
+    from parq_kernels import backends
+
+    impl = backends.get_impl(backends.resolve(params[0].device, backend or None))
+    impl(params, latents, quants, nonfinite, int(quant_kind), int(bits),
+         tuple(float(a) for a in qargs), bool(center), bool(update), int(prox_kind),
+         float(prox_arg), float(gamma))  # fmt: skip
+
+
+# Every device goes through the backend table (which knows which backend serves it).
+_lib.impl("quant_prox_", _quant_prox_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("parq_kernels::quant_prox_")
+def _quant_prox_fake(params, latents, quants, nonfinite, quant_kind, bits, qargs, center,
+                     update, prox_kind, prox_arg, gamma, backend=""):  # fmt: skip
+    return None
+
+
 def quant_prox_(
     params: list[Tensor],
     latents: list[Tensor],
@@ -94,28 +138,7 @@ def quant_prox_(
     backend: str = "",
 ) -> None:
     """Fused latent copy + quantize + prox over many parameters (module doc)."""
-    if not params:
-        return
-    from parq_kernels import backends
-
-    impl = backends.get_impl(backends.resolve(params[0].device, backend or None))
-    impl(
-        params,
-        latents,
-        quants,
-        nonfinite,
-        int(quant_kind),
-        int(bits),
-        tuple(float(a) for a in qargs),
-        bool(center),
-        bool(update),
-        int(prox_kind),
-        float(prox_arg),
-        float(gamma),
-    )
-
-
-@quant_prox_.register_fake
-def _(params, latents, quants, nonfinite, quant_kind, bits, qargs, center, update,
-      prox_kind, prox_arg, gamma, backend=""):  # fmt: skip
-    return None
+    torch.ops.parq_kernels.quant_prox_(params, latents, quants, nonfinite, int(quant_kind),
+                                       int(bits), [float(a) for a in qargs], bool(center),
+                                       bool(update), int(prox_kind), float(prox_arg),
+                                       float(gamma), backend)  # fmt: skip
