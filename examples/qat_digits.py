@@ -144,7 +144,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the model is too small to gain from more)",
     )
     p.add_argument("--no-fp", action="store_true", help="skip the full-precision baseline")
     p.add_argument(

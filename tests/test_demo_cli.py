@@ -1,0 +1,134 @@
+"""The QAT demo CLI (``examples/qat_digits.py``): a smoke run and its argument checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+models = _load("models")
+demo = _load("qat_digits")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    threads = torch.get_num_threads()
+    try:
+        assert demo.main(["--smoke", "--no-progress", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() sets --threads for the whole process
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 2, files
+    stem = out / Path(files[0]).stem
+    return stem, json.loads(stem.with_suffix(".json").read_text())
+
+
+def test_smoke_default_settings_and_outputs(smoke_run):
+    stem, payload = smoke_run
+    assert stem.name.startswith("qat_digits_cnn_") and stem.name.endswith("_smoke")
+    results = payload["results"]
+    # default run: full precision, 2-bit PARQ and ternary, per channel
+    assert [r["setting"] for r in results] == ["FP32", "2-bit lsbq parq", "ternary lsbq parq"]
+    assert payload["config"]["quant_per_channel"] is True
+    for r in results:
+        assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["train_acc"] <= 1.0
+        assert r["steps"] == 2 * 8  # 2 epochs of 512 images in batches of 64
+    for r in results[1:]:
+        # annealing ended before the last step: every group holds at most K values
+        assert r["levels"] == (4 if r["bits"] == 2 else 3)
+        assert 1 <= r["levels_used"] <= r["levels"]
+        assert r["backend"] in ("cpu", "reference")
+
+
+def test_smoke_table(smoke_run):
+    stem, payload = smoke_run
+    md = stem.with_suffix(".md").read_text()
+    header = "| setting | test acc | vs FP (points) | train acc | levels used / K | steps |"
+    assert header in md
+    fp = payload["results"][0]["test_acc"]
+    for r in payload["results"][1:]:
+        delta = f"{100 * (r['test_acc'] - fp):+.1f}"
+        assert f"| {r['setting']} | {r['test_acc']:.4f} | {delta} |" in md
+
+
+def test_settings_cross_product():
+    args = demo.parse_args(
+        ["--quant-bits", "1", "2", "--quant-method", "uniform", "lsbq", "--quant-proxmap", "hard",
+         "--no-fp"]
+    )  # fmt: skip
+    labels = [s.label for s in demo.settings(args)]
+    assert labels == [
+        "1-bit uniform hard", "1-bit lsbq hard", "2-bit uniform hard", "2-bit lsbq hard"
+    ]  # fmt: skip
+    args = demo.parse_args(["--epochs", "10"])
+    assert (args.anneal_start, args.anneal_end) == (1.0, 7.0)
+
+
+def test_block_size_groups():
+    args = demo.parse_args(["--quant-block-size", "32"])
+    model = models.DigitsCNN()
+    groups = demo.param_groups(model, demo.Setting(2), args)
+    blocked = [g for g in groups if "quant_block_size" in g]
+    assert len(blocked) == 1 and blocked[0]["params"] == [model.fc.weight]
+    assert blocked[0]["quant_block_size"] == 32 and blocked[0]["quant_bits"] == 2
+    convs = next(g for g in groups if "quant_bits" in g and "quant_block_size" not in g)
+    assert len(convs["params"]) == 3
+    fp = demo.param_groups(model, demo.Setting(None), args)
+    assert all("quant_bits" not in g for g in fp)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--quant-lsbq-optimal", "--quant-bits", "4"], "supports --quant-bits 0, 1 or 2, got [4]"),
+        (["--quant-lsbq-optimal", "--quant-method", "uniform"], "needs --quant-method lsbq"),
+        (["--quant-bits", "9"], "--quant-bits must be in 0..8"),
+        (["--quant-method", "nf4"], "invalid choice: 'nf4'"),
+        (["--quant-proxmap", "round"], "invalid choice: 'round'"),
+        (["--epochs", "4", "--anneal-end", "5"], "--anneal-end (5.0) must be <= --epochs (4)"),
+        (["--anneal-start", "3", "--anneal-end", "2"], "--anneal-start must be >= 0 and <"),
+        (["--quant-block-size", "32", "--no-quant-per-channel"], "needs --quant-per-channel"),
+        (["--quant-block-size", "0"], "--quant-block-size must be >= 1"),
+        (["--quant-period", "0"], "--quant-period must be >= 1"),
+        (["--backend", "tpu"], "--backend tpu: unknown parq backend 'tpu'"),
+        (["--model", "vgg"], "--model must be one of"),
+    ],
+)  # fmt: skip
+def test_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resnet20_runs_on_digits_and_matches_benchmark_shapes():
+    from benchmarks import shapes
+
+    model = models.ResNet20(num_classes=10, in_channels=3)
+    got = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    assert got == [(s.name, s.shape) for s in shapes.resnet20()]
+    digits_model = models.build_model("resnet20", in_channels=1)
+    assert digits_model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    assert models.build_model("cnn")(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        models.build_model("vgg")
