@@ -31,7 +31,8 @@ WARMUP, PERIOD, ANNEAL = 1, 2, (3, 7)  # warmup, annealing and hard phases withi
 
 
 class Net(nn.Module):
-    """conv (6,2,3,3) -> fc1 (33,96) -> fc2 (16,33) -> fc3 (5,16): uneven rows for 2 and 3 ranks."""
+    """conv (6,2,3,3) -> fc1 (33,96) -> fc2 (16,33) -> fc3 (5,16) -> fc4 (2,5): uneven rows
+    for 2 and 3 ranks (fc4 leaves the third rank an empty shard)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,21 +40,24 @@ class Net(nn.Module):
         self.fc1 = nn.Linear(96, 33)
         self.fc2 = nn.Linear(33, 16)
         self.fc3 = nn.Linear(16, 5)
+        self.fc4 = nn.Linear(5, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.conv(x)).flatten(1)
-        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(h)))))
+        h = torch.tanh(self.fc2(torch.tanh(self.fc1(h))))
+        return self.fc4(torch.tanh(self.fc3(h)))
 
 
 def batch(step: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randn(BATCH, 2, 6, 6, generator=g), torch.randint(0, 5, (BATCH,), generator=g)
+    return torch.randn(BATCH, 2, 6, 6, generator=g), torch.randint(0, 2, (BATCH,), generator=g)
 
 
 # Configurations: (groups, quant_per_channel, group_quantizer_map, prox, base, expected
 # collectives per quantization-update step). Groups: (param names, quant_bits, block size).
-WEIGHTS_BLOCK, WEIGHTS_CHAN = ["fc1.weight", "fc3.weight"], ["conv.weight", "fc2.weight"]
-BIASES = ["conv.bias", "fc1.bias", "fc2.bias", "fc3.bias"]
+WEIGHTS_BLOCK = ["fc1.weight", "fc3.weight"]
+WEIGHTS_CHAN = ["conv.weight", "fc2.weight", "fc4.weight"]
+BIASES = ["conv.bias", "fc1.bias", "fc2.bias", "fc3.bias", "fc4.bias"]
 CONFIGS = {
     # per-block (Unif), per-channel (greedy LSBQ), per-tensor biases (optimal LSBQ b=2: 1 gather)
     "channel-parq-sgd": dict(
@@ -117,7 +121,7 @@ def build(cfg: dict, model: nn.Module, **kw) -> QuantOptimizer:
 def shard(model: nn.Module, mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    for m in (model.conv, model.fc1, model.fc2, model.fc3):
+    for m in (model.conv, model.fc1, model.fc2, model.fc3, model.fc4):
         fully_shard(m, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
@@ -388,16 +392,32 @@ def checkpoint(rank: int, world: int, ckpt_dir: str) -> dict:
 # Hand-placed DTensor parameters: Replicate, Shard(1), and the rejected ones
 # ---------------------------------------------------------------------------
 
-# name: (placement of the 2-D / 3-D weights, per_channel, block size, quantizer, bits,
-#        collectives per update step, NM-SGD)
+
+class UserPARQ(ProxPARQ):
+    """A user prox map (overrides apply_): served by the generic per-parameter path."""
+
+    def apply_(self, p, q, Q, step_count, dim=None):
+        return super().apply_(p, q, Q, step_count, dim)
+
+
+def _case(kind, per_channel, block, make_q, bits, ncoll, nm=False, fused=True, prox=ProxPARQ):
+    return dict(kind=kind, per_channel=per_channel, block=block, make_q=make_q, bits=bits,
+                ncoll=ncoll, nm=nm, fused=fused, prox=prox)  # fmt: skip
+
+
+# placement of the 2-D / 3-D weights (the 1-D bias: Shard(0), or Replicate), per_channel,
+# block size, quantizer, bits, collectives per update step (the bias is per-tensor)
 PLACEMENT_CASES = {
-    "replicate-channel": ("R", True, None, lambda: LSBQuantizer(), 2, 0, False),
-    "replicate-tensor": ("R", False, None, lambda: LSBQuantizer(optimal=True), 2, 0, False),
-    "shard1-tensor": ("S1", False, None, lambda: UnifQuantizer(center=True), 2, 2, False),
-    "shard1-channel": ("S1", True, None, lambda: LSBQuantizer(), 3, 3, False),
-    "shard1-channel-optimal": ("S1", True, None, lambda: LSBQuantizer(optimal=True), 0, 1, False),
-    "shard1-block": ("S1", True, 4, lambda: UnifQuantizer(), 2, 0, False),
-    "shard0-tensor-nmsgd": ("S0", False, None, lambda: MaxUnifQuantizer(), 2, 1, True),
+    "replicate-channel": _case("R", True, None, lambda: LSBQuantizer(), 2, 0),
+    "replicate-tensor": _case("R", False, None, lambda: LSBQuantizer(optimal=True), 2, 0),
+    "shard1-tensor": _case("S1", False, None, lambda: UnifQuantizer(center=True), 2, 2),
+    "shard1-channel": _case("S1", True, None, lambda: LSBQuantizer(), 3, 3),
+    "shard1-channel-optimal": _case("S1", True, None, lambda: LSBQuantizer(optimal=True), 0, 1),
+    "shard1-block": _case("S1", True, 4, lambda: UnifQuantizer(), 2, 0),
+    "shard0-tensor-nmsgd": _case("S0", False, None, lambda: MaxUnifQuantizer(), 2, 1, nm=True),
+    "shard0-tensor-unfused": _case("S0", False, None, lambda: LSBQuantizer(), 2, 2, fused=False),
+    "shard0-channel-unfused": _case("S0", True, None, lambda: UnifQuantizer(), 2, 1, fused=False),
+    "shard1-channel-userprox": _case("S1", True, None, lambda: LSBQuantizer(), 2, 2, prox=UserPARQ),
 }
 
 
@@ -421,8 +441,9 @@ def placements(rank: int, world: int) -> dict:
 
     mesh = init_device_mesh("cpu", (world,))
     out = {}
-    for name, (kind, per_channel, block, make_q, bits, ncoll, nm) in PLACEMENT_CASES.items():
-        fulls, places = _placed_params(kind, mesh, block)
+    for name, case in PLACEMENT_CASES.items():
+        block, bits, nm = case["block"], case["bits"], case["nm"]
+        fulls, places = _placed_params(case["kind"], mesh, block)
         ref_params = [nn.Parameter(t.clone()) for t in fulls]
         params = [nn.Parameter(distribute_tensor(t.clone(), mesh, pl))
                   for t, pl in zip(fulls, places, strict=True)]  # fmt: skip
@@ -433,8 +454,9 @@ def placements(rank: int, world: int) -> dict:
                 group["quant_block_size"] = block
             base = torch.optim.SGD([group], lr=0.1, momentum=0.9)
             cls, extra = (NMSGDOptimizer, {"nm_gamma": 2.0}) if nm else (QuantOptimizer, {})
-            opts.append(cls(base, make_q(), ProxPARQ(2, 5), warmup_steps=1, quant_period=2,
-                            quant_per_channel=per_channel, quant_shrink=nm, **extra))  # fmt: skip
+            opts.append(cls(base, case["make_q"](), case["prox"](2, 5), warmup_steps=1,
+                            quant_period=2, quant_per_channel=case["per_channel"],
+                            quant_shrink=nm, fused=case["fused"], **extra))  # fmt: skip
         counts = []
         for step in range(7):
             g = torch.Generator().manual_seed(50 + step)
@@ -456,7 +478,7 @@ def placements(rank: int, world: int) -> dict:
             assert tuple(st["latent"].placements) == tuple(p.placements), name
             torch.testing.assert_close(full(st["quants"]).reshape(rst["quants"].shape),
                                        rst["quants"], rtol=TOL, atol=0)  # fmt: skip
-        expected = [ncoll if s >= 1 and (s - 1) % 2 == 0 else 0 for s in range(7)]
+        expected = [case["ncoll"] if s >= 1 and (s - 1) % 2 == 0 else 0 for s in range(7)]
         assert counts == expected, (name, counts, expected)
         out[name] = counts
     out["errors"] = _placement_errors(mesh, world)

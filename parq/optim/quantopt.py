@@ -168,16 +168,26 @@ class QuantOptimizer(Optimizer):
         return sharding.add_state_placeholders(self, self.base_optimizer.state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a checkpoint; ``quants`` stay float32 whatever the parameter dtype."""
-        self.base_optimizer.load_state_dict(state_dict)
+        """Load a checkpoint; ``quants`` stay float32 whatever the parameter dtype.
+
+        ``latent`` / ``quants`` are kept away from the base optimizer's loader: Adam-like
+        optimizers reject a parameter state without ``step`` (a quantized parameter whose
+        grad was None has only these two keys).
+        """
         saved = state_dict["state"]
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                Q = saved.get(index, {}).get("quants")
-                if Q is not None:  # the base optimizer cast it to the parameter's dtype
-                    self.state[p]["quants"] = Q.to(device=p.device, dtype=torch.float32)
-                index += 1
+        ours = ("latent", "quants")
+        base_state = {k: {n: v for n, v in s.items() if n not in ours} for k, s in saved.items()}
+        base_state = {k: s for k, s in base_state.items() if s}
+        self.base_optimizer.load_state_dict({**state_dict, "state": base_state})
+        # saved keys are indices (state_dict()) or names (torch.distributed.checkpoint)
+        keys = [k for g in state_dict["param_groups"] for k in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for key, p in zip(keys, params, strict=True):
+            entry = saved.get(key, {})
+            if "latent" in entry:
+                self.state[p]["latent"] = entry["latent"].to(device=p.device, dtype=p.dtype)
+            if "quants" in entry:
+                self.state[p]["quants"] = entry["quants"].to(p.device, torch.float32)
         sharding.drop_state_placeholders(self)  # taken before quantization started
 
     # -- quantized groups ------------------------------------------------------
@@ -188,8 +198,7 @@ class QuantOptimizer(Optimizer):
             return
         qi = sum(1 for g in self.param_groups[:index] if group_bits(g, -1) is not None)
         check_quantized_group(group, index, bits, self._quantizer_for(qi), self.quant_per_channel)
-        K = self._quantizer_for(qi).get_quant_size(bits)
-        sharding.check_group(group, index, K, self.quant_per_channel)  # DTensor placements
+        sharding.check_group(group, index, bits, self._quantizer_for(qi), self.quant_per_channel)
         group.setdefault("cumu_lr", 0.0)
         group.setdefault("initial_wd", group.get("weight_decay", 0.0))
 

@@ -191,13 +191,13 @@ def _rows_split(
     )
 
 
-def check_group(group: dict, index: int, K: int, per_channel: bool) -> None:
+def check_group(group: dict, index: int, bits: int, quantizer, per_channel: bool) -> None:
     """Raise :class:`UnsupportedPlacementError` early for a group's DTensor parameters."""
     for j, p in enumerate(group["params"]):
         if is_dtensor(p):
             where = _where(index, j, p)
             layout = row_layout(p, group.get("quant_block_size"), per_channel, where + ": ")
-            plan_param(p, layout, K, where)
+            plan_param(p, layout, quantizer.get_quant_size(bits), where)
 
 
 # ---------------------------------------------------------------------------
@@ -516,13 +516,10 @@ def step_group(
     rho = None
     if split_items:
         rho = _split_update(opt, index, bits, quantizer, prox, builtin_prox, gamma, n, split_items)
-    if local_items:
-        if fused:
-            rho = _local_fused(opt, index, bits, quantizer, gamma, n, local_items)
-        else:
-            rho = _local_generic(opt, index, bits, quantizer, gamma, n, local_items)
-    elif split_items and fused:
-        rho = prox.schedule(n)[2]
+    if local_items and fused:
+        rho = _local_fused(opt, index, bits, quantizer, gamma, n, local_items)
+    elif local_items:
+        rho = _local_generic(opt, index, bits, quantizer, gamma, n, local_items)
     return rho
 
 
@@ -576,7 +573,7 @@ def _local_generic(opt, index, bits, quantizer, gamma, n, items) -> float | None
         if gamma != 1.0:
             local.div_(gamma)
         view = _local_view(local, plan)
-        dim = plan.layout.dim if not plan.split else -1
+        dim = plan.layout.dim
         if fresh:
             if opt.check_finite and not torch.isfinite(local).all():
                 opt._raise_nonfinite(index, j, p)
@@ -643,11 +640,18 @@ def _split_update(opt, index, bits, quantizer, prox, builtin_prox, gamma, n, ite
 
 
 def add_state_placeholders(opt, state_dict: dict) -> dict:
-    """Give every quantized parameter without ``latent`` / ``quants`` placeholders in
-    ``state_dict["state"]`` (a copy of ``p`` and zero levels, placed like the real
-    ones), so that a checkpoint skeleton built from a fresh optimizer requests them.
-    :func:`drop_state_placeholders` removes them again at load time."""
+    """Before quantization starts (``num_steps <= warmup_steps``), give the quantized
+    parameters ``latent`` / ``quants`` placeholders in ``state_dict["state"]`` (a copy
+    of ``p`` and all-NaN levels, placed like the real ones), so that a checkpoint
+    skeleton built from a resuming optimizer requests them (``get_state_dict`` runs a
+    zero-lr ``step`` first, which may still be in warmup). The live state is not
+    touched; :func:`drop_state_placeholders` removes them again at load time."""
+    if opt.num_steps > opt.warmup_steps:  # quantization started: latents are real
+        return state_dict
     saved = state_dict["state"]
+    # a parameter the base optimizer has no state for (e.g. its grad was None) gets none:
+    # Adam-like optimizers refuse to load a state without "step"
+    stateless = not any(opt.state.values())
     pid = 0
     qi = 0
     for index, group in enumerate(opt.param_groups):
@@ -656,14 +660,15 @@ def add_state_placeholders(opt, state_dict: dict) -> dict:
         if bits is not None:
             qi += 1
         for j, p in enumerate(group["params"]):
-            if bits is not None and p.requires_grad and "latent" not in opt.state.get(p, {}):
+            live = opt.state.get(p, {})
+            if bits is not None and p.requires_grad and (live or stateless):
                 where = _where(index, j, p)
                 block = group.get("quant_block_size")
                 layout = row_layout(p, block, opt.quant_per_channel, where + ": ")
                 plan = plan_param(p, layout, quantizer.get_quant_size(bits), where)
                 entry = dict(saved.get(pid, {}))
                 entry["latent"] = p.detach().clone()
-                Q = torch.zeros(plan.q_local_shape, dtype=torch.float32, device=plan.local.device)
+                Q = torch.full(plan.q_local_shape, math.nan, device=plan.local.device)
                 entry["quants"] = _wrap(Q, plan, plan.q_shape, plan.q_placements)
                 saved[pid] = entry
             pid += 1
@@ -673,14 +678,21 @@ def add_state_placeholders(opt, state_dict: dict) -> dict:
 def drop_state_placeholders(opt) -> None:
     """After loading: a checkpoint taken before quantization started (``num_steps <=
     warmup_steps``) holds only placeholders; remove them so that the base optimizer
-    still sees an empty state on its first step and the latents are taken afresh."""
-    if opt.num_steps > opt.warmup_steps:
-        return
-    for _, group in enumerate(opt.param_groups):
+    still sees an empty state on its first step and the latents are taken afresh.
+    Later, all-NaN ``quants`` (a parameter that had not been quantized yet) are
+    dropped so that its levels are computed at its next step."""
+    started = opt.num_steps > opt.warmup_steps
+    for group in opt.param_groups:
         for p in group["params"]:
             state = opt.state.get(p)
-            if state:
+            if not state:
+                continue
+            if not started:
                 state.pop("latent", None)
                 state.pop("quants", None)
-                if not state:
-                    del opt.state[p]
+            elif "quants" in state:
+                Q = _local(state["quants"])
+                if Q.numel() and bool(torch.isnan(Q).all()):
+                    del state["quants"]
+            if not state:
+                del opt.state[p]
