@@ -12,7 +12,6 @@ from parq_kernels.triton import plan as plans
 from parq_kernels.triton.apply import _apply_kernel
 from parq_kernels.triton.stats import NST, _finalize_kernel, _levels_kernel, _partials_kernel
 
-FINALIZE_ROWS = 128  # rows per program of the per-row kernels
 _S_V = 4  # STATS column of v_1 (stats.S_V)
 
 #: Triton kernel launches issued by this backend since import (tests count them).
@@ -106,7 +105,8 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
     part = torch.empty((max(plan.n_pslots, 1), 4), dtype=torch.float32, device=dev)
     qa0 = float(qargs[0]) if qargs else 0.0
     qa1 = float(qargs[1]) if len(qargs) > 1 else 0.0
-    fin_grid = (triton_cdiv(R, FINALIZE_ROWS),)
+    fin_rows = plans.tile_rows(dev, 32, R)  # rows per program of the per-row kernels
+    fin_grid = (triton_cdiv(R, fin_rows),)
 
     def stats_pass(pass_: int) -> None:
         for tc in plan.classes:
@@ -115,7 +115,7 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
                     BLOCK=tc.block)  # fmt: skip
         _launch(_finalize_kernel, fin_grid, plan.row_table, part, stats, R, plan.max_chunks,
                 qa0, qa1, 0.0, PASS=pass_, KIND=kind, BITS=bits, NR=plans.NR,
-                ROWS=FINALIZE_ROWS)  # fmt: skip
+                ROWS=fin_rows)  # fmt: skip
 
     if center:
         stats_pass(0)
@@ -134,8 +134,9 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
                 stats_pass(k)
     qws = torch.empty((R, K), dtype=torch.float32, device=dev)
     KP = max(2, triton_next_pow2(K))
-    _launch(_levels_kernel, (triton_cdiv(R, 16),), stats, qws, R, qa1, KIND=kind, BITS=bits,
-            K=K, KP=KP, CENTER=center, ROWS=16)  # fmt: skip
+    lv_rows = plans.tile_rows(dev, KP, R)
+    _launch(_levels_kernel, (triton_cdiv(R, lv_rows),), stats, qws, R, qa1, KIND=kind,
+            BITS=bits, K=K, KP=KP, CENTER=center, ROWS=lv_rows)  # fmt: skip
     binary = kind in (QuantKind.LSBQ_GREEDY, QuantKind.LSBQ_OPTIMAL) and bits >= 1
     return qws.sort(dim=1).values if binary else qws
 

@@ -23,6 +23,9 @@ import torch
 from torch import Tensor
 
 TILE = 4096  # elements per tile of short rows
+# Under the Triton interpreter (CPU tensors) each program costs milliseconds of Python,
+# whatever its size: pack more rows per tile there.
+INTERPRET_TILE = 65536
 MIN_BLOCK = 16
 MAX_BLOCK = 4096  # longer rows are split into chunks of this many columns
 
@@ -70,16 +73,26 @@ def _offset(t: Tensor, base: Tensor, what: str, i: int) -> int:
     return diff // size
 
 
-def tile_shape(n: int) -> tuple[int, int]:
-    """``(ROWS, BLOCK)`` of the tiles that hold rows of length ``n``."""
-    if n > MAX_BLOCK:
-        return 1, MAX_BLOCK
-    block = max(MIN_BLOCK, _next_pow2(n))
-    return max(1, TILE // block), block
+def tile_rows(device: torch.device, width: int, most: int) -> int:
+    """Rows per tile of ``width`` columns, for at most ``most`` rows (a power of 2)."""
+    tile = INTERPRET_TILE if device.type == "cpu" else TILE
+    return max(1, min(tile // width, _next_pow2(max(most, 1))))
+
+
+def tile_shape(params: list[Tensor]) -> list[tuple[int, int]]:
+    """``(ROWS, BLOCK)`` of the tiles of each parameter (shared by all of its class)."""
+    blocks = [MAX_BLOCK if n > MAX_BLOCK else max(MIN_BLOCK, _next_pow2(n)) for _, n in
+              (p.shape for p in params)]  # fmt: skip
+    most: dict[int, int] = {}
+    for p, block in zip(params, blocks, strict=True):
+        most[block] = max(most.get(block, 0), p.size(0) if p.size(1) <= MAX_BLOCK else 1)
+    rows = {block: tile_rows(params[0].device, block, m) for block, m in most.items()}
+    return [(rows[block], block) for block in blocks]
 
 
 def _build(params: list[Tensor], latents: list[Tensor], quants: list[Tensor], K: int) -> Plan:
     device = params[0].device
+    shapes = tile_shape(params)
     by_class: dict[tuple[int, int], list[list[int]]] = {}
     row_pslot, row_count, row_len = [], [], []
     row_base = pslot = 0
@@ -88,7 +101,7 @@ def _build(params: list[Tensor], latents: list[Tensor], quants: list[Tensor], K:
         p_off = _offset(p, params[0], "params", i)
         l_off = _offset(lat, latents[0], "latents", i)
         q_off = _offset(Q, quants[0], "quants", i)
-        ROWS, BLOCK = tile_shape(n)
+        ROWS, BLOCK = shapes[i]
         tiles = by_class.setdefault((ROWS, BLOCK), [])
         if n <= MAX_BLOCK:
             for r0 in range(0, rows, ROWS):
@@ -135,6 +148,7 @@ def get_plan(params: list[Tensor], latents: list[Tensor], quants: list[Tensor], 
     key = (
         K,
         TILE,
+        INTERPRET_TILE,
         MAX_BLOCK,
         params[0].device,
         params[0].dtype,
