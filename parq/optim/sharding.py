@@ -26,6 +26,10 @@ Placements: one mesh dimension may carry ``Shard(d)``; the others must be
 dimension's group only). ``Partial``, strided shards and two sharded mesh
 dimensions raise :class:`UnsupportedPlacementError` naming the parameter.
 
+Non-finite values: groups split across ranks fold the check into the reduced
+statistics, so every rank raises together; whole groups are checked on the rank
+that holds them (no collective), so only that rank raises.
+
 Optimizer state stays checkpointable with ``torch.distributed.checkpoint``:
 ``latent`` is a DTensor like the parameter; ``quants`` is a DTensor of global
 shape ``(K,)`` (per-tensor, replicated), ``(rows, K)`` (per-channel, placed
@@ -499,7 +503,7 @@ def step_group(
     """One ``QuantOptimizer.step`` for a group with DTensor parameters (module doc)."""
     bits = group["quant_bits"]
     K = quantizer.get_quant_size(bits)
-    fused = opt._use_fused(quantizer, [])
+    fused = opt._use_fused(quantizer, local_tensors(params))  # also checks the local dtypes
     prox = opt.prox_map
     builtin_prox = isinstance(prox, KernelProxMap) and type(prox).apply_ is KernelProxMap.apply_
     local_items, split_items = [], []
