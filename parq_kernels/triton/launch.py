@@ -191,4 +191,4 @@ def quant_prox_(
                 tc.table, nonfinite, float(gamma), float(arg), float(arg2), qa0, qa2,
                 KIND=int(kind), BITS=bits, K=K, KP=KP, LOGKP=KP.bit_length() - 1,
                 CENTER=bool(center), UPDATE=bool(update), PROX=int(prox_kind), NF=plans.NF,
-                ROWS=tc.rows, BLOCK=tc.block)  # fmt: skip
+                ROWS=tc.rows, BLOCK=tc.block, ALIGN=tc.align)  # fmt: skip

@@ -48,6 +48,7 @@ class TileClass:
     block: int  # BLOCK of the tiles (constexpr)
     table: Tensor  # (n_tiles, NF) int64 on the device
     n_tiles: int
+    align: int  # every tile offset and row stride is a multiple of this (16-byte vectors)
 
 
 @dataclass
@@ -90,6 +91,16 @@ def tile_shape(params: list[Tensor]) -> list[tuple[int, int]]:
     return [(rows[block], block) for block in blocks]
 
 
+def _alignment(tiles: list[list[int]], params: list[Tensor], latents: list[Tensor]) -> int:
+    """Elements per 16 bytes if every tile's offsets and row stride allow 16-byte vectors."""
+    vec = max(1, 16 // params[0].element_size())
+    if params[0].data_ptr() % 16 or latents[0].data_ptr() % 16:
+        return 1
+    ok = all(t[F_POFF] % vec == 0 and t[F_LOFF] % vec == 0 and t[F_STRIDE] % vec == 0
+             for t in tiles)  # fmt: skip
+    return vec if ok else 1
+
+
 def _build(params: list[Tensor], latents: list[Tensor], quants: list[Tensor], K: int) -> Plan:
     device = params[0].device
     shapes = tile_shape(params)
@@ -125,7 +136,13 @@ def _build(params: list[Tensor], latents: list[Tensor], quants: list[Tensor], K:
         row_len.extend([n] * rows)
         row_base += rows
     classes = [
-        TileClass(rows, block, torch.tensor(t, dtype=torch.int64).to(device), len(t))
+        TileClass(
+            rows,
+            block,
+            torch.tensor(t, dtype=torch.int64).to(device),
+            len(t),
+            _alignment(t, params, latents),
+        )  # fmt: skip
         for (rows, block), t in sorted(by_class.items())
         if t
     ]
