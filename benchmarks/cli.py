@@ -30,6 +30,7 @@ class Mode:
     warmup: int
     step_repeats: int
     copy_bytes: int
+    fused_reference: bool = True  # time fused:reference steps when a compiled backend exists
 
 
 def mode_config(name: str) -> Mode:
@@ -48,10 +49,11 @@ def mode_config(name: str) -> Mode:
             op_cases=op_bench.quick_grid(),
             step_cases=step_bench.issue4_cases() + step_bench.model_cases(quick=True),
             op_shape=(2, 256, 1024),
-            repeats=7,
+            repeats=5,
             warmup=1,
-            step_repeats=5,
+            step_repeats=3,
             copy_bytes=1 << 27,
+            fused_reference=False,
         )
     return Mode(
         op_cases=op_bench.full_grid(),
@@ -189,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         progress.step(case.name)
     for case in step_cases:
         for variant, timing, note in step_bench.run_case(
-            case, device, available, repeats=step_repeats, warmup=mode.warmup
+            case,
+            device,
+            available,
+            repeats=step_repeats,
+            warmup=mode.warmup,
+            fused_reference=mode.fused_reference,
         ):
             nbytes = case.bytes_base if variant == "base" else case.bytes_qat
             rows.append(report.make_row("step", case.name, variant, case.numel, nbytes, timing,

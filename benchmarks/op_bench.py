@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.timing import Timing, measure
+from benchmarks.timing import Timing, measure_interleaved
 from parq_kernels import reference
 from parq_kernels.ops import ProxKind, QuantKind, num_levels, quant_prox_
 
@@ -180,32 +180,27 @@ def run_case(
     warmup: int,
 ) -> Iterator[tuple[str, Timing | None, OpInputs, str]]:
     """Yield ``(variant, timing or None, inputs, note)`` for each backend, then for
-    the ``torch.compile`` baseline when ``compile_baseline and case.compile``."""
+    the ``torch.compile`` baseline when ``compile_baseline and case.compile``.
+    All variants are timed round-robin on the same inputs."""
     inputs = OpInputs(case, device, n_tensors, rows, cols)
+    fns = {
+        name: (lambda name=name: inputs.call(case, quant_prox_, backend=name))
+        for name in backend_names
+    }
+    compile_note = None  # None: no compiled row
+    if compile_baseline and case.compile:
+        compiled, compile_note = compiled_reference()
+        if compiled is not None:
+            try:
+                inputs.reset()
+                inputs.call(case, compiled)  # compiles (untimed)
+                fns[COMPILED] = lambda: inputs.call(case, compiled)
+            except Exception as exc:  # a graph torch.compile cannot handle: report, go on
+                compile_note = f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
+    timings = measure_interleaved(
+        fns, device=device, repeats=repeats, warmup=warmup, setup=inputs.reset
+    )
     for name in backend_names:
-        timing = measure(
-            lambda name=name: inputs.call(case, quant_prox_, backend=name),
-            device=device,
-            repeats=repeats,
-            warmup=warmup,
-            setup=inputs.reset,
-        )
-        yield name, timing, inputs, ""
-    if not (compile_baseline and case.compile):
-        return
-    compiled, why = compiled_reference()
-    if compiled is None:
-        yield COMPILED, None, inputs, why
-        return
-    try:
-        timing = measure(
-            lambda: inputs.call(case, compiled),
-            device=device,
-            repeats=repeats,
-            warmup=max(warmup, 1),  # the first call compiles
-            setup=inputs.reset,
-        )
-    except Exception as exc:  # a graph torch.compile cannot handle: report, continue
-        yield COMPILED, None, inputs, f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
-        return
-    yield COMPILED, timing, inputs, ""
+        yield name, timings[name], inputs, ""
+    if compile_note is not None:
+        yield COMPILED, timings.get(COMPILED), inputs, compile_note

@@ -104,10 +104,10 @@ def vit_b16(scale: float = 1.0, depth: int = 12, num_classes: int = 1000) -> lis
     return specs + _bn("ln", d) + _linear("head", num_classes, d)
 
 
-def llama_1b(scale: float = 1.0, depth: int = 16) -> list[ParamSpec]:
+def llama_1b(scale: float = 1.0, depth: int = 16, vocab: int | None = None) -> list[ParamSpec]:
     d, ffn = _w(2048, scale), _w(8192, scale)
     kv = _w(512, scale)
-    vocab = _w(128256, scale)
+    vocab = vocab or _w(128256, scale)
     specs = [ParamSpec("embed_tokens.weight", (vocab, d), True)]
     for i in range(depth):
         pre = f"layers.{i}"

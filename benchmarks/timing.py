@@ -3,8 +3,10 @@
 Every benchmark in this package times one call at a time (``time.perf_counter``
 around the call, with a device synchronize on both sides for CUDA), after a few
 untimed warm-up calls, and summarizes the repeats by their median, quartiles
-and extremes. A ``setup`` callable (untimed) runs before every call, so an
-in-place op can be reset to the same input each time.
+and extremes. Variants that are compared with each other are timed round-robin
+(:func:`measure_interleaved`), so that a busy, shared machine skews them alike.
+A ``setup`` callable (untimed) runs before every call, so an in-place op can be
+reset to the same input each time.
 """
 
 from __future__ import annotations
@@ -82,3 +84,30 @@ def measure(
         sync()
         samples.append(time.perf_counter() - t0)
     return summarize(samples)
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    device: torch.device | str = "cpu",
+    repeats: int = 10,
+    warmup: int = 2,
+    setup: Callable[[], object] | None = None,
+) -> dict[str, Timing]:
+    """Time several callables round-robin (one call of each per repeat), so that a
+    change of machine load during the run affects all of them alike."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
+    sync = synchronizer(device)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            if setup is not None:
+                setup()
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r >= warmup:
+                samples[name].append(time.perf_counter() - t0)
+    return {name: summarize(s) for name, s in samples.items()}

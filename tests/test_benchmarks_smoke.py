@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from benchmarks import cli, environment, op_bench, report, shapes, step_bench
-from benchmarks.timing import measure, summarize
+from benchmarks.timing import measure, measure_interleaved, summarize
 from parq_kernels import backends, reference
 
 
@@ -168,6 +168,25 @@ def test_summarize_and_measure():
     assert calls == ["s", "run"] * 5 and m.repeats == 3 and m.min >= 0
     with pytest.raises(ValueError, match="repeats"):
         measure(lambda: None, repeats=0)
+    calls.clear()
+    out = measure_interleaved(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+        repeats=2, warmup=1, setup=lambda: calls.append("s"),
+    )  # fmt: skip
+    assert calls == ["s", "a", "s", "b"] * 3  # round-robin, warm-up round included
+    assert {k: t.repeats for k, t in out.items()} == {"a": 2, "b": 2}
+
+
+def test_step_variants_and_memory_skip(monkeypatch):
+    case = step_bench.smoke_cases()[0]
+    cpu = torch.device("cpu")
+    run = list(step_bench.run_case(case, cpu, ["reference"], repeats=1, warmup=0,
+                                   fused_reference=False))  # fmt: skip
+    # fused:reference is kept when it is the only backend
+    assert [v for v, t, _ in run if t is not None] == ["base", "generic", "fused:reference"]
+    monkeypatch.setattr(step_bench, "available_memory", lambda device: 1000)
+    run = list(step_bench.run_case(case, cpu, ["reference"], repeats=1, warmup=0))
+    assert all(t is None and note.startswith("skipped: needs") for _, t, note in run)
 
 
 def test_cli_argument_errors(capsys):
