@@ -37,7 +37,16 @@ def native_extensions() -> tuple[list, dict]:
 
     debug = _flag("PARQ_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-    cxx = [*opt, "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    # value-safe flags only: no FMA contraction (bitwise agreement with the reference);
+    # no trapping math / errno so that -O3 can if-convert and vectorize the loops
+    cxx = [
+        *opt,
+        "-std=c++17",
+        "-fopenmp",
+        "-ffp-contract=off",
+        "-fno-trapping-math",
+        "-fno-math-errno",
+    ]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     want_cuda = bool(cuda_sources) and not _flag("PARQ_NO_CUDA")
     have_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None

@@ -46,11 +46,15 @@ PARQ_HD float rne(float v) {
 // +1 for v >= 0, -1 otherwise (SPEC.md §2).
 PARQ_HD float sgn(float v) { return v >= 0.0f ? 1.0f : -1.0f; }
 
-PARQ_HD float clampf(float v, float lo, float hi) { return fminf(fmaxf(v, lo), hi); }
+// torch.clamp(v, lo, hi) = min(max(v, lo), hi) for non-NaN v (plain compares:
+// fminf/fmaxf are library calls on x86-64 without -ffast-math).
+PARQ_HD float maxf(float a, float b) { return a > b ? a : b; }
+PARQ_HD float minf(float a, float b) { return a < b ? a : b; }
+PARQ_HD float clampf(float v, float lo, float hi) { return minf(maxf(v, lo), hi); }
 
 // #{j : a_j < x} over a sorted array a[0..n), i.e. torch.bucketize(x, a, right=False).
-// Mode: arithmetic guess + exact correction (near-uniform a), compare-count (small n),
-// or binary search.
+// Mode: compare-count (n <= kCompareCountMax), arithmetic guess + exact
+// correction (near-uniform levels of the uniform kinds), or binary search.
 struct Finder {
   const float* a;
   int n;
@@ -61,17 +65,30 @@ struct Finder {
 
 PARQ_HD Finder make_finder(const float* a, int n, bool uniform) {
   Finder f{a, n, 2, 0.0f, 0.0f};
-  if (uniform && n >= 2) {
+  if (n <= kCompareCountMax) {
+    f.mode = 0;
+  } else if (uniform) {
     const float inv = static_cast<float>(n - 1) / (a[n - 1] - a[0]);
     if (inv > 0.0f && inv < INFINITY) {
       f.mode = 1;
       f.a0 = a[0];
       f.inv_step = inv;
-      return f;
     }
   }
-  if (n <= kCompareCountMax) f.mode = 0;
   return f;
+}
+
+PARQ_HD int binary_count(const float* a, int n, float x) {
+  int lo = 0, hi = n;  // first index with !(a_j < x)
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (a[mid] < x) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
 }
 
 PARQ_HD int count_less(const Finder& f, float x) {
@@ -84,21 +101,15 @@ PARQ_HD int count_less(const Finder& f, float x) {
   }
   if (f.mode == 1) {
     const float t = clampf((x - f.a0) * f.inv_step, 0.0f, static_cast<float>(n));
-    int g = static_cast<int>(ceilf(t));
-    while (g > 0 && !(a[g - 1] < x)) --g;
-    while (g < n && a[g] < x) ++g;
-    return g;
+    int g = static_cast<int>(t);  // ceil(t), t in [0, n]
+    g += static_cast<float>(g) < t ? 1 : 0;
+    // one exact correction step each way (branch-free); verify, else search
+    g -= (g > 0 && !(a[g > 0 ? g - 1 : 0] < x)) ? 1 : 0;
+    g += (g < n && a[g < n ? g : n - 1] < x) ? 1 : 0;
+    const bool ok = (g == 0 || a[g > 0 ? g - 1 : 0] < x) && (g == n || !(a[g < n ? g : n - 1] < x));
+    return ok ? g : binary_count(a, n, x);
   }
-  int lo = 0, hi = n;  // first index with !(a_j < x)
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (a[mid] < x) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
+  return binary_count(a, n, x);
 }
 
 // The quantizer of one row once its statistics are known: q(x) for the centered
@@ -116,36 +127,51 @@ struct RowQuant {
   float v[kMaxGreedyBits];
 };
 
+PARQ_HD float q_uniform(const RowQuant& rq, float x) {
+  const float t = clampf(x, -rq.qm, rq.qm) / rq.s - rq.zp;
+  return (rne(t) + rq.zp) * rq.s;
+}
+PARQ_HD float q_ternary_unif(const RowQuant& rq, float x) {
+  return clampf(rne(x / rq.s), -1.0f, 1.0f) * rq.s;
+}
+PARQ_HD float q_asym(const RowQuant& rq, float x) {
+  return clampf(rne(x / rq.s), rq.z, rq.ztop) * rq.s;
+}
+PARQ_HD float q_lsbq_ternary(const RowQuant& rq, float x) {
+  const float v = rq.v[0];
+  return x <= -v / 2 ? -v : (x <= v / 2 ? 0.0f : v);
+}
+PARQ_HD float q_optimal_ternary(const RowQuant& rq, float x) {  // A = v[0]
+  const float half = rq.v[0] / 2;
+  const float s = sgn(x);
+  return (s + sgn(x - s * half)) * half;
+}
+// Greedy (and optimal b = 1, 2): q = sum_i v_i sgn(r_{i-1}).
+PARQ_HD float q_binary(const RowQuant& rq, float x) {
+  float q = 0.0f, r = x;
+  for (int i = 0; i < rq.nv; ++i) {
+    const float step = r >= 0.0f ? rq.v[i] : -rq.v[i];
+    q = q + step;
+    r = r - step;
+  }
+  return q;
+}
+
 PARQ_HD float quant_q(const RowQuant& rq, float x) {
   switch (rq.kind) {
-    case kUniform: {
-      const float t = clampf(x, -rq.qm, rq.qm) / rq.s - rq.zp;
-      return (rne(t) + rq.zp) * rq.s;
-    }
+    case kUniform:
+      return q_uniform(rq, x);
     case kTernaryUnif:
-      return clampf(rne(x / rq.s), -1.0f, 1.0f) * rq.s;
+      return q_ternary_unif(rq, x);
     case kAsym:
-      return clampf(rne(x / rq.s), rq.z, rq.ztop) * rq.s;
-    case kLsbqTernary: {
-      const float v = rq.v[0];
-      return x <= -v / 2 ? -v : (x <= v / 2 ? 0.0f : v);
-    }
+      return q_asym(rq, x);
+    case kLsbqTernary:
+      return q_lsbq_ternary(rq, x);
     case kLsbqOptimal:
-      if (rq.nv == 0) {  // ternary: A = v[0]
-        const float half = rq.v[0] / 2;
-        const float s = sgn(x);
-        return (s + sgn(x - s * half)) * half;
-      }
-      [[fallthrough]];
-    default: {  // greedy (and optimal b = 1, 2): q = sum_i v_i sgn(r_{i-1})
-      float q = 0.0f, r = x;
-      for (int i = 0; i < rq.nv; ++i) {
-        const float step = r >= 0.0f ? rq.v[i] : -rq.v[i];
-        q = q + step;
-        r = r - step;
-      }
-      return q;
-    }
+      if (rq.nv == 0) return q_optimal_ternary(rq, x);
+      return q_binary(rq, x);
+    default:
+      return q_binary(rq, x);
   }
 }
 

@@ -123,8 +123,8 @@ struct RowJob {
         const Partial s = stats(Stat::kAbsSumMax, first, m, nullptr, 0);
         bad |= s.bad;
         float qm = s.amax;
-        if (!a.scale_max) qm = fminf(static_cast<float>(b) * row_mean(s, n), qm);
-        rq.qm = fmaxf(qm, kTiny);
+        if (!a.scale_max) qm = minf(static_cast<float>(b) * row_mean(s, n), qm);
+        rq.qm = maxf(qm, kTiny);
         rq.r = static_cast<float>(std::ldexp(1.0, b - 1) - static_cast<double>(a.int_shift));
         rq.s = rq.qm / rq.r;
         rq.zp = a.zero_point;
@@ -133,7 +133,7 @@ struct RowJob {
       case kTernaryUnif: {
         const Partial s = stats(Stat::kAbsMax, first, m, nullptr, 0);
         bad |= s.bad;
-        rq.s = fmaxf(s.amax, kTiny) / 1.5f;
+        rq.s = maxf(s.amax, kTiny) / 1.5f;
         break;
       }
       case kAsym: {
@@ -141,7 +141,7 @@ struct RowJob {
         bad |= s.bad;
         const float mn = n > 0 ? s.mn : 0.0f, mx = n > 0 ? s.mx : 0.0f;
         const float top = static_cast<float>((1 << b) - 1);
-        rq.s = fmaxf((mx - mn) / top, kTiny);
+        rq.s = maxf((mx - mn) / top, kTiny);
         rq.z = rne(mn / rq.s);
         rq.ztop = rq.z + top;
         break;

@@ -165,64 +165,118 @@ struct WriteArgs {
   bool writes;   // false: p keeps its value (prox NONE, gamma 1)
 };
 
-// hard(x) for the chunk: the quantizer's q on update steps, else the nearest level.
-inline void hard_chunk(const float* xs, int64_t n, const WriteArgs& w, float* hs) {
-  if (w.rq != nullptr) {
-    const RowQuant rq = *w.rq;
-    if (w.a->center) {
-      for (int64_t i = 0; i < n; ++i) hs[i] = quant_q(rq, xs[i] - rq.m) + rq.m;
-    } else {
-      for (int64_t i = 0; i < n; ++i) hs[i] = quant_q(rq, xs[i]);
+constexpr int64_t kSub = 1024;  // the write pass works on sub-blocks of this size
+
+// idx[i] = #{j : a_j < xs[i]}; compare-count runs level-major so it vectorizes.
+inline void count_block(const Finder& f, const float* xs, int64_t n, int32_t* idx) {
+  if (f.mode == 0) {
+    for (int64_t i = 0; i < n; ++i) idx[i] = 0;
+    for (int j = 0; j < f.n; ++j) {
+      const float aj = f.a[j];
+      for (int64_t i = 0; i < n; ++i) idx[i] += aj < xs[i] ? 1 : 0;
     }
     return;
   }
-  const Finder f = w.near;
-  for (int64_t i = 0; i < n; ++i) hs[i] = w.Q[count_less(f, xs[i])];
+  for (int64_t i = 0; i < n; ++i) idx[i] = count_less(f, xs[i]);
 }
 
-// The write pass over a chunk. With lat (non-update steps, the only pass), also
-// copies the latent and checks finiteness.
-template <typename T>
-Partial write_chunk(T* p, T* lat, int64_t n, const WriteArgs& w) {
-  float xs[kChunk];
-  float hs[kChunk];
-  load_chunk(p, n, w.a->gamma, xs);
-  Partial out;
-  if (lat != nullptr) {
-    std::memcpy(lat, p, static_cast<size_t>(n) * sizeof(T));
-    out.bad = !all_finite(xs, n);
+template <typename F>
+inline void map_block(const float* xs, int64_t n, float* hs, bool center, float m, F q) {
+  if (center) {
+    for (int64_t i = 0; i < n; ++i) hs[i] = q(xs[i] - m) + m;
+  } else {
+    for (int64_t i = 0; i < n; ++i) hs[i] = q(xs[i]);
   }
-  if (!w.writes) return out;
+}
+
+// hard(x) for a block: the quantizer's q on update steps, else the nearest level.
+inline void hard_block(const float* xs, int64_t n, const WriteArgs& w, float* hs, int32_t* idx) {
+  if (w.rq == nullptr) {
+    count_block(w.near, xs, n, idx);
+    for (int64_t i = 0; i < n; ++i) hs[i] = w.Q[idx[i]];
+    return;
+  }
+  const RowQuant rq = *w.rq;
+  const bool c = w.a->center;
+  const float m = rq.m;
+  switch (rq.kind) {
+    case kUniform:
+      map_block(xs, n, hs, c, m, [&](float x) { return q_uniform(rq, x); });
+      break;
+    case kTernaryUnif:
+      map_block(xs, n, hs, c, m, [&](float x) { return q_ternary_unif(rq, x); });
+      break;
+    case kAsym:
+      map_block(xs, n, hs, c, m, [&](float x) { return q_asym(rq, x); });
+      break;
+    case kLsbqTernary:
+      map_block(xs, n, hs, c, m, [&](float x) { return q_lsbq_ternary(rq, x); });
+      break;
+    default:
+      if (rq.kind == kLsbqOptimal && rq.nv == 0) {
+        map_block(xs, n, hs, c, m, [&](float x) { return q_optimal_ternary(rq, x); });
+      } else {
+        map_block(xs, n, hs, c, m, [&](float x) { return q_binary(rq, x); });
+      }
+  }
+}
+
+// The prox map of a block, in place in xs.
+inline void prox_block(float* xs, int64_t n, const WriteArgs& w) {
   const OpArgs& a = *w.a;
+  float hs[kSub];
+  float lo[kSub];
+  int32_t idx[kSub];
   switch (a.prox_kind) {
     case kHard:
-      hard_chunk(xs, n, w, xs);
+      hard_block(xs, n, w, hs, idx);
+      for (int64_t i = 0; i < n; ++i) xs[i] = hs[i];
       break;
     case kRelax: {
-      hard_chunk(xs, n, w, hs);
+      hard_block(xs, n, w, hs, idx);
       const float keep = a.relax_keep, theta = a.prox_arg;
       for (int64_t i = 0; i < n; ++i) xs[i] = keep * xs[i] + theta * hs[i];
       break;
     }
     case kSoft:
     case kParq: {
-      const Finder f = w.inter;
       const float* Q = w.Q;
       const int last = w.K - 1;
-      const bool soft = a.prox_kind == kSoft;
+      count_block(w.inter, xs, n, idx);
       for (int64_t i = 0; i < n; ++i) {
-        const int j = count_less(f, xs[i]);
-        const float lo = Q[j > 0 ? j - 1 : 0];
-        const float hi = Q[j < last ? j : last];
-        xs[i] = soft ? prox_soft(xs[i], lo, hi, a.prox_arg, a.soft_denom)
-                     : prox_parq(xs[i], lo, hi, a.prox_arg);
+        const int j = idx[i];
+        lo[i] = Q[j > 0 ? j - 1 : 0];
+        hs[i] = Q[j < last ? j : last];
+      }
+      const float arg = a.prox_arg;
+      if (a.prox_kind == kSoft) {
+        const float denom = a.soft_denom;
+        for (int64_t i = 0; i < n; ++i) xs[i] = prox_soft(xs[i], lo[i], hs[i], arg, denom);
+      } else {
+        for (int64_t i = 0; i < n; ++i) xs[i] = prox_parq(xs[i], lo[i], hs[i], arg);
       }
       break;
     }
     default:
       break;
   }
-  for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(xs[i]);
+}
+
+// The write pass over a chunk. With lat (non-update steps, the only pass), also
+// copies the latent and checks finiteness.
+template <typename T>
+Partial write_chunk(T* p, T* lat, int64_t n, const WriteArgs& w) {
+  Partial out;
+  if (lat != nullptr) std::memcpy(lat, p, static_cast<size_t>(n) * sizeof(T));
+  float xs[kSub];
+  for (int64_t o = 0; o < n; o += kSub) {
+    const int64_t len = std::min(kSub, n - o);
+    load_chunk(p + o, len, w.a->gamma, xs);
+    if (lat != nullptr && !all_finite(xs, len)) out.bad = true;
+    if (!w.writes) continue;
+    prox_block(xs, len, w);
+    for (int64_t i = 0; i < len; ++i) p[o + i] = static_cast<T>(xs[i]);
+  }
   return out;
 }
 
