@@ -10,7 +10,13 @@ from torch import Tensor
 from parq_kernels.ops import ProxKind, QuantKind, num_levels
 from parq_kernels.triton import plan as plans
 from parq_kernels.triton.apply import _apply_kernel
-from parq_kernels.triton.stats import NST, _finalize_kernel, _levels_kernel, _partials_kernel
+from parq_kernels.triton.stats import (
+    NST,
+    _finalize_kernel,
+    _levels_kernel,
+    _partials_kernel,
+    _whole_rows_stats_kernel,
+)
 
 _S_V = 4  # STATS column of v_1 (stats.S_V)
 
@@ -117,9 +123,21 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
                 qa0, qa1, 0.0, PASS=pass_, KIND=kind, BITS=bits, NR=plans.NR,
                 ROWS=fin_rows)  # fmt: skip
 
-    if center:
-        stats_pass(0)
-    if kind == QuantKind.LSBQ_OPTIMAL:
+    if kind != QuantKind.LSBQ_OPTIMAL and plan.max_len <= plans.MAX_BLOCK:
+        for tc in plan.classes:  # every row lies whole in one tile: one read, all passes
+            _launch(_whole_rows_stats_kernel, (tc.n_tiles,), P, tc.table, stats, gamma, qa0, qa1,
+                    KIND=kind, BITS=bits, CENTER=center, NF=plans.NF, ROWS=tc.rows,
+                    BLOCK=tc.block)  # fmt: skip
+    elif kind != QuantKind.LSBQ_OPTIMAL:
+        if center:
+            stats_pass(0)
+        stats_pass(1)
+        if kind == QuantKind.LSBQ_GREEDY:
+            for k in range(2, bits + 1):
+                stats_pass(k)
+    else:
+        if center:
+            stats_pass(0)
         width = max(plan.max_len, 1)
         pad = torch.full((R, width), math.inf, dtype=torch.float32, device=dev)
         for tc in plan.classes:
@@ -127,11 +145,6 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
                     PASS=1, CENTER=center, GATHER=True, NF=plans.NF, ROWS=tc.rows,
                     BLOCK=tc.block)  # fmt: skip
         _optimal_split(plan, pad, stats, bits)
-    else:
-        stats_pass(1)
-        if kind == QuantKind.LSBQ_GREEDY:
-            for k in range(2, bits + 1):
-                stats_pass(k)
     qws = torch.empty((R, K), dtype=torch.float32, device=dev)
     KP = max(2, triton_next_pow2(K))
     lv_rows = plans.tile_rows(dev, KP, R)

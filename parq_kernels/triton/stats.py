@@ -145,26 +145,72 @@ def _finalize_kernel(
     if PASS == 0:
         tl.store(st + S_MEAN, mean, mask=rmask)
     elif PASS == 1:
-        amax = tl.where(nonempty, amax, 0.0)
-        mn = tl.where(nonempty, mn, 0.0)
-        mx = tl.where(nonempty, mx, 0.0)
-        if KIND == UNIFORM:  # qa0 = scale_is_max, qa1 = int_shift
-            qmax = tl.where(qa0 == 0.0, tl.minimum(BITS * mean, amax), amax)
-            qmax = tl.maximum(qmax, TINY)
-            tl.store(st + S_QMAX, qmax, mask=rmask)
-            tl.store(st + S_SCALE, qmax / (2.0 ** (BITS - 1) - qa1), mask=rmask)
-        elif KIND == TERNARY_UNIF:
-            tl.store(st + S_SCALE, tl.maximum(amax, TINY) / 1.5, mask=rmask)
-        elif KIND == ASYM:
-            s = tl.maximum((mx - mn) / (2.0**BITS - 1.0), TINY)
-            tl.store(st + S_SCALE, s, mask=rmask)
-            tl.store(st + S_ZERO, round_half_even(mn / s), mask=rmask)
-        elif KIND == LSBQ_TERNARY:  # qa0 = ternary_multiplier
-            tl.store(st + S_V, qa0 * mean, mask=rmask)
-        else:  # greedy LSBQ: v_1
-            tl.store(st + S_V, mean, mask=rmask)
+        store_scale(st, rmask, nonempty, mean, amax, mn, mx, qa0, qa1, KIND, BITS)
     else:
         tl.store(st + S_V + (PASS - 1), mean, mask=rmask)
+
+
+@triton.jit
+def store_scale(st, rmask, nonempty, mean, amax, mn, mx, qa0, qa1,
+                KIND: tl.constexpr, BITS: tl.constexpr):  # fmt: skip
+    """From ``mean|x'|, max|x'|, min x', max x'`` of each row (pointers ``st`` into
+    STATS): the scale (uniform, ternary, asym), zero point (asym) or ``v_1`` (LSBQ)."""
+    amax = tl.where(nonempty, amax, 0.0)
+    mn = tl.where(nonempty, mn, 0.0)
+    mx = tl.where(nonempty, mx, 0.0)
+    if KIND == UNIFORM:  # qa0 = scale_is_max, qa1 = int_shift
+        qmax = tl.where(qa0 == 0.0, tl.minimum(BITS * mean, amax), amax)
+        qmax = tl.maximum(qmax, TINY)
+        tl.store(st + S_QMAX, qmax, mask=rmask)
+        tl.store(st + S_SCALE, qmax / (2.0 ** (BITS - 1) - qa1), mask=rmask)
+    elif KIND == TERNARY_UNIF:
+        tl.store(st + S_SCALE, tl.maximum(amax, TINY) / 1.5, mask=rmask)
+    elif KIND == ASYM:
+        s = tl.maximum((mx - mn) / (2.0**BITS - 1.0), TINY)
+        tl.store(st + S_SCALE, s, mask=rmask)
+        tl.store(st + S_ZERO, round_half_even(mn / s), mask=rmask)
+    elif KIND == LSBQ_TERNARY:  # qa0 = ternary_multiplier
+        tl.store(st + S_V, qa0 * mean, mask=rmask)
+    else:  # greedy LSBQ: v_1
+        tl.store(st + S_V, mean, mask=rmask)
+
+
+@triton.jit
+def _whole_rows_stats_kernel(
+    P, TAB, STATS, gamma, qa0, qa1,
+    KIND: tl.constexpr, BITS: tl.constexpr, CENTER: tl.constexpr,
+    NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """All statistics passes at once for tiles of whole rows (one read of the weights).
+
+    Same float32 operations as the pass-by-pass kernels (the greedy residual is
+    carried in registers instead of being recomputed), so the same values.
+    """
+    pid = tl.program_id(0)
+    x, r, c, rmask, mask, row0 = load_tile(P, TAB, pid, gamma, NF, ROWS, BLOCK)
+    rows = row0 + tl.arange(0, ROWS)
+    rmask1 = tl.arange(0, ROWS) < tl.load(TAB + pid * NF + 4)
+    n = tl.load(TAB + pid * NF + 5).to(tl.float32)
+    nonempty = (tl.zeros([ROWS], tl.float32) + n) > 0
+    inv_n = tl.maximum(n, 1.0)
+    st = STATS + rows * NST
+    if CENTER:
+        m = tl.where(nonempty, tl.sum(x, axis=1) / inv_n, 0.0)
+        tl.store(st + S_MEAN, m, mask=rmask1)
+        x = tl.where(mask, x - m[:, None], 0.0)
+    ax = tl.abs(x)
+    mean = tl.where(nonempty, tl.sum(ax, axis=1) / inv_n, 0.0)
+    amax = tl.max(tl.where(mask, ax, -INF), axis=1)
+    mn = tl.min(tl.where(mask, x, INF), axis=1)
+    mx = tl.max(tl.where(mask, x, -INF), axis=1)
+    store_scale(st, rmask1, nonempty, mean, amax, mn, mx, qa0, qa1, KIND, BITS)
+    if KIND == LSBQ_GREEDY:
+        res = x
+        v = mean
+        for i in tl.static_range(1, BITS):
+            res = res - v[:, None] * tl.where(res >= 0, 1.0, -1.0)  # v sgn(r), inlined
+            v = tl.where(nonempty, tl.sum(tl.where(mask, tl.abs(res), 0.0), axis=1) / inv_n, 0.0)
+            tl.store(st + S_V + i, v, mask=rmask1)
 
 
 @triton.jit
