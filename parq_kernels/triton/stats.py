@@ -191,7 +191,7 @@ def _whole_rows_stats_kernel(
     rows = row0 + tl.arange(0, ROWS)
     rmask1 = tl.arange(0, ROWS) < tl.load(TAB + pid * NF + 4)
     n = tl.load(TAB + pid * NF + 5).to(tl.float32)
-    nonempty = (tl.zeros([ROWS], tl.float32) + n) > 0
+    nonempty = rmask1 & ((tl.zeros([ROWS], tl.float32) + n) > 0)
     inv_n = tl.maximum(n, 1.0)
     st = STATS + rows * NST
     if CENTER:
