@@ -53,7 +53,7 @@ from parq.optim.layout import RowLayout, group_bits, row_layout
 from parq.optim.proxmap import KernelProxMap
 from parq.quant.quantizer import KernelQuantizer
 from parq_kernels import reference
-from parq_kernels.ops import QuantKind, quant_prox_
+from parq_kernels.ops import ProxKind, QuantKind, quant_prox_
 
 
 class UnsupportedPlacementError(ValueError):
@@ -68,9 +68,21 @@ def has_dtensor(params: list[Tensor]) -> bool:
     return any(is_dtensor(p) for p in params)
 
 
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a plain tensor as it is), sharing storage.
+
+    Inside ``step`` (no autograd) this is the DTensor's local tensor; reading the
+    attribute directly costs well under a microsecond, ``to_local()`` ~10 us.
+    """
+    if not is_dtensor(t):
+        return t
+    local = getattr(t, "_local_tensor", None)
+    return local if local is not None else t.to_local()
+
+
 def local_tensors(tensors: list[Tensor]) -> list[Tensor]:
-    """The local shard of each DTensor (plain tensors as they are), sharing storage."""
-    return [t.to_local() if is_dtensor(t) else t for t in tensors]
+    """:func:`_local` of each tensor."""
+    return [_local(t) for t in tensors]
 
 
 # ---------------------------------------------------------------------------
@@ -139,7 +151,7 @@ def plan_param(p: Tensor, layout: RowLayout, K: int, where: str) -> ShardPlan:
                 "only one sharded mesh dim is supported"
             )
         shard_mesh_dim, shard_dim = mesh_dim, pl.dim % p.dim()
-    local = p.to_local()
+    local = _local(p)
     split, group, sizes = False, None, ()
     if shard_mesh_dim is not None and mesh.size(shard_mesh_dim) > 1:
         sizes = _chunk_sizes(p.size(shard_dim), mesh.size(shard_mesh_dim))
@@ -273,14 +285,16 @@ def global_quantize(
     b: int,
     qargs: tuple[float, ...],
     center: bool,
-) -> tuple[list[Tensor], list[Tensor], list[bool]]:
+    need_q: bool = True,
+) -> tuple[list[Tensor | None], list[Tensor], list[bool]]:
     """``(q, Q, nonfinite)`` for rows split across ranks, with global statistics.
 
     ``xs[i]``: float32 ``(rows, n_local)``, the local parts of ``rows`` groups of
     global length ``ns[i]``, reduced over ``groups[i]``; ``chunks[i]``: the
     ``n_local`` of every rank of the group (for optimal LSBQ's all-gather).
     The math is :func:`parq_kernels.reference.quantize_rows` with every mean,
-    max and sum taken over the whole group; ``Q`` is ``(rows, K)``.
+    max and sum taken over the whole group; ``Q`` is ``(rows, K)``. With
+    ``need_q=False`` the elementwise ``q`` is skipped (``None``): only ``Q`` is wanted.
     """
     kind = QuantKind(kind)
     nonfinite = [False] * len(xs)
@@ -291,13 +305,13 @@ def global_quantize(
         nonfinite = [not bool(torch.isfinite(s).all()) for s in S]
         xs = [x - m for x, m in zip(xs, ms, strict=True)]
     if kind == QuantKind.LSBQ_OPTIMAL and b != 1:
-        out, bad = _optimal(xs, groups, chunks, b)
+        out, bad = _optimal(xs, groups, chunks, b, need_q)
     else:
-        out, bad = _by_stats(xs, ns, groups, kind, b, qargs)
+        out, bad = _by_stats(xs, ns, groups, kind, b, qargs, need_q)
     nonfinite = [a or c for a, c in zip(nonfinite, bad, strict=True)]
     qs, Qs = [o[0] for o in out], [o[1] for o in out]
     if ms is not None:
-        qs = [q + m for q, m in zip(qs, ms, strict=True)]
+        qs = [None if q is None else q + m for q, m in zip(qs, ms, strict=True)]
         Qs = [Q + m for Q, m in zip(Qs, ms, strict=True)]
     return qs, Qs, nonfinite
 
@@ -322,7 +336,7 @@ def _reduce_one(groups: list, sums: list[list[Tensor]], maxes: list[list[Tensor]
     return s_cols, m_cols
 
 
-def _by_stats(xs, ns, groups, kind: QuantKind, b: int, qargs) -> tuple[list, list[bool]]:
+def _by_stats(xs, ns, groups, kind: QuantKind, b: int, qargs, need_q) -> tuple[list, list[bool]]:
     """Quantizers whose statistics are sums and maxima (all but optimal LSBQ)."""
     tiny = torch.finfo(torch.float32).tiny
     if kind == QuantKind.LSBQ_GREEDY or kind == QuantKind.LSBQ_OPTIMAL:  # optimal b=1 is greedy
@@ -336,19 +350,21 @@ def _by_stats(xs, ns, groups, kind: QuantKind, b: int, qargs) -> tuple[list, lis
                 bad[i] = bad[i] or not bool(torch.isfinite(s).all())
                 v = _means(s, n)
                 step = v * reference._sgn(rs[i])
-                qs[i] = qs[i] + step
+                if need_q:
+                    qs[i] = qs[i] + step
                 rs[i] = rs[i] - step
                 vs[i].append(v)
-        out = [
-            (q, reference._binary_levels(torch.cat(v, dim=1))) for q, v in zip(qs, vs, strict=True)
-        ]
+        out = [(q if need_q else None, reference._binary_levels(torch.cat(v, dim=1)))
+               for q, v in zip(qs, vs, strict=True)]  # fmt: skip
         return out, bad
     if kind == QuantKind.LSBQ_TERNARY:
         (S,), _ = _reduce_one(groups, [[_abs_sum(x)] for x in xs])
         out = []
         for x, s, n in zip(xs, S, ns, strict=True):
             v = qargs[0] * _means(s, n)
-            q = torch.where(x <= -v / 2, -v, torch.where(x <= v / 2, torch.zeros_like(x), v))
+            q = None
+            if need_q:
+                q = torch.where(x <= -v / 2, -v, torch.where(x <= v / 2, torch.zeros_like(x), v))
             out.append((q, torch.cat([-v, torch.zeros_like(v), v], dim=1)))
         return out, [not bool(torch.isfinite(s).all()) for s in S]
     if kind == QuantKind.ASYM:
@@ -365,7 +381,7 @@ def _by_stats(xs, ns, groups, kind: QuantKind, b: int, qargs) -> tuple[list, lis
             x_min = (-neg_lo).float() if n else torch.zeros_like(hi, dtype=torch.float32)
             s = ((x_max - x_min) / top).clamp_min(tiny)
             z = torch.round(x_min / s)
-            q = torch.clamp(torch.round(x / s), z, z + top) * s
+            q = torch.clamp(torch.round(x / s), z, z + top) * s if need_q else None
             Q = (z + torch.arange(top + 1, dtype=x.dtype, device=x.device)) * s
             out.append((q, Q))
         return out, [not bool(torch.isfinite(a).all() and torch.isfinite(c).all())
@@ -375,7 +391,7 @@ def _by_stats(xs, ns, groups, kind: QuantKind, b: int, qargs) -> tuple[list, lis
         out = []
         for x, m in zip(xs, M, strict=True):
             s = m.float().clamp_min(tiny) / 1.5
-            q = torch.clamp(torch.round(x / s), -1, 1) * s
+            q = torch.clamp(torch.round(x / s), -1, 1) * s if need_q else None
             out.append((q, torch.tensor([-1.0, 0.0, 1.0], dtype=x.dtype, device=x.device) * s))
         return out, [not bool(torch.isfinite(m).all()) for m in M]
     # UNIFORM
@@ -391,7 +407,9 @@ def _by_stats(xs, ns, groups, kind: QuantKind, b: int, qargs) -> tuple[list, lis
             q_max = torch.minimum(b * _means(cols[0][i], n), q_max)
         q_max = q_max.clamp_min(tiny)
         s = q_max / r
-        q = (torch.round(torch.clamp(x, -q_max, q_max) / s - zero_point) + zero_point) * s
+        q = None
+        if need_q:
+            q = (torch.round(torch.clamp(x, -q_max, q_max) / s - zero_point) + zero_point) * s
         out.append((q, (torch.arange(K, dtype=x.dtype, device=x.device) - r) * s))
     return out, [not bool(torch.isfinite(m).all()) for m in M]
 
@@ -400,7 +418,7 @@ def _amax_or(x: Tensor, fill: Tensor) -> Tensor:
     return fill if x.size(1) == 0 else x.amax(dim=1, keepdim=True).double()
 
 
-def _optimal(xs, groups, chunks, b: int) -> tuple[list, list[bool]]:
+def _optimal(xs, groups, chunks, b: int, need_q: bool) -> tuple[list, list[bool]]:
     """Optimal LSBQ (b = 0, 2): all-gather the magnitudes, then the reference split."""
     full: list[Tensor | None] = [None] * len(xs)
     by_group: dict = {}
@@ -432,14 +450,18 @@ def _optimal(xs, groups, chunks, b: int) -> tuple[list, list[bool]]:
         if b == 0:  # the elementwise part of reference.quantize_lsbq_optimal
             A = hi.to(x.dtype)
             half = A / 2
-            s = reference._sgn(x)
-            q = (s + reference._sgn(x - s * half)) * half
+            q = None
+            if need_q:
+                s = reference._sgn(x)
+                q = (s + reference._sgn(x - s * half)) * half
             out.append((q, torch.cat([-A, torch.zeros_like(A), A], dim=1)))
         else:
             v1 = ((hi + lo) / 2).to(x.dtype)
             v2 = ((hi - lo) / 2).to(x.dtype)
-            q = v1 * reference._sgn(x)
-            q = q + v2 * reference._sgn(x - q)
+            q = None
+            if need_q:
+                q = v1 * reference._sgn(x)
+                q = q + v2 * reference._sgn(x - q)
             out.append((q, reference._binary_levels(torch.cat([v1, v2], dim=1))))
     return out, bad
 
@@ -458,10 +480,6 @@ def _wrap(local: Tensor, plan: ShardPlan, shape: tuple[int, ...], placements) ->
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, plan.mesh, placements, run_check=False, shape=shape,
                               stride=stride)  # fmt: skip
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if is_dtensor(t) else t
 
 
 def _latent_buffer(state: dict, p: Tensor, plan: ShardPlan) -> Tensor:
@@ -508,9 +526,7 @@ def step_group(
     builtin_prox = isinstance(prox, KernelProxMap) and type(prox).apply_ is KernelProxMap.apply_
     local_items, split_items = [], []
     for j, p in enumerate(params):
-        where = _where(index, j, p)
-        layout = row_layout(p, group.get("quant_block_size"), opt.quant_per_channel, where + ": ")
-        plan = plan_param(p, layout, K, where)
+        plan = _cached_plan(opt, index, j, p, group.get("quant_block_size"), K)
         state = opt.state[p]
         fresh = update or "quants" not in state
         if plan.split and fresh:
@@ -519,12 +535,37 @@ def step_group(
             local_items.append((j, p, plan, fresh))
     rho = None
     if split_items:
-        rho = _split_update(opt, index, bits, quantizer, prox, builtin_prox, gamma, n, split_items)
+        rho, handoff = _split_update(
+            opt, index, bits, quantizer, prox, builtin_prox, fused, gamma, n, split_items
+        )
+        local_items += handoff
     if local_items and fused:
         rho = _local_fused(opt, index, bits, quantizer, gamma, n, local_items)
     elif local_items:
         rho = _local_generic(opt, index, bits, quantizer, gamma, n, local_items)
     return rho
+
+
+def _cached_plan(opt, index: int, j: int, p: Tensor, block: int | None, K: int) -> ShardPlan:
+    """:func:`plan_param`, cached per parameter while its spec and local tensor stay the
+    same objects (DTensor attribute reads cost microseconds each; a step reads many)."""
+    cache = opt.__dict__.setdefault("_shard_plans", {})
+    spec, local = getattr(p, "_spec", None), getattr(p, "_local_tensor", None)
+    key = (block, opt.quant_per_channel, K)
+    hit = cache.get(id(p))
+    if (
+        hit is not None
+        and local is not None
+        and hit[0] is p
+        and hit[1] is spec
+        and hit[2] is local
+        and hit[3] == key
+    ):
+        return hit[4]
+    where = _where(index, j, p)
+    plan = plan_param(p, row_layout(p, block, opt.quant_per_channel, where + ": "), K, where)
+    cache[id(p)] = (p, spec, local, key, plan)
+    return plan
 
 
 def _local_fused(opt, index, bits, quantizer, gamma, n, items) -> float | None:
@@ -593,8 +634,12 @@ def _local_generic(opt, index, bits, quantizer, gamma, n, items) -> float | None
     return rho
 
 
-def _split_update(opt, index, bits, quantizer, prox, builtin_prox, gamma, n, items):
-    """Groups split across ranks on an update step: global statistics, local prox."""
+def _split_update(opt, index, bits, quantizer, prox, builtin_prox, fused, gamma, n, items):
+    """Groups split across ranks on an update step: global statistics, local prox.
+
+    Returns ``(rho, handoff)``: the items whose prox does not use the quantizer's ``q``
+    (PARQ, soft, none) are handed to the fused op with the fresh levels instead.
+    """
     if not isinstance(quantizer, KernelQuantizer) or (
         type(quantizer).quantize is not KernelQuantizer.quantize
     ):
@@ -605,10 +650,13 @@ def _split_update(opt, index, bits, quantizer, prox, builtin_prox, gamma, n, ite
             "is a user quantizer (use quant_per_channel with Shard(0), or Replicate)"
         )
     kind, qargs = quantizer.kernel_spec(bits)
+    prox_kind, prox_arg, rho = prox.schedule(n) if builtin_prox else (None, None, None)
+    handoff = fused and prox_kind in (ProxKind.NONE, ProxKind.SOFT, ProxKind.PARQ)
     xs, ns, groups, chunks = [], [], [], []
     for _, p, plan in items:
         state = opt.state[p]
-        _latent_buffer(state, p, plan).copy_(plan.local)
+        if not handoff:
+            _latent_buffer(state, p, plan).copy_(plan.local)
         x = _rows(plan.local.detach(), plan).float()
         if gamma != 1.0:
             x = x / gamma
@@ -616,15 +664,16 @@ def _split_update(opt, index, bits, quantizer, prox, builtin_prox, gamma, n, ite
         ns.append(plan.cols_global)
         groups.append(plan.group)
         chunks.append(list(plan.row_chunks))
-    qs, Qs, bad = global_quantize(xs, ns, groups, chunks, kind, bits, qargs, quantizer.center)
+    qs, Qs, bad = global_quantize(
+        xs, ns, groups, chunks, kind, bits, qargs, quantizer.center, need_q=not handoff
+    )
     if opt.check_finite and any(bad):
         j, p, _ = items[bad.index(True)]
         opt._raise_nonfinite(index, j, p)
-    rho = None
-    if builtin_prox:
-        prox_kind, prox_arg, rho = prox.schedule(n)
     for (_, p, plan), x, q, Q in zip(items, xs, qs, Qs, strict=True):
         _quants_buffer(opt.state[p], plan, True).copy_(Q.reshape(plan.q_local_shape))
+        if handoff:
+            continue
         if builtin_prox:
             y = reference.apply_prox(x, q, Q, prox_kind, prox_arg)
             plan.local.copy_(y.reshape(plan.local.shape))
@@ -634,7 +683,7 @@ def _split_update(opt, index, bits, quantizer, prox, builtin_prox, gamma, n, ite
             q_view = q if dim is not None else q.reshape(-1)
             rho = prox.apply_(view, q_view, Q if dim is not None else Q[0], step_count=n, dim=dim)
             plan.local.copy_(view.reshape(plan.local.shape))
-    return rho
+    return rho, ([(j, p, plan, False) for j, p, plan in items] if handoff else [])
 
 
 # ---------------------------------------------------------------------------
