@@ -142,6 +142,14 @@ def _levels(params, qc):
     return run_op("reference", params, qc, PC["none"], update=True).quants
 
 
+@pytest.mark.parametrize("qname", ["unif-b2", "lsbq-opt-b0"])
+def test_empty_first_param(tdev, qname):
+    """An empty tensor (null address) as the base that the other tensors are addressed from."""
+    params = make_rows([(0, 5), (2, 7), (3, 0)], device=tdev, seed=10)
+    assert_matches_reference("triton", params, QC[qname], PC["parq-rho0.3"], update=True)
+    assert_matches_reference("triton", params, QC[qname], PC["hard"], update=False)
+
+
 def test_deterministic(tdev):
     params = make_rows([(2, 100), (1, 300)], device=tdev, seed=9)
     a = run_op("triton", params, QC["lsbq-b3"], PC["soft-T5"], update=True)
@@ -196,6 +204,7 @@ def test_launches_per_step_do_not_grow_with_params(tdev, n_layers):
     assert counts == [3, 1, 3]
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy, interpreter only
 @pytest.mark.skipif(not INTERPRET, reason="the lockstep harness builds its models on the CPU")
 @pytest.mark.parametrize(
     "case",

@@ -122,7 +122,7 @@ def _finalize_kernel(
     ROWS: tl.constexpr,
 ):  # fmt: skip
     """Reduce each row's partials (in chunk order) into its statistics."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
     first = tl.load(RT + rows * NR + 0, mask=rmask, other=0)
     count = tl.load(RT + rows * NR + 1, mask=rmask, other=0)
@@ -224,7 +224,7 @@ def _levels_kernel(
     Ascending for every kind except the binary LSBQ levels (greedy and optimal
     2-bit), which the launcher sorts afterwards.
     """
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)[:, None]
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
     j = tl.arange(0, KP)[None, :]
     rmask = rows < n_rows
     st = STATS + rows * NST
