@@ -68,7 +68,9 @@ def mode_config(name: str) -> Mode:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks",
+        description="Benchmark the fused op quant_prox_ and QuantOptimizer.step() on every "
+        "available backend against the pure-PyTorch reference; see benchmarks/README.md.",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
