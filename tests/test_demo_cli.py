@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("sklearn")
-
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
