@@ -131,19 +131,13 @@ Partial stats_chunk(const T* p, T* lat, int64_t n, float gamma, float m, Stat st
         out.mx = std::max(out.mx, xs[i]);
       }
       break;
-    case Stat::kAbsResidual: {
-      float vs[kMaxGreedyBits];
-      for (int j = 0; j < nv; ++j) vs[j] = v[j];
-      lane_reduce<true, false>(
-          xs, n,
-          [&](float x) {
-            float r = x;
-            for (int j = 0; j < nv; ++j) r = r - (r >= 0.0f ? vs[j] : -vs[j]);
-            return std::fabs(r);
-          },
-          out);
+    case Stat::kAbsResidual:  // replay the first nv greedy steps in place, bit-major
+      for (int j = 0; j < nv; ++j) {
+        const float vj = v[j];
+        for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] - (xs[i] >= 0.0f ? vj : -vj);
+      }
+      lane_reduce<true, false>(xs, n, abs_f, out);
       break;
-    }
     case Stat::kGather:
       for (int64_t i = 0; i < n; ++i) {
         const float a = std::fabs(xs[i]);
@@ -167,17 +161,37 @@ struct WriteArgs {
 
 constexpr int64_t kSub = 1024;  // the write pass works on sub-blocks of this size
 
-// idx[i] = #{j : a_j < xs[i]}; compare-count runs level-major so it vectorizes.
+// idx[i] = #{j : a_j < xs[i]} (binary search or arithmetic lookup, K > 16).
 inline void count_block(const Finder& f, const float* xs, int64_t n, int32_t* idx) {
-  if (f.mode == 0) {
-    for (int64_t i = 0; i < n; ++i) idx[i] = 0;
-    for (int j = 0; j < f.n; ++j) {
-      const float aj = f.a[j];
-      for (int64_t i = 0; i < n; ++i) idx[i] += aj < xs[i] ? 1 : 0;
-    }
-    return;
-  }
   for (int64_t i = 0; i < n; ++i) idx[i] = count_less(f, xs[i]);
+}
+
+// Small level sets (compare-count mode): level-major selects, which vectorize.
+// nearest: Q[#{j : M_j < x}];  interval: lo = the largest Q_j < x (else Q_0),
+// hi = the smallest Q_j >= x (else Q_{K-1}); the same values as the index lookup.
+inline void nearest_small(const float* Q, const float* M, int K, const float* xs, int64_t n,
+                          float* hs) {
+  for (int64_t i = 0; i < n; ++i) hs[i] = Q[0];
+  for (int j = 0; j + 1 < K; ++j) {
+    const float mj = M[j], qn = Q[j + 1];
+    for (int64_t i = 0; i < n; ++i) hs[i] = mj < xs[i] ? qn : hs[i];
+  }
+}
+
+inline void interval_small(const float* Q, int K, const float* xs, int64_t n, float* lo,
+                           float* hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    lo[i] = Q[0];
+    hi[i] = Q[K - 1];
+  }
+  for (int j = 0; j < K; ++j) {
+    const float qj = Q[j];
+    for (int64_t i = 0; i < n; ++i) lo[i] = qj < xs[i] ? qj : lo[i];
+  }
+  for (int j = K - 1; j >= 0; --j) {
+    const float qj = Q[j];
+    for (int64_t i = 0; i < n; ++i) hi[i] = qj < xs[i] ? hi[i] : qj;
+  }
 }
 
 template <typename F>
@@ -192,6 +206,10 @@ inline void map_block(const float* xs, int64_t n, float* hs, bool center, float 
 // hard(x) for a block: the quantizer's q on update steps, else the nearest level.
 inline void hard_block(const float* xs, int64_t n, const WriteArgs& w, float* hs, int32_t* idx) {
   if (w.rq == nullptr) {
+    if (w.near.mode == 0) {
+      nearest_small(w.Q, w.near.a, w.K, xs, n, hs);
+      return;
+    }
     count_block(w.near, xs, n, idx);
     for (int64_t i = 0; i < n; ++i) hs[i] = w.Q[idx[i]];
     return;
@@ -215,8 +233,23 @@ inline void hard_block(const float* xs, int64_t n, const WriteArgs& w, float* hs
     default:
       if (rq.kind == kLsbqOptimal && rq.nv == 0) {
         map_block(xs, n, hs, c, m, [&](float x) { return q_optimal_ternary(rq, x); });
-      } else {
-        map_block(xs, n, hs, c, m, [&](float x) { return q_binary(rq, x); });
+      } else {  // q_binary, bit-major
+        float r[kSub];
+        for (int64_t i = 0; i < n; ++i) {
+          r[i] = c ? xs[i] - m : xs[i];
+          hs[i] = 0.0f;
+        }
+        for (int j = 0; j < rq.nv; ++j) {
+          const float vj = rq.v[j];
+          for (int64_t i = 0; i < n; ++i) {
+            const float step = r[i] >= 0.0f ? vj : -vj;
+            hs[i] = hs[i] + step;
+            r[i] = r[i] - step;
+          }
+        }
+        if (c) {
+          for (int64_t i = 0; i < n; ++i) hs[i] = hs[i] + m;
+        }
       }
   }
 }
@@ -242,11 +275,15 @@ inline void prox_block(float* xs, int64_t n, const WriteArgs& w) {
     case kParq: {
       const float* Q = w.Q;
       const int last = w.K - 1;
-      count_block(w.inter, xs, n, idx);
-      for (int64_t i = 0; i < n; ++i) {
-        const int j = idx[i];
-        lo[i] = Q[j > 0 ? j - 1 : 0];
-        hs[i] = Q[j < last ? j : last];
+      if (w.inter.mode == 0) {
+        interval_small(Q, w.K, xs, n, lo, hs);
+      } else {
+        count_block(w.inter, xs, n, idx);
+        for (int64_t i = 0; i < n; ++i) {
+          const int j = idx[i];
+          lo[i] = Q[j > 0 ? j - 1 : 0];
+          hs[i] = Q[j < last ? j : last];
+        }
       }
       const float arg = a.prox_arg;
       if (a.prox_kind == kSoft) {
