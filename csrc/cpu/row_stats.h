@@ -108,7 +108,7 @@ Partial stats_chunk(const T* p, T* lat, int64_t n, float gamma, float m, Stat st
     std::memcpy(lat, p, static_cast<size_t>(n) * sizeof(T));
     out.bad = !all_finite(xs, n);
   }
-  if (st != Stat::kSum) {
+  if (st != Stat::kSum && m != 0.0f) {  // centering (x - 0 would be x: skip the sweep)
     for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] - m;
   }
   const auto abs_f = [](float x) { return std::fabs(x); };
