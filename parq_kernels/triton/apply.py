@@ -134,13 +134,15 @@ def _apply_kernel(
     """
     pid = tl.program_id(0)
     t = TAB + pid * NF
-    p_off = tl.multiple_of(tl.load(t + 0), ALIGN)
-    l_off = tl.multiple_of(tl.load(t + 1), ALIGN)
+    # (v // ALIGN) * ALIGN == v here (the plan checked it): tells the compiler that
+    # offsets, stride and length are multiples of ALIGN, so loads/stores vectorize
+    p_off = (tl.load(t + 0) // ALIGN) * ALIGN
+    l_off = (tl.load(t + 1) // ALIGN) * ALIGN
     q_off = tl.load(t + 2)
     row0 = tl.load(t + 3)
     nrows = tl.load(t + 4)
-    ncols = tl.load(t + 5)
-    stride = tl.multiple_of(tl.load(t + 6), ALIGN)
+    ncols = (tl.load(t + 5) // ALIGN) * ALIGN  # n, or a chunk of n: a multiple too
+    stride = (tl.load(t + 6) // ALIGN) * ALIGN
     pidx = tl.load(t + 7)
     r = tl.arange(0, ROWS)[:, None]
     c = tl.arange(0, BLOCK)[None, :]

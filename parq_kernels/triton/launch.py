@@ -118,7 +118,7 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
         for tc in plan.classes:
             _launch(_partials_kernel, (tc.n_tiles,), P, tc.table, stats, part, part, 0, gamma,
                     PASS=pass_, CENTER=center, GATHER=False, NF=plans.NF, ROWS=tc.rows,
-                    BLOCK=tc.block)  # fmt: skip
+                    BLOCK=tc.block, ALIGN=tc.align)  # fmt: skip
         _launch(_finalize_kernel, fin_grid, plan.row_table, part, stats, R, plan.max_chunks,
                 qa0, qa1, 0.0, PASS=pass_, KIND=kind, BITS=bits, NR=plans.NR,
                 ROWS=fin_rows)  # fmt: skip
@@ -127,7 +127,7 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
         for tc in plan.classes:  # every row lies whole in one tile: one read, all passes
             _launch(_whole_rows_stats_kernel, (tc.n_tiles,), P, tc.table, stats, gamma, qa0, qa1,
                     KIND=kind, BITS=bits, CENTER=center, NF=plans.NF, ROWS=tc.rows,
-                    BLOCK=tc.block)  # fmt: skip
+                    BLOCK=tc.block, ALIGN=tc.align)  # fmt: skip
     elif kind != QuantKind.LSBQ_OPTIMAL:
         if center:
             stats_pass(0)
@@ -143,7 +143,7 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
         for tc in plan.classes:
             _launch(_partials_kernel, (tc.n_tiles,), P, tc.table, stats, part, pad, width, gamma,
                     PASS=1, CENTER=center, GATHER=True, NF=plans.NF, ROWS=tc.rows,
-                    BLOCK=tc.block)  # fmt: skip
+                    BLOCK=tc.block, ALIGN=tc.align)  # fmt: skip
         _optimal_split(plan, pad, stats, bits)
     qws = torch.empty((R, K), dtype=torch.float32, device=dev)
     KP = max(2, triton_next_pow2(K))

@@ -97,7 +97,7 @@ def _alignment(tiles: list[list[int]], params: list[Tensor], latents: list[Tenso
     if params[0].data_ptr() % 16 or latents[0].data_ptr() % 16:
         return 1
     ok = all(t[F_POFF] % vec == 0 and t[F_LOFF] % vec == 0 and t[F_STRIDE] % vec == 0
-             for t in tiles)  # fmt: skip
+             and t[F_NCOLS] % vec == 0 for t in tiles)  # fmt: skip
     return vec if ok else 1
 
 

@@ -61,14 +61,19 @@ def sgn(x):
 
 
 @triton.jit
-def load_tile(P, TAB, pid, gamma, NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """One tile of ``x = p / gamma`` (float32) and its coordinates."""
+def load_tile(P, TAB, pid, gamma, NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+              ALIGN: tl.constexpr):  # fmt: skip
+    """One tile of ``x = p / gamma`` (float32) and its coordinates.
+
+    ``(v // ALIGN) * ALIGN == v`` for the offsets, length and stride (the plan
+    checked it): it tells the compiler so, and the loads vectorize.
+    """
     t = TAB + pid * NF
-    p_off = tl.load(t + 0)
+    p_off = (tl.load(t + 0) // ALIGN) * ALIGN
     row0 = tl.load(t + 3)
     nrows = tl.load(t + 4)
-    ncols = tl.load(t + 5)
-    stride = tl.load(t + 6)
+    ncols = (tl.load(t + 5) // ALIGN) * ALIGN
+    stride = (tl.load(t + 6) // ALIGN) * ALIGN
     r = tl.arange(0, ROWS)[:, None]
     c = tl.arange(0, BLOCK)[None, :]
     rmask = r < nrows
@@ -81,7 +86,7 @@ def load_tile(P, TAB, pid, gamma, NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: t
 def _partials_kernel(
     P, TAB, STATS, PART, PAD, pad_ld, gamma,
     PASS: tl.constexpr, CENTER: tl.constexpr, GATHER: tl.constexpr,
-    NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """Partial statistics of one tile for pass ``PASS`` (module doc).
 
@@ -89,7 +94,7 @@ def _partials_kernel(
     ``PAD`` (``(R, pad_ld)`` float32) for the optimal-LSBQ sort.
     """
     pid = tl.program_id(0)
-    x, r, c, rmask, mask, row0 = load_tile(P, TAB, pid, gamma, NF, ROWS, BLOCK)
+    x, r, c, rmask, mask, row0 = load_tile(P, TAB, pid, gamma, NF, ROWS, BLOCK, ALIGN)
     pslot = tl.load(TAB + pid * NF + 8)
     st = STATS + (row0 + r) * NST
     if CENTER and (PASS > 0 or GATHER):
@@ -179,7 +184,7 @@ def store_scale(st, rmask, nonempty, mean, amax, mn, mx, qa0, qa1,
 def _whole_rows_stats_kernel(
     P, TAB, STATS, gamma, qa0, qa1,
     KIND: tl.constexpr, BITS: tl.constexpr, CENTER: tl.constexpr,
-    NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """All statistics passes at once for tiles of whole rows (one read of the weights).
 
@@ -187,7 +192,7 @@ def _whole_rows_stats_kernel(
     carried in registers instead of being recomputed), so the same values.
     """
     pid = tl.program_id(0)
-    x, r, c, rmask, mask, row0 = load_tile(P, TAB, pid, gamma, NF, ROWS, BLOCK)
+    x, r, c, rmask, mask, row0 = load_tile(P, TAB, pid, gamma, NF, ROWS, BLOCK, ALIGN)
     rows = row0 + tl.arange(0, ROWS)
     rmask1 = tl.arange(0, ROWS) < tl.load(TAB + pid * NF + 4)
     n = tl.load(TAB + pid * NF + 5).to(tl.float32)
