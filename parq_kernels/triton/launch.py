@@ -30,6 +30,12 @@ def _launch(kernel, grid: tuple[int], *args, **meta) -> None:
     kernel[grid](*args, **meta)
 
 
+def _warps(tc: plans.TileClass) -> int:
+    """8 warps for full 4096-element tiles: at most 128 registers per thread on sm_90
+    (ptxas, no spills) where 4 warps need up to 165 and cap occupancy."""
+    return 8 if tc.rows * tc.block >= 4096 else 4
+
+
 def _check(params, latents, quants, nonfinite, K: int) -> None:
     p0 = params[0]
     if not (len(latents) == len(quants) == len(params)):
@@ -118,7 +124,7 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
         for tc in plan.classes:
             _launch(_partials_kernel, (tc.n_tiles,), P, tc.table, stats, part, part, 0, gamma,
                     PASS=pass_, CENTER=center, GATHER=False, NF=plans.NF, ROWS=tc.rows,
-                    BLOCK=tc.block, ALIGN=tc.align)  # fmt: skip
+                    BLOCK=tc.block, ALIGN=tc.align, num_warps=_warps(tc))  # fmt: skip
         _launch(_finalize_kernel, fin_grid, plan.row_table, part, stats, R, plan.max_chunks,
                 qa0, qa1, 0.0, PASS=pass_, KIND=kind, BITS=bits, NR=plans.NR,
                 ROWS=fin_rows)  # fmt: skip
@@ -127,7 +133,7 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
         for tc in plan.classes:  # every row lies whole in one tile: one read, all passes
             _launch(_whole_rows_stats_kernel, (tc.n_tiles,), P, tc.table, stats, gamma, qa0, qa1,
                     KIND=kind, BITS=bits, CENTER=center, NF=plans.NF, ROWS=tc.rows,
-                    BLOCK=tc.block, ALIGN=tc.align)  # fmt: skip
+                    BLOCK=tc.block, ALIGN=tc.align, num_warps=_warps(tc))  # fmt: skip
     elif kind != QuantKind.LSBQ_OPTIMAL:
         if center:
             stats_pass(0)
@@ -143,7 +149,7 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
         for tc in plan.classes:
             _launch(_partials_kernel, (tc.n_tiles,), P, tc.table, stats, part, pad, width, gamma,
                     PASS=1, CENTER=center, GATHER=True, NF=plans.NF, ROWS=tc.rows,
-                    BLOCK=tc.block, ALIGN=tc.align)  # fmt: skip
+                    BLOCK=tc.block, ALIGN=tc.align, num_warps=_warps(tc))  # fmt: skip
         _optimal_split(plan, pad, stats, bits)
     qws = torch.empty((R, K), dtype=torch.float32, device=dev)
     KP = max(2, triton_next_pow2(K))
@@ -204,4 +210,4 @@ def quant_prox_(
                 tc.table, nonfinite, float(gamma), float(arg), float(arg2), qa0, qa2,
                 KIND=int(kind), BITS=bits, K=K, KP=KP, LOGKP=KP.bit_length() - 1,
                 CENTER=bool(center), UPDATE=bool(update), PROX=int(prox_kind), NF=plans.NF,
-                ROWS=tc.rows, BLOCK=tc.block, ALIGN=tc.align)  # fmt: skip
+                ROWS=tc.rows, BLOCK=tc.block, ALIGN=tc.align, num_warps=_warps(tc))  # fmt: skip
