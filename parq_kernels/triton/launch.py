@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -192,6 +193,10 @@ def quant_prox_(
         raise NotImplementedError(f"optimal LSBQ is defined for bits in {{0, 1, 2}}, got {bits}")
     K = num_levels(kind, bits, tuple(qargs))
     _check(params, latents, quants, nonfinite, K)
+    if params[0].device.type != "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # the interpreter copies each tensor argument to the host on its own, which breaks
+        # the relative addressing of the other tensors of a list
+        raise RuntimeError("the triton backend cannot serve CUDA tensors under TRITON_INTERPRET=1")
     if not gamma > 0:
         raise ValueError(f"gamma (shrink divisor) must be > 0, got {gamma}")
     arg, arg2 = _prox_args(int(prox_kind), float(prox_arg))
