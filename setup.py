@@ -41,7 +41,7 @@ def native_extensions() -> tuple[list, dict]:
     # no trapping math / errno so that -O3 can if-convert and vectorize the loops
     cxx = [
         *opt,
-        "-std=c++17",
+        "-std=c++20",
         "-fopenmp",
         "-ffp-contract=off",
         "-fno-trapping-math",
@@ -60,7 +60,7 @@ def native_extensions() -> tuple[list, dict]:
             "parq_kernels._C",
             sources + cuda_sources,
             define_macros=[("PARQ_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": [*opt, "-std=c++17", "--fmad=false"]},
+            extra_compile_args={"cxx": cxx, "nvcc": [*opt, "-std=c++20", "--fmad=false"]},
             extra_link_args=["-fopenmp"],
         )
     else:

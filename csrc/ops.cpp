@@ -1,6 +1,6 @@
 // Schema and registrations of parq_kernels_C::quant_prox_, and the Python module
 // parq_kernels._C (whose only attribute is HAS_CUDA; the op lives in torch.ops).
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
 #include "quant_prox.h"

@@ -1,5 +1,5 @@
 // Argument checks of parq_kernels_C::quant_prox_, shared by the CPU and CUDA entry points.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>

@@ -11,8 +11,8 @@
 // greedy LSBQ bit; optimal LSBQ gathers |x| for one sort) -> write pass. The
 // first pass also copies the latent and checks finiteness. Without update, a
 // single pass copies the latent, checks, looks up the stored levels and writes.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
