@@ -194,6 +194,35 @@ inline void interval_small(const float* Q, int K, const float* xs, int64_t n, fl
   }
 }
 
+// Fused single-sweep versions for the commonest small level sets (K = 2, 3, 4):
+// the level loop unrolls and the element loop vectorizes.
+template <int KC>
+inline void nearest_fixed(const float* Qp, const float* Mp, const float* xs, int64_t n,
+                          float* hs) {
+  float Q[KC], M[KC];
+  for (int j = 0; j < KC; ++j) Q[j] = Qp[j];
+  for (int j = 0; j + 1 < KC; ++j) M[j] = Mp[j];
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = xs[i];
+    float h = Q[0];
+    for (int j = 0; j + 1 < KC; ++j) h = M[j] < x ? Q[j + 1] : h;
+    hs[i] = h;
+  }
+}
+
+template <int KC>
+inline void parq_fixed(const float* Qp, float* xs, int64_t n, float rho) {
+  float Q[KC];
+  for (int j = 0; j < KC; ++j) Q[j] = Qp[j];
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = xs[i];
+    float lo = Q[0], hi = Q[KC - 1];
+    for (int j = 0; j < KC; ++j) lo = Q[j] < x ? Q[j] : lo;
+    for (int j = KC - 1; j >= 0; --j) hi = Q[j] < x ? hi : Q[j];
+    xs[i] = prox_parq(x, lo, hi, rho);
+  }
+}
+
 template <typename F>
 inline void map_block(const float* xs, int64_t n, float* hs, bool center, float m, F q) {
   if (center) {
@@ -207,8 +236,16 @@ inline void map_block(const float* xs, int64_t n, float* hs, bool center, float 
 inline void hard_block(const float* xs, int64_t n, const WriteArgs& w, float* hs, int32_t* idx) {
   if (w.rq == nullptr) {
     if (w.near.mode == 0) {
-      nearest_small(w.Q, w.near.a, w.K, xs, n, hs);
-      return;
+      switch (w.K) {
+        case 2:
+          return nearest_fixed<2>(w.Q, w.near.a, xs, n, hs);
+        case 3:
+          return nearest_fixed<3>(w.Q, w.near.a, xs, n, hs);
+        case 4:
+          return nearest_fixed<4>(w.Q, w.near.a, xs, n, hs);
+        default:
+          return nearest_small(w.Q, w.near.a, w.K, xs, n, hs);
+      }
     }
     count_block(w.near, xs, n, idx);
     for (int64_t i = 0; i < n; ++i) hs[i] = w.Q[idx[i]];
@@ -275,6 +312,12 @@ inline void prox_block(float* xs, int64_t n, const WriteArgs& w) {
     case kParq: {
       const float* Q = w.Q;
       const int last = w.K - 1;
+      if (a.prox_kind == kParq && w.inter.mode == 0 && w.K >= 2 && w.K <= 4) {
+        if (w.K == 2) parq_fixed<2>(Q, xs, n, a.prox_arg);
+        if (w.K == 3) parq_fixed<3>(Q, xs, n, a.prox_arg);
+        if (w.K == 4) parq_fixed<4>(Q, xs, n, a.prox_arg);
+        break;
+      }
       if (w.inter.mode == 0) {
         interval_small(Q, w.K, xs, n, lo, hs);
       } else {
