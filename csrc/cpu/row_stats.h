@@ -291,17 +291,15 @@ inline void hard_block(const float* xs, int64_t n, const WriteArgs& w, float* hs
   }
 }
 
-// The prox map of a block, in place in xs.
-inline void prox_block(float* xs, int64_t n, const WriteArgs& w) {
+// The prox map of a block: the result is in xs, or in hs for HARD (returned).
+inline const float* prox_block(float* xs, int64_t n, const WriteArgs& w, float* hs) {
   const OpArgs& a = *w.a;
-  float hs[kSub];
   float lo[kSub];
   int32_t idx[kSub];
   switch (a.prox_kind) {
     case kHard:
       hard_block(xs, n, w, hs, idx);
-      for (int64_t i = 0; i < n; ++i) xs[i] = hs[i];
-      break;
+      return hs;
     case kRelax: {
       hard_block(xs, n, w, hs, idx);
       const float keep = a.relax_keep, theta = a.prox_arg;
@@ -340,6 +338,7 @@ inline void prox_block(float* xs, int64_t n, const WriteArgs& w) {
     default:
       break;
   }
+  return xs;
 }
 
 // The write pass over a chunk. With lat (non-update steps, the only pass), also
@@ -349,13 +348,14 @@ Partial write_chunk(T* p, T* lat, int64_t n, const WriteArgs& w) {
   Partial out;
   if (lat != nullptr) std::memcpy(lat, p, static_cast<size_t>(n) * sizeof(T));
   float xs[kSub];
+  float hs[kSub];
   for (int64_t o = 0; o < n; o += kSub) {
     const int64_t len = std::min(kSub, n - o);
     load_chunk(p + o, len, w.a->gamma, xs);
     if (lat != nullptr && !all_finite(xs, len)) out.bad = true;
     if (!w.writes) continue;
-    prox_block(xs, len, w);
-    for (int64_t i = 0; i < len; ++i) p[o + i] = static_cast<T>(xs[i]);
+    const float* ys = prox_block(xs, len, w, hs);
+    for (int64_t i = 0; i < len; ++i) p[o + i] = static_cast<T>(ys[i]);
   }
   return out;
 }
