@@ -12,18 +12,35 @@ Environment knobs:
 * ``PARQ_FORCE_CUDA=1``   build the CUDA kernels or fail (no silent CPU-only build)
 * ``PARQ_NO_CUDA=1``      never build the CUDA kernels
 * ``PARQ_DEBUG=1``        -O0 -g, no -DNDEBUG
+* ``PARQ_PORTABLE=1``     no AVX2 code even when the building x86-64 CPU has it (set this
+  when the built extension will run on other, older machines)
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import platform
 
 from setuptools import find_packages, setup
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
+def _cpu_arch_flags() -> list[str]:
+    """-march=x86-64-v3 (AVX2) when the building CPU has it: the extension is built from
+    source where it runs. Results are bitwise the same (no FMA contraction, no reassociation)."""
+    if _flag("PARQ_PORTABLE") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return []
+    needed = {"avx", "avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}
+    return ["-march=x86-64-v3"] if needed <= flags else []
 
 
 def native_extensions() -> tuple[list, dict]:
@@ -46,6 +63,7 @@ def native_extensions() -> tuple[list, dict]:
         "-ffp-contract=off",
         "-fno-trapping-math",
         "-fno-math-errno",
+        *_cpu_arch_flags(),
     ]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     want_cuda = bool(cuda_sources) and not _flag("PARQ_NO_CUDA")
