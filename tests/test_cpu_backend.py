@@ -215,7 +215,7 @@ def _optimizer_cases():
         ),
         "optimal-parq-block-bf16-adamw": dict(
             make_quantizer=lambda: LSBQuantizer(optimal=True), make_prox=lambda: ProxPARQ(0, 25),
-            dtype=torch.bfloat16, base="adamw", block_size=1, quant_per_channel=True,
+            dtype=torch.bfloat16, base="adamw", block_size=8, quant_per_channel=True,
         ),
         # (center=True is covered at op level: the lockstep check compares levels
         # element-wise, and a centered level near 0 differs by 1 ulp of the row scale)

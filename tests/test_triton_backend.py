@@ -205,7 +205,7 @@ def test_launches_per_step_do_not_grow_with_params(tdev, n_layers):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy, interpreter only
-@pytest.mark.skipif(not INTERPRET, reason="the lockstep harness builds its models on the CPU")
+@pytest.mark.skipif(not TRITON_DEVICES, reason="no device for Triton (no GPU, no interpreter)")
 @pytest.mark.parametrize(
     "case",
     ["lsbq-perchannel-parq-warmup", "unif-perblock-soft-adamw", "optimal-pertensor-relax"],
@@ -215,18 +215,21 @@ def test_optimizer_lockstep(case):
     from parq.optim import ProxBinaryRelax, ProxPARQ, ProxSoftQuant
     from parq.quant import LSBQuantizer, UnifQuantizer
 
+    dev = TRITON_DEVICES[0]
     if case == "lsbq-perchannel-parq-warmup":
         assert_optimizer_matches_reference(
-            "triton", LSBQuantizer, lambda: ProxPARQ(6, 20), warmup_steps=3, quant_period=4,
+            "triton", LSBQuantizer, lambda: ProxPARQ(6, 20), device=dev, warmup_steps=3,
+            quant_period=4,
             quant_per_channel=True, quant_shrink=True, anneal_wd_frac=0.5,
         )  # fmt: skip
     elif case == "unif-perblock-soft-adamw":
         assert_optimizer_matches_reference(
-            "triton", UnifQuantizer, lambda: ProxSoftQuant(2, 22), base="adamw", block_size=1,
+            "triton", UnifQuantizer, lambda: ProxSoftQuant(2, 22), device=dev, base="adamw",
+            block_size=16,
             quant_period=5, quant_per_channel=True,
         )  # fmt: skip
     else:
         assert_optimizer_matches_reference(
             "triton", lambda: LSBQuantizer(optimal=True), lambda: ProxBinaryRelax(4, 24),
-            quant_period=3,
+            device=dev, quant_period=3,
         )  # fmt: skip
