@@ -11,9 +11,13 @@ Two paths compute the same thing:
   one ``parq_kernels::quant_prox_`` call per (device, dtype) does the latent
   copy, shrink, level computation and prox in one pass over the weights;
 * the **generic path** (user ``Quantizer`` / ``ProxMap`` subclasses that
-  override ``quantize`` / ``apply_``, DTensor parameters, or ``fused=False``):
+  override ``quantize`` / ``apply_``, float64 parameters, or ``fused=False``):
   ``quantizer.quantize`` and ``prox_map.apply_`` per parameter, exactly as the
   public PARQ release calls them.
+
+Groups holding DTensor parameters (FSDP2) go to :mod:`parq.optim.sharding`, which
+runs one of the two paths above on the local shards, with global statistics
+where a quantization group spans ranks (SPEC.md §7).
 """
 
 from __future__ import annotations
@@ -37,10 +41,6 @@ class NonFiniteParameterError(FloatingPointError):
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _is_dtensor(p: Tensor) -> bool:
-    return type(p).__name__ == "DTensor"
 
 
 def _reusable(Q: Tensor | None, shape: tuple[int, ...], device: torch.device) -> bool:
@@ -295,7 +295,6 @@ class QuantOptimizer(Optimizer):
             and type(quantizer).get_quant_size is KernelQuantizer.get_quant_size
             and isinstance(self.prox_map, KernelProxMap)
             and type(self.prox_map).apply_ is KernelProxMap.apply_
-            and not any(_is_dtensor(p) for p in params)
             # the op serves fp32 / bf16 / fp16 (SPEC §6); other dtypes (fp64) go generic
             and all(p.dtype in _FUSED_DTYPES for p in params)
         )
