@@ -106,10 +106,10 @@ def _quant_prox_impl(
         return
     from parq_kernels import backends
 
+    # the dispatcher has already checked the scalars against SCHEMA: pass them through
     impl = backends.get_impl(backends.resolve(params[0].device, backend or None))
-    impl(params, latents, quants, nonfinite, int(quant_kind), int(bits),
-         tuple(float(a) for a in qargs), bool(center), bool(update), int(prox_kind),
-         float(prox_arg), float(gamma))  # fmt: skip
+    impl(params, latents, quants, nonfinite, quant_kind, bits, tuple(qargs), center, update,
+         prox_kind, prox_arg, gamma)  # fmt: skip
 
 
 # Every device goes through the backend table (which knows which backend serves it).
