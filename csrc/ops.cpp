@@ -1,4 +1,4 @@
-// Schema and registrations of parq_kernels_C::quant_prox_, and the Python module
+// Schemas and registrations of parq_kernels_C::quant_prox_ and fused_step_, and the Python module
 // parq_kernels._C (whose only attribute is HAS_CUDA; the op lives in torch.ops).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
@@ -10,16 +10,27 @@ TORCH_LIBRARY(parq_kernels_C, m) {
       "quant_prox_(Tensor(a!)[] params, Tensor(b!)[] latents, Tensor(c!)[] quants, "
       "Tensor(d!) nonfinite, int quant_kind, int bits, float[] qargs, bool center, bool update, "
       "int prox_kind, float prox_arg, float gamma) -> ()");
+  m.def(
+      "fused_step_(Tensor(a!)[] params, Tensor(b!)[] latents, Tensor[] grads, "
+      "Tensor(c!)[] bufs1, Tensor(d!)[] bufs2, Tensor(e!)[] bufs3, Tensor(f!)[] quants, "
+      "Tensor(g!) nonfinite, int optim_kind, float[] hparams, int quant_kind, int bits, "
+      "float[] qargs, bool center, bool update, int prox_kind, float prox_arg, float gamma) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(parq_kernels_C, CPU, m) { m.impl("quant_prox_", &parq::quant_prox_cpu); }
+TORCH_LIBRARY_IMPL(parq_kernels_C, CPU, m) {
+  m.impl("quant_prox_", &parq::quant_prox_cpu);
+  m.impl("fused_step_", &parq::fused_step_cpu);
+}
 
 #ifdef PARQ_WITH_CUDA
-TORCH_LIBRARY_IMPL(parq_kernels_C, CUDA, m) { m.impl("quant_prox_", &parq::quant_prox_cuda); }
+TORCH_LIBRARY_IMPL(parq_kernels_C, CUDA, m) {
+  m.impl("quant_prox_", &parq::quant_prox_cuda);
+  m.impl("fused_step_", &parq::fused_step_cuda);
+}
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "parq fused quantize + prox kernels (op: torch.ops.parq_kernels_C.quant_prox_)";
+  m.doc() = "parq fused kernels (ops: torch.ops.parq_kernels_C.quant_prox_, fused_step_)";
 #ifdef PARQ_WITH_CUDA
   m.attr("HAS_CUDA") = true;
 #else

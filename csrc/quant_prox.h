@@ -1,10 +1,13 @@
-// The fused op parq_kernels_C::quant_prox_ (contract: parq_kernels/ops.py).
+// The fused ops parq_kernels_C::quant_prox_ and parq_kernels_C::fused_step_
+// (contract: parq_kernels/ops.py).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
+
+#include "base_update.h"
 
 namespace parq {
 
@@ -33,12 +36,32 @@ OpArgs validate_args(at::TensorList params, at::TensorList latents, at::TensorLi
                      c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,
                      double prox_arg, double gamma);
 
+// Checks the base-optimizer arguments of fused_step_ (grads and state buffers
+// against params, hparams against optim_kind) and returns its scalars.
+StepArgs validate_step_args(at::TensorList params, at::TensorList grads, at::TensorList bufs1,
+                            at::TensorList bufs2, at::TensorList bufs3, int64_t optim_kind,
+                            c10::ArrayRef<double> hparams);
+
 void quant_prox_cpu(at::TensorList params, at::TensorList latents, at::TensorList quants,
                     const at::Tensor& nonfinite, int64_t quant_kind, int64_t bits,
                     c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,
                     double prox_arg, double gamma);
 
+void fused_step_cpu(at::TensorList params, at::TensorList latents, at::TensorList grads,
+                    at::TensorList bufs1, at::TensorList bufs2, at::TensorList bufs3,
+                    at::TensorList quants, const at::Tensor& nonfinite, int64_t optim_kind,
+                    c10::ArrayRef<double> hparams, int64_t quant_kind, int64_t bits,
+                    c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,
+                    double prox_arg, double gamma);
+
 #ifdef PARQ_WITH_CUDA
+void fused_step_cuda(at::TensorList params, at::TensorList latents, at::TensorList grads,
+                     at::TensorList bufs1, at::TensorList bufs2, at::TensorList bufs3,
+                     at::TensorList quants, const at::Tensor& nonfinite, int64_t optim_kind,
+                     c10::ArrayRef<double> hparams, int64_t quant_kind, int64_t bits,
+                     c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,
+                     double prox_arg, double gamma);
+
 void quant_prox_cuda(at::TensorList params, at::TensorList latents, at::TensorList quants,
                      const at::Tensor& nonfinite, int64_t quant_kind, int64_t bits,
                      c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,

@@ -1,10 +1,14 @@
-"""parq_kernels: the fused QuantOptimizer op, its reference and its backends.
+"""parq_kernels: the fused QuantOptimizer ops, their references and their backends.
 
-* :mod:`parq_kernels.ops` — the op contract (``torch.ops.parq_kernels.quant_prox_``)
-* :mod:`parq_kernels.reference` — pure-PyTorch ground truth (SPEC.md)
+* :mod:`parq_kernels.kinds` — the shared enums (the leaf module)
+* :mod:`parq_kernels.ops` — the op contracts (``torch.ops.parq_kernels.quant_prox_`` and
+  ``torch.ops.parq_kernels.fused_step_``)
+* :mod:`parq_kernels.reference`, :mod:`parq_kernels.reference_step` — pure-PyTorch
+  ground truth (SPEC.md)
 * :mod:`parq_kernels.backends` — which implementation serves which device
 """
 
-from parq_kernels.ops import ProxKind, QuantKind, num_levels, quant_prox_
+from parq_kernels.kinds import OptimKind, ProxKind, QuantKind, num_levels
+from parq_kernels.ops import fused_step_, quant_prox_
 
-__all__ = ["ProxKind", "QuantKind", "num_levels", "quant_prox_"]
+__all__ = ["OptimKind", "ProxKind", "QuantKind", "fused_step_", "num_levels", "quant_prox_"]

@@ -40,35 +40,40 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
-def _load(name: str) -> tuple[Callable | None, str]:
-    """Import a backend once: ``(impl, "")`` or ``(None, why_not)``."""
-    if name == "reference":
-        from parq_kernels import reference
+OPS = ("quant_prox_", "fused_step_")
 
-        return reference.quant_prox_, ""
+
+@functools.cache
+def _load(name: str) -> tuple[dict[str, Callable] | None, str]:
+    """Import a backend once: ``({op name: impl}, "")`` or ``(None, why_not)``."""
+    if name == "reference":
+        from parq_kernels import reference, reference_step
+
+        return {"quant_prox_": reference.quant_prox_, "fused_step_": reference_step.fused_step_}, ""
     if name == "triton":
         try:
             module = importlib.import_module("parq_kernels.triton")
         except Exception as exc:  # ImportError, or triton failing to initialize
             return None, f"triton import failed: {type(exc).__name__}: {exc}"
-        return module.quant_prox_, ""
+        return {op: getattr(module, op) for op in OPS if hasattr(module, op)}, ""
     try:
         ext = importlib.import_module("parq_kernels._C")
     except Exception as exc:
         return None, f"extension parq_kernels._C not built ({exc}); {BUILD_HINT}"
     if name == "cuda" and not getattr(ext, "HAS_CUDA", False):
         return None, "parq_kernels._C was built without CUDA kernels"
-    return getattr(ext, "quant_prox_impl", None) or _op_caller(name), ""
+    ops = {op: _op_caller(name, op) for op in OPS if hasattr(torch.ops.parq_kernels_C, op)}
+    return ops, ""
 
 
-def _op_caller(name: str) -> Callable:
+def _op_caller(name: str, op: str) -> Callable:
     """Call the C++ op registered by the extension for the CPU or CUDA key."""
+    fn = getattr(torch.ops.parq_kernels_C, op)
 
     def call(*args):
-        torch.ops.parq_kernels_C.quant_prox_(*args)
+        fn(*args)
 
-    call.__name__ = f"quant_prox_{name}"
+    call.__name__ = f"{op}{name}"
     return call
 
 
@@ -116,9 +121,13 @@ def resolve(device: torch.device | str, requested: str | None = None) -> str:
     return "reference"
 
 
-def get_impl(name: str) -> Callable:
-    """The Python callable of a backend (raises if it is unavailable)."""
-    impl, why = _load(name)
-    if impl is None:
+def get_impl(name: str, op: str = "quant_prox_") -> Callable:
+    """The Python callable of op ``op`` on backend ``name`` (raises if unavailable)."""
+    impls, why = _load(name)
+    if impls is None:
         raise BackendUnavailableError(f"parq backend {name!r} unavailable: {why}")
-    return impl
+    if op not in impls:
+        raise BackendUnavailableError(
+            f"parq backend {name!r} does not implement {op} (rebuild the extension: {BUILD_HINT})"
+        )
+    return impls[op]

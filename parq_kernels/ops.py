@@ -1,12 +1,11 @@
-"""The op contract shared by every backend (reference, triton, cpu, cuda).
+"""The op contracts shared by every backend (reference, triton, cpu, cuda).
 
-One fused, multi-tensor, in-place op serves the whole quantized part of a
+Two fused, multi-tensor, in-place ops serve the quantized part of a
 ``QuantOptimizer.step()`` for one parameter group (one device and dtype):
 
 ``quant_prox_(params, latents, quants, nonfinite, quant_kind, bits, qargs,
-center, update, prox_kind, prox_arg, gamma, backend)``
-
-For every ``i``:
+center, update, prox_kind, prox_arg, gamma, backend)``: after the base
+optimizer has updated ``params`` (SPEC.md §5):
 
 * ``params[i]``: 2-D ``(rows, cols)``, contiguous, fp32 / bf16 / fp16. Each row
   is one quantization group (a channel, a block, or the whole tensor as one
@@ -17,6 +16,18 @@ For every ``i``:
   Written when ``update`` is true, read otherwise.
 * ``nonfinite``: int32 ``(len(params),)``; entry ``i`` is set to 1 when a
   non-finite value of ``params[i]`` is seen (never cleared by the op).
+
+``fused_step_(params, latents, grads, bufs1, bufs2, bufs3, quants, nonfinite,
+optim_kind, hparams, quant_kind, bits, qargs, center, update, prox_kind,
+prox_arg, gamma, backend)``: the base optimizer's update and the above in one
+pass (SPEC.md §8). ``latents[i]`` is read and overwritten with the updated
+latent ``w = base_update(latent, grad, state)`` (stored in the parameter
+dtype); ``params[i]`` is written (not read) with the projection of ``w / gamma``;
+``quants`` and ``nonfinite`` as above (the flag looks at ``w / gamma``).
+``grads[i]`` (read) and ``bufs1/2/3[i]`` (the base optimizer's state, read and
+written) have the shape and dtype of ``params[i]`` and are contiguous;
+``optim_kind`` (:class:`OptimKind`) says which update it is and what ``hparams``
+and the buffers hold. The update is torch's own math, computed in float32.
 
 Scalars (host-side, the same for every parameter of the call):
 
@@ -31,48 +42,16 @@ Scalars (host-side, the same for every parameter of the call):
 * ``backend``: ``""`` picks automatically (see :mod:`parq_kernels.backends`),
   otherwise ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
-The math is SPEC.md §3-§4; :mod:`parq_kernels.reference` is its ground truth.
+The math is SPEC.md §3-§4 and §8; :mod:`parq_kernels.reference` and
+:mod:`parq_kernels.reference_step` are its ground truth.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
-
 import torch
 from torch import Tensor
 
-
-class QuantKind(IntEnum):
-    """Which quantizer computes ``(q, Q)``; ``qargs`` meaning per kind."""
-
-    UNIFORM = 0  # b >= 1; qargs = (scale_is_max: 0/1, int_shift, zero_point)
-    TERNARY_UNIF = 1  # b == 0; qargs = ()
-    ASYM = 2  # b >= 1; qargs = ()
-    LSBQ_GREEDY = 3  # b >= 1; qargs = ()
-    LSBQ_TERNARY = 4  # b == 0; qargs = (ternary_multiplier,)
-    LSBQ_OPTIMAL = 5  # b in {0, 1, 2} (b == 1 is greedy); qargs = ()
-
-
-class ProxKind(IntEnum):
-    """Which proximal map is applied; ``prox_arg`` meaning per kind."""
-
-    NONE = 0  # p keeps its (shrunk) value; levels are still computed on update
-    HARD = 1  # p = hard(p)
-    SOFT = 2  # prox_arg = temperature T
-    PARQ = 3  # prox_arg = inverse slope rho in (0, 1]
-    RELAX = 4  # prox_arg = theta in [0, 1): p = (1 - theta) p + theta hard(p)
-
-
-def num_levels(kind: QuantKind, bits: int, qargs: tuple[float, ...] = ()) -> int:
-    """K, the number of levels per row, for a quantizer kind and bit width."""
-    if kind == QuantKind.UNIFORM:
-        return int((2**bits - 2 * qargs[1]) // 1) + 1
-    if kind in (QuantKind.TERNARY_UNIF, QuantKind.LSBQ_TERNARY):
-        return 3
-    if kind == QuantKind.LSBQ_OPTIMAL and bits == 0:
-        return 3
-    return 2**bits
-
+from parq_kernels.kinds import NUM_HPARAMS, OptimKind, ProxKind, QuantKind, num_levels
 
 SCHEMA = (
     "quant_prox_(Tensor(a!)[] params, Tensor(b!)[] latents, Tensor(c!)[] quants, "
@@ -83,8 +62,17 @@ SCHEMA = (
 # A plain Library registration (not torch.library.custom_op): custom_op wraps
 # every implementation in torch._disable_dynamo, whose first call imports all of
 # torch._dynamo (seconds) and adds per-call overhead to every optimizer step.
+STEP_SCHEMA = (
+    "fused_step_(Tensor(a!)[] params, Tensor(b!)[] latents, Tensor[] grads, "
+    "Tensor(c!)[] bufs1, Tensor(d!)[] bufs2, Tensor(e!)[] bufs3, Tensor(f!)[] quants, "
+    "Tensor(g!) nonfinite, int optim_kind, float[] hparams, int quant_kind, int bits, "
+    "float[] qargs, bool center, bool update, int prox_kind, float prox_arg, float gamma, "
+    'str backend="") -> ()'
+)
+
 _lib = torch.library.Library("parq_kernels", "DEF")
 _lib.define(SCHEMA)
+_lib.define(STEP_SCHEMA)
 
 
 def _quant_prox_impl(
@@ -107,7 +95,7 @@ def _quant_prox_impl(
     from parq_kernels import backends
 
     # the dispatcher has already checked the scalars against SCHEMA: pass them through
-    impl = backends.get_impl(backends.resolve(params[0].device, backend or None))
+    impl = backends.get_impl(backends.resolve(params[0].device, backend or None), "quant_prox_")
     impl(params, latents, quants, nonfinite, quant_kind, bits, tuple(qargs), center, update,
          prox_kind, prox_arg, gamma)  # fmt: skip
 
@@ -142,3 +130,88 @@ def quant_prox_(
                                        int(bits), [float(a) for a in qargs], bool(center),
                                        bool(update), int(prox_kind), float(prox_arg),
                                        float(gamma), backend)  # fmt: skip
+
+
+def _fused_step_impl(
+    params: list[Tensor],
+    latents: list[Tensor],
+    grads: list[Tensor],
+    bufs1: list[Tensor],
+    bufs2: list[Tensor],
+    bufs3: list[Tensor],
+    quants: list[Tensor],
+    nonfinite: Tensor,
+    optim_kind: int,
+    hparams: list[float],
+    quant_kind: int,
+    bits: int,
+    qargs: list[float],
+    center: bool,
+    update: bool,
+    prox_kind: int,
+    prox_arg: float,
+    gamma: float,
+    backend: str = "",
+) -> None:
+    if not params:
+        return
+    from parq_kernels import backends
+
+    impl = backends.get_impl(backends.resolve(params[0].device, backend or None), "fused_step_")
+    impl(params, latents, grads, bufs1, bufs2, bufs3, quants, nonfinite, optim_kind,
+         tuple(hparams), quant_kind, bits, tuple(qargs), center, update, prox_kind, prox_arg,
+         gamma)  # fmt: skip
+
+
+_lib.impl("fused_step_", _fused_step_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("parq_kernels::fused_step_")
+def _fused_step_fake(params, latents, grads, bufs1, bufs2, bufs3, quants, nonfinite, optim_kind,
+                     hparams, quant_kind, bits, qargs, center, update, prox_kind, prox_arg,
+                     gamma, backend=""):  # fmt: skip
+    return None
+
+
+def check_hparams(optim_kind: int, hparams: list[float] | tuple[float, ...]) -> OptimKind:
+    """The :class:`OptimKind` of ``optim_kind``; raises if ``hparams`` has the wrong length."""
+    kind = OptimKind(optim_kind)
+    if len(hparams) != NUM_HPARAMS[kind]:
+        raise ValueError(
+            f"fused_step_: hparams of {kind.name} has {NUM_HPARAMS[kind]} entries, "
+            f"got {len(hparams)}"
+        )
+    return kind
+
+
+def fused_step_(
+    params: list[Tensor],
+    latents: list[Tensor],
+    grads: list[Tensor],
+    bufs1: list[Tensor],
+    bufs2: list[Tensor],
+    bufs3: list[Tensor],
+    quants: list[Tensor],
+    nonfinite: Tensor,
+    optim_kind: int,
+    hparams: list[float],
+    quant_kind: int,
+    bits: int,
+    qargs: list[float],
+    center: bool,
+    update: bool,
+    prox_kind: int,
+    prox_arg: float,
+    gamma: float,
+    backend: str = "",
+) -> None:
+    """Fused base-optimizer update + quantize + prox over many parameters (module doc)."""
+    torch.ops.parq_kernels.fused_step_(params, latents, grads, bufs1, bufs2, bufs3, quants,
+                                       nonfinite, int(optim_kind), [float(h) for h in hparams],
+                                       int(quant_kind), int(bits), [float(a) for a in qargs],
+                                       bool(center), bool(update), int(prox_kind),
+                                       float(prox_arg), float(gamma), backend)  # fmt: skip
+
+
+__all__ = ["OptimKind", "ProxKind", "QuantKind", "num_levels", "quant_prox_", "fused_step_",
+           "check_hparams", "SCHEMA", "STEP_SCHEMA"]  # fmt: skip

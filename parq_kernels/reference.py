@@ -18,7 +18,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from parq_kernels.ops import ProxKind, QuantKind
+from parq_kernels.kinds import ProxKind, QuantKind
 
 
 def _sgn(x: Tensor) -> Tensor:

@@ -28,7 +28,8 @@ def test_reference_matches_itself(qc):
 def _install_fake_cpu_backend(monkeypatch, impl):
     """Serve ``impl`` as the "cpu" backend; the reference stays the reference."""
     real = backends._load
-    monkeypatch.setattr(backends, "_load", lambda name: (impl, "") if name == "cpu" else real(name))
+    fake = {"quant_prox_": impl}
+    monkeypatch.setattr(backends, "_load", lambda name: (fake, "") if name == "cpu" else real(name))
 
 
 def test_harness_rejects_a_wrong_kernel(monkeypatch):

@@ -1,4 +1,4 @@
-// CPU kernels of parq_kernels_C::quant_prox_ (contract: parq_kernels/ops.py).
+// CPU kernels of parq_kernels_C::quant_prox_ and fused_step_ (contract: parq_kernels/ops.py).
 //
 // Each row is a quantization group. A row is cut into fixed chunks of kChunk
 // elements; every reduction sums float lanes inside a chunk, then the chunk
@@ -9,8 +9,10 @@
 //
 // Passes over a row, on update steps: [center mean] -> statistics (one per
 // greedy LSBQ bit; optimal LSBQ gathers |x| for one sort) -> write pass. The
-// first pass also copies the latent and checks finiteness. Without update, a
-// single pass copies the latent, checks, looks up the stored levels and writes.
+// first pass also copies the latent (fused_step_: applies the base update to the
+// latent and the optimizer state) and checks finiteness. Without update, a
+// single pass does that, looks up the stored levels and writes. The two ops
+// differ only in their source of values (sources.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -24,6 +26,7 @@
 #include "../levels.h"
 #include "../quant_prox.h"
 #include "row_stats.h"
+#include "sources.h"
 
 namespace parq {
 namespace {
@@ -81,11 +84,10 @@ void optimal_split(const float* a, int64_t n, bool ternary, double* lo_out, doub
   *hi_out = best_hi;
 }
 
-template <typename T>
+template <typename Src>
 struct RowJob {
   const OpArgs& a;
-  T* p;    // (n,) the row's weights: read, then overwritten
-  T* lat;  // (n,) latent copy
+  Src src;  // the row's values (sources.h): p (quant_prox_) or the stepped latent (fused_step_)
   float* Q;
   int64_t n;
   bool parallel;
@@ -95,13 +97,12 @@ struct RowJob {
   int64_t off(int64_t c) const { return c * kChunk; }
   int64_t len(int64_t c) const { return std::min(kChunk, n - c * kChunk); }
 
-  // A statistics pass; the first one also copies the latent and checks finiteness.
+  // A statistics pass; the first one also does the source's first-pass work and checks finiteness.
   Partial stats(Stat st, bool first, float m, const float* v, int nv) {
     float* gather = st == Stat::kGather ? ws.gather.data() : nullptr;
     return over_chunks(parallel, nchunks(), [&](int64_t c) {
       const int64_t o = off(c);
-      return stats_chunk(p + o, first ? lat + o : nullptr, len(c), a.gamma, m, st, v, nv,
-                         gather ? gather + o : nullptr);
+      return stats_chunk(src, o, len(c), first, m, st, v, nv, gather ? gather + o : nullptr);
     });
   }
 
@@ -196,9 +197,9 @@ struct RowJob {
         a.quant_kind == kUniform || a.quant_kind == kTernaryUnif || a.quant_kind == kAsym;
     RowQuant rq{};
     bool bad = false;
-    const bool single = !a.update;  // one pass: latent copy + check + lookup + write
+    const bool single = !a.update;  // one pass: first-pass work + check + lookup + write
     if (a.update) bad = quantize(rq);
-    const bool writes = a.prox_kind != kNone || a.gamma != 1.0f;
+    const bool writes = Src::kAlwaysWrites || a.prox_kind != kNone || a.gamma != 1.0f;
     if (!single && !writes) return bad;
     Finder near{}, inter{};
     if (a.prox_kind == kSoft || a.prox_kind == kParq) inter = make_finder(Q, K, uniform);
@@ -209,27 +210,23 @@ struct RowJob {
     }
     const WriteArgs w{&a, a.update ? &rq : nullptr, Q, K, near, inter, writes};
     const Partial s = over_chunks(parallel, nchunks(), [&](int64_t c) {
-      const int64_t o = off(c);
-      return write_chunk(p + o, single ? lat + o : nullptr, len(c), w);
+      return write_chunk(src, off(c), len(c), single, w);
     });
     return bad || s.bad;
   }
 };
 
-template <typename T>
-bool run_param(const OpArgs& a, const at::Tensor& p, const at::Tensor& lat, const at::Tensor& Q) {
-  const int64_t rows = p.size(0), cols = p.size(1);
+// One parameter of (rows, cols), its values seen through src (row r at src.at(r * cols)).
+template <typename Src>
+bool run_param(const OpArgs& a, const Src& src, int64_t rows, int64_t cols, float* qp) {
   if (rows == 0) return false;
-  T* pp = p.data_ptr<T>();
-  T* lp = lat.data_ptr<T>();
-  float* qp = Q.data_ptr<float>();
   const int64_t K = a.K;
   // Few long rows: parallel over each row's chunks. Otherwise: parallel over rows.
   if (cols >= 4 * kChunk && rows < 2 * at::get_num_threads()) {
     Workspace ws;
     bool bad = false;
     for (int64_t r = 0; r < rows; ++r) {
-      RowJob<T> job{a, pp + r * cols, lp + r * cols, qp + r * K, cols, true, ws};
+      RowJob<Src> job{a, src.at(r * cols), qp + r * K, cols, true, ws};
       bad |= job.run();
     }
     return bad;
@@ -240,12 +237,37 @@ bool run_param(const OpArgs& a, const at::Tensor& p, const at::Tensor& lat, cons
     Workspace ws;
     bool local = false;
     for (int64_t r = b; r < e; ++r) {
-      RowJob<T> job{a, pp + r * cols, lp + r * cols, qp + r * K, cols, false, ws};
+      RowJob<Src> job{a, src.at(r * cols), qp + r * K, cols, false, ws};
       local |= job.run();
     }
     if (local) bad.store(true, std::memory_order_relaxed);
   });
   return bad.load();
+}
+
+template <typename T>
+bool quant_prox_param(const OpArgs& a, const at::Tensor& p, const at::Tensor& lat,
+                      const at::Tensor& Q) {
+  const ParamSource<T> src{p.data_ptr<T>(), lat.data_ptr<T>(), a.gamma};
+  return run_param(a, src, p.size(0), p.size(1), Q.data_ptr<float>());
+}
+
+template <typename T>
+T* ptr_or_null(at::TensorList ts, size_t i) {
+  return i < ts.size() ? ts[i].data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+bool fused_step_param(const OpArgs& a, const StepArgs& s, size_t i, at::TensorList params,
+                      at::TensorList latents, at::TensorList grads, at::TensorList bufs1,
+                      at::TensorList bufs2, at::TensorList bufs3, const at::Tensor& Q) {
+  const at::Tensor& p = params[i];
+  if (p.numel() == 0) return false;
+  const StepSource<T> src{p.data_ptr<T>(),        latents[i].data_ptr<T>(),
+                          grads[i].data_ptr<T>(), ptr_or_null<T>(bufs1, i),
+                          ptr_or_null<T>(bufs2, i), ptr_or_null<T>(bufs3, i),
+                          &s,                     a.gamma};
+  return run_param(a, src, p.size(0), p.size(1), Q.data_ptr<float>());
 }
 
 }  // namespace
@@ -264,13 +286,50 @@ void quant_prox_cpu(at::TensorList params, at::TensorList latents, at::TensorLis
     bool bad = false;
     switch (params[i].scalar_type()) {
       case at::kFloat:
-        bad = run_param<float>(a, params[i], latents[i], quants[i]);
+        bad = quant_prox_param<float>(a, params[i], latents[i], quants[i]);
         break;
       case at::kBFloat16:
-        bad = run_param<c10::BFloat16>(a, params[i], latents[i], quants[i]);
+        bad = quant_prox_param<c10::BFloat16>(a, params[i], latents[i], quants[i]);
         break;
       default:
-        bad = run_param<c10::Half>(a, params[i], latents[i], quants[i]);
+        bad = quant_prox_param<c10::Half>(a, params[i], latents[i], quants[i]);
+    }
+    if (bad) flags[i] = 1;
+  }
+}
+
+}  // namespace parq
+
+namespace parq {
+
+void fused_step_cpu(at::TensorList params, at::TensorList latents, at::TensorList grads,
+                    at::TensorList bufs1, at::TensorList bufs2, at::TensorList bufs3,
+                    at::TensorList quants, const at::Tensor& nonfinite, int64_t optim_kind,
+                    c10::ArrayRef<double> hparams, int64_t quant_kind, int64_t bits,
+                    c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,
+                    double prox_arg, double gamma) {
+  const OpArgs a = validate_args(params, latents, quants, nonfinite, quant_kind, bits, qargs,
+                                 center, update, prox_kind, prox_arg, gamma);
+  const StepArgs s =
+      validate_step_args(params, grads, bufs1, bufs2, bufs3, optim_kind, hparams);
+  TORCH_CHECK(nonfinite.device().is_cpu(), "fused_step_ (cpu): nonfinite must be a CPU tensor");
+  int32_t* flags = nonfinite.data_ptr<int32_t>();
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].device().is_cpu(), "fused_step_ (cpu): params[", i,
+                "] must be a CPU tensor");
+    bool bad = false;
+    switch (params[i].scalar_type()) {
+      case at::kFloat:
+        bad = fused_step_param<float>(a, s, i, params, latents, grads, bufs1, bufs2, bufs3,
+                                      quants[i]);
+        break;
+      case at::kBFloat16:
+        bad = fused_step_param<c10::BFloat16>(a, s, i, params, latents, grads, bufs1, bufs2,
+                                              bufs3, quants[i]);
+        break;
+      default:
+        bad = fused_step_param<c10::Half>(a, s, i, params, latents, grads, bufs1, bufs2, bufs3,
+                                          quants[i]);
     }
     if (bad) flags[i] = 1;
   }

@@ -1,8 +1,8 @@
 // Chunk-level loops of the CPU kernels: statistics passes and the write pass.
 //
 // A chunk (<= kChunk elements) is first converted to float32 in a stack buffer
-// (x = p / gamma), then simple loops over that buffer do the work, so that -O3
-// can vectorize them. Reductions keep kLanes float partials per chunk and add
+// (x = value / gamma, the value coming from a source: sources.h), then simple
+// loops over that buffer do the work, so that -O3 can vectorize them. Reductions keep kLanes float partials per chunk and add
 // them into a double at the end of the chunk.
 #pragma once
 
@@ -96,18 +96,15 @@ inline void lane_reduce(const float* xs, int64_t n, F f, Partial& out) {
   out.amax = m;
 }
 
-// One statistics pass over a chunk of x - m. With lat (the first pass), also
-// copies the latent and checks finiteness.
-template <typename T>
-Partial stats_chunk(const T* p, T* lat, int64_t n, float gamma, float m, Stat st, const float* v,
-                    int nv, float* gather) {
+// One statistics pass over the chunk [o, o + n) of x - m, x from the source
+// (the first pass over a chunk also does the source's first-pass work: latent
+// copy or base update, and the finiteness check).
+template <typename Src>
+Partial stats_chunk(const Src& src, int64_t o, int64_t n, bool first, float m, Stat st,
+                    const float* v, int nv, float* gather) {
   float xs[kChunk];
-  load_chunk(p, n, gamma, xs);
   Partial out;
-  if (lat != nullptr) {
-    std::memcpy(lat, p, static_cast<size_t>(n) * sizeof(T));
-    out.bad = !all_finite(xs, n);
-  }
+  out.bad = src.load(o, n, xs, first);
   if (st != Stat::kSum && m != 0.0f) {  // centering (x - 0 would be x: skip the sweep)
     for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] - m;
   }
@@ -341,21 +338,18 @@ inline const float* prox_block(float* xs, int64_t n, const WriteArgs& w, float* 
   return xs;
 }
 
-// The write pass over a chunk. With lat (non-update steps, the only pass), also
-// copies the latent and checks finiteness.
-template <typename T>
-Partial write_chunk(T* p, T* lat, int64_t n, const WriteArgs& w) {
+// The write pass over the chunk [o, o + n): projects x and stores it to p. With
+// first (non-update steps: the only pass), the source also does its first-pass work.
+template <typename Src>
+Partial write_chunk(const Src& src, int64_t o, int64_t n, bool first, const WriteArgs& w) {
   Partial out;
-  if (lat != nullptr) std::memcpy(lat, p, static_cast<size_t>(n) * sizeof(T));
   float xs[kSub];
   float hs[kSub];
-  for (int64_t o = 0; o < n; o += kSub) {
-    const int64_t len = std::min(kSub, n - o);
-    load_chunk(p + o, len, w.a->gamma, xs);
-    if (lat != nullptr && !all_finite(xs, len)) out.bad = true;
+  for (int64_t b = 0; b < n; b += kSub) {
+    const int64_t len = std::min(kSub, n - b);
+    if (src.load(o + b, len, xs, first)) out.bad = true;
     if (!w.writes) continue;
-    const float* ys = prox_block(xs, len, w, hs);
-    for (int64_t i = 0; i < len; ++i) p[o + i] = static_cast<T>(ys[i]);
+    src.store(o + b, len, prox_block(xs, len, w, hs));
   }
   return out;
 }

@@ -41,6 +41,11 @@ class NMSGDOptimizer(QuantOptimizer):
     def _shrink_gamma(self, group: dict) -> float:
         return self.nm_gamma
 
+    def _fused_step_reason(self, group: dict, params: list[Tensor]) -> str:
+        # the correction needs the projected weights of the last step, which the fused
+        # step overwrites before reading: NM-SGD runs the base step, then the fused prox
+        return "NM-SGD latent corrections"
+
     def _corrections(self, params: list[Tensor], latents: list[Tensor]) -> dict[Tensor, Tensor]:
         if not params:
             return {}

@@ -5,18 +5,25 @@ are quantized: after each base step the full-precision weights are kept as
 ``state[p]["latent"]`` and the model's weights are projected toward the level
 set ``state[p]["quants"]`` by the prox map.
 
-Two paths compute the same thing:
+Three paths compute the same thing:
 
-* the **fused path** (built-in quantizers and prox maps): per parameter group,
-  one ``parq_kernels::quant_prox_`` call per (device, dtype) does the latent
-  copy, shrink, level computation and prox in one pass over the weights;
+* the **fused step** (built-in quantizers and prox maps, base optimizer
+  ``torch.optim.SGD`` / ``Adam`` / ``AdamW``): per parameter group, one
+  ``parq_kernels::fused_step_`` call per (device, dtype) applies the base
+  optimizer's update to the latent weights and then quantizes and projects them,
+  in one pass (:mod:`parq.optim.fused_step`, SPEC.md §8); the other groups get
+  ``base_optimizer.step()`` as usual;
+* the **fused prox** (built-in quantizers and prox maps, any other base
+  optimizer): ``base_optimizer.step()`` on the restored latents, then one
+  ``parq_kernels::quant_prox_`` call per (device, dtype) does the latent copy,
+  shrink, level computation and prox in one pass over the weights;
 * the **generic path** (user ``Quantizer`` / ``ProxMap`` subclasses that
   override ``quantize`` / ``apply_``, float64 parameters, or ``fused=False``):
   ``quantizer.quantize`` and ``prox_map.apply_`` per parameter, exactly as the
   public PARQ release calls them.
 
 Groups holding DTensor parameters (FSDP2) go to :mod:`parq.optim.sharding`, which
-runs one of the two paths above on the local shards, with global statistics
+runs the fused prox or the generic path on the local shards, with global statistics
 where a quantization group spans ranks (SPEC.md §7).
 """
 
@@ -29,7 +36,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from parq.optim import sharding
+from parq.optim import fused_step, sharding
+from parq.optim.fused_step import GroupPath
 from parq.optim.layout import RowLayout, check_quantized_group, group_bits, row_layout
 from parq.optim.proxmap import KernelProxMap, ProxMap
 from parq.quant.quantizer import KernelQuantizer, Quantizer
@@ -41,6 +49,12 @@ class NonFiniteParameterError(FloatingPointError):
 
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# the paths of a quantized group through step() (see QuantOptimizer.step_paths)
+FUSED_STEP = "fused step"
+FUSED_PROX = "base step + fused prox"
+GENERIC = "base step + generic prox"
+SHARDED = "base step + sharded prox"
 
 
 def _reusable(Q: Tensor | None, shape: tuple[int, ...], device: torch.device) -> bool:
@@ -71,7 +85,14 @@ class QuantOptimizer(Optimizer):
             ``i``-th quantized group.
         backend: fused-op backend (``"triton"``, ``"cuda"``, ``"cpu"``,
             ``"reference"``; default: automatic, or ``PARQ_KERNELS_BACKEND``).
-        fused: use the fused op for built-in quantizers and prox maps.
+        fused: use the fused ops for built-in quantizers and prox maps: the fused
+            step (base update + quantize + prox, SPEC.md §8) where the base optimizer
+            is torch's SGD / Adam / AdamW, else the fused quantize + prox op after
+            ``base_optimizer.step()``; :attr:`step_paths` says which each group took.
+        fuse_base_step: with ``fused``, apply torch's SGD / Adam / AdamW update inside
+            the fused op. ``False`` keeps ``base_optimizer.step()`` separate (bitwise
+            torch's own update for half-precision parameters, which the fused step
+            computes in float32).
         check_finite: raise :class:`NonFiniteParameterError` when a quantized
             parameter is NaN/Inf at a quantization-update step.
     """
@@ -90,6 +111,7 @@ class QuantOptimizer(Optimizer):
         *,
         backend: str | None = None,
         fused: bool = True,
+        fuse_base_step: bool = True,
         check_finite: bool = True,
     ) -> None:
         if not isinstance(base_optimizer, Optimizer):
@@ -121,8 +143,10 @@ class QuantOptimizer(Optimizer):
         self.group_quantizer_map = group_quantizer_map
         self.backend = backend
         self.fused = fused
+        self.fuse_base_step = fuse_base_step
         self.check_finite = check_finite
         self._num_steps_unquantized = 0  # used only while no group is quantized
+        self._base_kind, self._base_kind_reason = fused_step.base_kind(base_optimizer)
 
         # torch.optim.Optimizer bookkeeping, without copying the base's groups.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -151,9 +175,12 @@ class QuantOptimizer(Optimizer):
         return self.base_optimizer.defaults
 
     def __repr__(self) -> str:
+        paths = "".join(f"\n  param_groups[{i}]: {path}" for i, path in
+                        enumerate(self.step_paths))  # fmt: skip
         return (
             f"{type(self).__name__}(base_optimizer={self.base_optimizer!r}, "
             f"quantizer={self.quantizer!r}, prox_map={self.prox_map!r})"
+            + (f"\nlast step:{paths}" if paths else "")
         )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -242,19 +269,35 @@ class QuantOptimizer(Optimizer):
         n = self.num_steps
         if n < self.warmup_steps:
             loss = self.base_optimizer.step(closure)
+            warm = GroupPath("base step", "warmup")
+            self._paths = dict.fromkeys(range(len(self.param_groups)), warm)
             self.num_steps = n + 1
             return loss
-        corrections = self._restore_latents() if n > self.warmup_steps else {}
-        loss = self.base_optimizer.step(closure)
+        routes = self._routes()
+        fused = {index for index, (path, _) in routes.items() if path == FUSED_STEP}
+        if fused:  # the closure runs once, before any update, as in torch
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            corrections = self._restore_latents(skip=fused) if n > self.warmup_steps else {}
+            self._base_step_without(fused)
+        else:
+            corrections = self._restore_latents() if n > self.warmup_steps else {}
+            loss = self.base_optimizer.step(closure)
         update = (n - self.warmup_steps) % self.quant_period == 0
         for qi, (index, group, params) in enumerate(self._quantized_params()):
             group["cumu_lr"] += float(group["lr"])
             self._apply_corrections(group, params, corrections)
             quantizer = self._quantizer_for(qi)
             gamma = self._shrink_gamma(group) if self.quant_shrink else 1.0
-            if sharding.has_dtensor(params):  # FSDP2 / DTensor (SPEC §7)
+            path = routes[index][0]
+            if path == FUSED_STEP:
+                rho = fused_step.step_group(self, self._base_kind, index, group, params, quantizer,
+                                            gamma, update, n)  # fmt: skip
+            elif path == SHARDED:  # FSDP2 / DTensor (SPEC §7)
                 rho = sharding.step_group(self, index, group, params, quantizer, gamma, update, n)
-            elif self._use_fused(quantizer, params):
+            elif path == FUSED_PROX:
                 rho = self._fused_group(index, group, params, quantizer, gamma, update, n)
             else:
                 rho = self._generic_group(index, group, params, quantizer, gamma, update, n)
@@ -263,13 +306,72 @@ class QuantOptimizer(Optimizer):
                 if self.anneal_wd_frac > 0 and "weight_decay" in group:
                     a, wd0 = self.anneal_wd_frac, group["initial_wd"]
                     group["weight_decay"] = rho * a * wd0 + (1 - a) * wd0
+        self._paths = {i: GroupPath(*routes.get(i, ("base step", ""))) for i in
+                       range(len(self.param_groups))}  # fmt: skip
         self.num_steps = n + 1
         return loss
 
-    def _restore_latents(self) -> dict[Tensor, Tensor]:
-        """``p = latent`` for every quantized parameter; returns NM-SGD corrections."""
+    # -- which path each group takes ----------------------------------------------
+
+    @property
+    def step_paths(self) -> list[GroupPath]:
+        """Per parameter group, the path its last ``step()`` took and why (SPEC.md §8):
+        ``"fused step"``, ``"base step + fused prox"``, ``"base step + generic prox"``,
+        ``"base step + sharded prox"`` or ``"base step"``; empty before the first step."""
+        paths = getattr(self, "_paths", {})
+        return [paths[i] for i in sorted(paths)]
+
+    def _routes(self) -> dict[int, tuple[str, str]]:
+        """``{index: (path, reason)}`` of the quantized groups for this step."""
+        routes = {}
+        for qi, (index, group, params) in enumerate(self._quantized_params()):
+            quantizer = self._quantizer_for(qi)
+            if sharding.has_dtensor(params):
+                routes[index] = (SHARDED, "DTensor parameters (SPEC.md §7)")
+            elif not self._use_fused(quantizer, params):
+                routes[index] = (GENERIC, self._generic_reason(quantizer, params))
+            else:
+                why = self._fused_step_reason(group, params)
+                routes[index] = (FUSED_PROX, why) if why else (FUSED_STEP, "")
+        return routes
+
+    def _fused_step_reason(self, group: dict, params: list[Tensor]) -> str:
+        """Why this group's base update cannot be fused with its quantize/prox ("" if it can)."""
+        if not self.fuse_base_step:
+            return "fuse_base_step=False"
+        if self._base_kind is None:
+            return self._base_kind_reason
+        return fused_step.group_reason(self.base_optimizer, self._base_kind, group, params)
+
+    def _generic_reason(self, quantizer: Quantizer, params: list[Tensor]) -> str:
+        if not self.fused:
+            return "fused=False"
+        if not (isinstance(quantizer, KernelQuantizer)
+                and type(quantizer).quantize is KernelQuantizer.quantize
+                and type(quantizer).get_quant_size is KernelQuantizer.get_quant_size):  # fmt: skip
+            return f"user quantizer {type(quantizer).__name__}"
+        if not (isinstance(self.prox_map, KernelProxMap)
+                and type(self.prox_map).apply_ is KernelProxMap.apply_):  # fmt: skip
+            return f"user prox map {type(self.prox_map).__name__}"
+        dtypes = sorted({str(p.dtype) for p in params if p.dtype not in _FUSED_DTYPES})
+        return f"{', '.join(dtypes)} parameters"
+
+    def _base_step_without(self, skip: set[int]) -> None:
+        """``base_optimizer.step()`` over every group but ``skip`` (its hooks still run)."""
+        groups = self.base_optimizer.param_groups
+        self.base_optimizer.param_groups = [g for i, g in enumerate(groups) if i not in skip]
+        try:
+            self.base_optimizer.step()
+        finally:
+            self.base_optimizer.param_groups = groups
+
+    def _restore_latents(self, skip: set[int] = frozenset()) -> dict[Tensor, Tensor]:
+        """``p = latent`` for every quantized parameter (but those of the groups ``skip``);
+        returns NM-SGD corrections."""
         params, latents = [], []
-        for _, _, group_params in self._quantized_params():
+        for index, _, group_params in self._quantized_params():
+            if index in skip:
+                continue
             for p in group_params:
                 latent = self.state[p].get("latent")
                 if latent is not None:

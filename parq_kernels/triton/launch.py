@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from parq_kernels.ops import ProxKind, QuantKind, num_levels
+from parq_kernels.kinds import ProxKind, QuantKind, num_levels
 from parq_kernels.triton import plan as plans
 from parq_kernels.triton.apply import _apply_kernel
 from parq_kernels.triton.stats import (

@@ -1,0 +1,241 @@
+"""The fused QAT step (SPEC.md §8): base-optimizer update, quantize and prox in one op.
+
+For a quantized group whose base optimizer is ``torch.optim.SGD``, ``Adam`` or
+``AdamW`` (not a subclass that overrides ``step``), ``QuantOptimizer.step()``
+does not hand the group to ``base_optimizer.step()``: one
+``parq_kernels::fused_step_`` call per (device, dtype) reads the latent, the
+gradient and the optimizer state, and writes the new latent, the new state and
+the projected weights. The math is torch's own update applied to the latent,
+so the result equals the unfused path (``base.step()`` on ``p = latent``, then
+the quantize/prox op); the state keeps torch's keys, dtypes and shapes, so a
+checkpoint moves freely between the two paths and a plain torch optimizer.
+
+:func:`route` decides, per group and step, whether a group takes this path and
+if not, why; :func:`step_group` runs it. Parameters without a gradient are not
+updated (as in torch) but still projected: they go through ``quant_prox_`` from
+their latent.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.optim import SGD, Adam, AdamW, Optimizer
+
+from parq_kernels.kinds import OptimKind
+from parq_kernels.ops import fused_step_, quant_prox_
+
+try:
+    from torch.optim.optimizer import _get_scalar_dtype
+except ImportError:  # older torch: the step counter is float32
+
+    def _get_scalar_dtype(is_fused: bool | None = None) -> torch.dtype:
+        return torch.float32
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class GroupPath:
+    """Which path a parameter group took in the last ``step()``, and why.
+
+    ``path`` is one of ``"fused step"`` (the base update fused with quantize +
+    prox), ``"base step + fused prox"`` (``base_optimizer.step()``, then the
+    fused quantize/prox op), ``"base step + generic prox"`` (the per-parameter
+    path of the public release), ``"base step + sharded prox"`` (DTensor
+    parameters, SPEC.md §7), ``"base step"`` (not quantized, or warmup).
+    ``reason`` says why a quantized group did not take the fused step.
+    """
+
+    path: str
+    reason: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.reason})" if self.reason else self.path
+
+
+def _unwrapped(fn):
+    return inspect.unwrap(fn)
+
+
+def base_kind(base: Optimizer) -> tuple[OptimKind | None, str]:
+    """``(kind, "")`` if the fused kernels serve ``base``'s update, else ``(None, why)``."""
+    cls = type(base)
+    if isinstance(base, SGD):
+        if _unwrapped(cls.step) is _unwrapped(SGD.step) and cls._init_group is SGD._init_group:
+            return OptimKind.SGD, ""
+        return None, f"{cls.__name__} overrides torch.optim.SGD's step"
+    if isinstance(base, (Adam, AdamW)):
+        root = Adam if isinstance(base, Adam) else AdamW  # AdamW subclasses Adam in torch >= 2.6
+        if _unwrapped(cls.step) is _unwrapped(root.step) and cls._init_group is root._init_group:
+            return OptimKind.ADAM, ""  # ADAM or ADAMW: decided per group (decoupled_weight_decay)
+        return None, f"{cls.__name__} overrides torch.optim.{root.__name__}'s step"
+    return None, f"{cls.__name__} is not torch.optim.SGD, Adam or AdamW"
+
+
+def group_reason(base: Optimizer, kind: OptimKind | None, group: dict, params: list[Tensor]) -> str:
+    """Why ``group`` cannot take the fused step this time ("" if it can)."""
+    if group.get("differentiable"):
+        return "differentiable=True"
+    for p in params:
+        if p.dtype not in _FUSED_DTYPES:
+            return f"{p.dtype} parameters"
+        if p.grad is not None and (p.grad.is_sparse or p.grad.layout != torch.strided):
+            return "sparse gradients"
+    return ""
+
+
+def _optim_kind(base: Optimizer, kind: OptimKind, group: dict) -> OptimKind:
+    if kind == OptimKind.SGD:
+        return kind
+    decoupled = group.get("decoupled_weight_decay", isinstance(base, AdamW))
+    return OptimKind.ADAMW if decoupled else OptimKind.ADAM
+
+
+def _rows(t: Tensor, shape2d: tuple[int, int]) -> Tensor:
+    """``t`` as a contiguous ``(rows, cols)`` tensor: a view when possible, else a copy."""
+    return t.view(shape2d) if t.is_contiguous() else t.contiguous().view(shape2d)
+
+
+def _init_adam_state(group: dict, p: Tensor, state: dict) -> None:
+    """torch.optim.Adam's lazy state initialization (its ``_init_group``)."""
+    if group.get("capturable") or group.get("fused"):
+        dtype = _get_scalar_dtype(is_fused=group.get("fused"))
+        state["step"] = torch.zeros((), dtype=dtype, device=p.device)
+    else:
+        state["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if group["amsgrad"]:
+        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+@dataclass
+class _Item:
+    """One parameter of a fused-step call: its 2-D views and what to write back."""
+
+    j: int
+    p: Tensor
+    out: Tensor  # (rows, cols) written with the projected weights
+    latent: Tensor
+    grad: Tensor | None
+    bufs: list[Tensor]  # 2-D views of the state buffers the op updates
+    Q: Tensor
+    writeback: list[tuple[Tensor, Tensor]]  # (original, contiguous copy) pairs
+
+
+def _prepare(opt, kind: OptimKind, group: dict, j: int, p: Tensor, layout, K: int, fresh: bool):
+    """The :class:`_Item` of ``p`` and its bucket key (also creates missing state)."""
+    shape2d = (layout.rows, layout.cols)
+    state = opt.state[p]
+    latent = state.get("latent")
+    if latent is None or not latent.is_contiguous() or latent.dtype != p.dtype:
+        # warmup just ended, or a parameter added mid-training: the latent starts at p
+        latent = state["latent"] = p.detach().clone(memory_format=torch.contiguous_format)
+    Q = state.get("quants")
+    q_shape = (layout.rows, K) if layout.grouped else (K,)
+    if fresh and not (
+        Q is not None and Q.shape == q_shape and Q.dtype == torch.float32
+        and Q.device == p.device and Q.is_contiguous()
+    ):  # fmt: skip
+        Q = state["quants"] = torch.empty(q_shape, dtype=torch.float32, device=p.device)
+    writeback = []
+    out = p.view(shape2d) if p.is_contiguous() else torch.empty(shape2d, dtype=p.dtype,
+                                                                   device=p.device)  # fmt: skip
+    if not p.is_contiguous():
+        writeback.append((p, out))
+    grad = p.grad
+    if grad is None:
+        return _Item(j, p, out, latent.view(shape2d), None, [], Q.view(-1, K), writeback), (
+            "nograd",
+        )
+    bufs, tag = [], ()
+    if kind == OptimKind.SGD:
+        if group["momentum"] != 0:
+            buf = state.get("momentum_buffer")
+            init = buf is None
+            if init:
+                buf = state["momentum_buffer"] = torch.empty_like(
+                    p, memory_format=torch.contiguous_format
+                )
+            bufs.append(buf)
+            tag = (init,)
+    else:
+        if "step" not in state:
+            _init_adam_state(group, p, state)
+        bufs += [state["exp_avg"], state["exp_avg_sq"]]
+        if group["amsgrad"]:
+            bufs.append(state["max_exp_avg_sq"])
+        tag = (float(state["step"]) + 1,)
+    views = []
+    for b in bufs:
+        v = _rows(b, shape2d)
+        if v.data_ptr() != b.data_ptr() or not b.is_contiguous():
+            writeback.append((b, v))
+        views.append(v)
+    item = _Item(j, p, out, latent.view(shape2d), _rows(grad, shape2d), views, Q.view(-1, K),
+                 writeback)  # fmt: skip
+    return item, tag
+
+
+def _hparams(kind: OptimKind, group: dict, tag: tuple) -> list[float]:
+    maximize = float(bool(group.get("maximize", False)))
+    if kind == OptimKind.SGD:
+        init = float(bool(tag and tag[0]))
+        return [float(group["lr"]), float(group["momentum"]), float(group["dampening"]),
+                float(group["weight_decay"]), float(bool(group["nesterov"])), maximize,
+                init]  # fmt: skip
+    beta1, beta2 = (float(b) for b in group["betas"])
+    return [float(group["lr"]), beta1, beta2, float(group["eps"]), float(group["weight_decay"]),
+            maximize, float(bool(group["amsgrad"])), tag[0]]  # fmt: skip
+
+
+def step_group(
+    opt, kind: OptimKind, index: int, group: dict, params: list[Tensor], quantizer,
+    gamma: float, update: bool, n: int,
+) -> float | None:  # fmt: skip
+    """Base update + quantize + prox of one quantized group (module doc)."""
+    if not params:
+        return None
+    kind = _optim_kind(opt.base_optimizer, kind, group)
+    bits = group["quant_bits"]
+    qkind, qargs = quantizer.kernel_spec(bits)
+    K = quantizer.get_quant_size(bits)
+    prox_kind, prox_arg, rho = opt.prox_map.schedule(n)
+    buckets: dict[tuple, list[_Item]] = {}
+    for j, p in enumerate(params):
+        fresh = update or "quants" not in opt.state[p]
+        item, tag = _prepare(opt, kind, group, j, p, opt._layout(group, index, j, p), K, fresh)
+        buckets.setdefault((p.device, p.dtype, fresh, tag), []).append(item)
+    qa = (int(qkind), bits, list(qargs), quantizer.center)
+    stepped: list[Tensor] = []
+    bad = None
+    for (device, _dtype, fresh, tag), items in buckets.items():
+        flags = torch.zeros(len(items), dtype=torch.int32, device=device)
+        outs = [it.out for it in items]
+        lats = [it.latent for it in items]
+        Qs = [it.Q for it in items]
+        tail = (*qa, fresh, int(prox_kind), float(prox_arg), float(gamma), opt.backend or "")
+        if tag == ("nograd",):  # not updated, still projected: from the latent
+            torch._foreach_copy_(outs, lats)
+            quant_prox_(outs, lats, Qs, flags, *tail)
+        else:
+            bufs = [[it.bufs[k] for it in items if len(it.bufs) > k] for k in range(3)]
+            fused_step_(outs, lats, [it.grad for it in items], *bufs, Qs, flags, int(kind),
+                        _hparams(kind, group, tag), *tail)  # fmt: skip
+            if kind != OptimKind.SGD:
+                stepped += [opt.state[it.p]["step"] for it in items]
+        for it in items:
+            for original, copy in it.writeback:
+                original.copy_(copy.view(original.shape))
+        if bad is None and fresh and opt.check_finite and bool(flags.any()):
+            bad = items[int(flags.nonzero()[0, 0])]
+    if stepped:
+        torch._foreach_add_(stepped, 1)
+    if bad is not None:
+        opt._raise_nonfinite(index, bad.j, bad.p)
+    return rho
