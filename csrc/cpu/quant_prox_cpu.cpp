@@ -262,7 +262,6 @@ bool fused_step_param(const OpArgs& a, const StepArgs& s, size_t i, at::TensorLi
                       at::TensorList latents, at::TensorList grads, at::TensorList bufs1,
                       at::TensorList bufs2, at::TensorList bufs3, const at::Tensor& Q) {
   const at::Tensor& p = params[i];
-  if (p.numel() == 0) return false;
   const StepSource<T> src{p.data_ptr<T>(),        latents[i].data_ptr<T>(),
                           grads[i].data_ptr<T>(), ptr_or_null<T>(bufs1, i),
                           ptr_or_null<T>(bufs2, i), ptr_or_null<T>(bufs3, i),
