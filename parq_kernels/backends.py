@@ -127,7 +127,6 @@ def get_impl(name: str, op: str = "quant_prox_") -> Callable:
     if impls is None:
         raise BackendUnavailableError(f"parq backend {name!r} unavailable: {why}")
     if op not in impls:
-        raise BackendUnavailableError(
-            f"parq backend {name!r} does not implement {op} (rebuild the extension: {BUILD_HINT})"
-        )
+        hint = f" (an older build of the extension? {BUILD_HINT})" if name in ("cpu", "cuda") else ""
+        raise BackendUnavailableError(f"parq backend {name!r} does not implement {op}{hint}")
     return impls[op]

@@ -228,32 +228,30 @@ def test_overriding_a_builtin_goes_generic():
     assert torch.equal(w.detach(), q)
 
 
-def test_builtins_use_the_fused_op(monkeypatch):
-    from parq.optim import quantopt
+def test_builtins_use_the_fused_ops(monkeypatch):
+    """torch SGD/Adam/AdamW bases: one fused_step_ call; other bases: base.step() then
+    one quant_prox_ call; fused=False: neither op."""
+    from parq.optim import fused_step, quantopt
 
     seen = []
-    real = quantopt.quant_prox_
+    for module, name in ((quantopt, "quant_prox_"), (fused_step, "fused_step_")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name: (seen.append(_n), _r(*a)))
 
-    def spy(*args):
-        seen.append(args[4])  # quant_kind
-        return real(*args)
+    def run(make_base, **kw):
+        seen.clear()
+        w = nn.Parameter(torch.randn(4, 4))
+        opt = QuantOptimizer(make_base([{"params": [w], "quant_bits": 2}]), UnifQuantizer(),
+                             ProxPARQ(0, 4), **kw)  # fmt: skip
+        w.grad = torch.ones_like(w)
+        opt.step()
+        return list(seen)
 
-    monkeypatch.setattr(quantopt, "quant_prox_", spy)
-    w = nn.Parameter(torch.randn(4, 4))
-    base = torch.optim.SGD([{"params": [w], "quant_bits": 2}], lr=0.1)
-    opt = QuantOptimizer(base, UnifQuantizer(), ProxPARQ(0, 4))
-    w.grad = torch.ones_like(w)
-    opt.step()
-    assert len(seen) == 1
-    opt_generic = QuantOptimizer(
-        torch.optim.SGD([{"params": [nn.Parameter(torch.randn(3))], "quant_bits": 2}], lr=0.1),
-        UnifQuantizer(),
-        ProxPARQ(0, 4),
-        fused=False,
-    )
-    opt_generic.param_groups[0]["params"][0].grad = torch.ones(3)
-    opt_generic.step()
-    assert len(seen) == 1  # fused=False never calls the op
+    assert run(lambda g: torch.optim.SGD(g, lr=0.1)) == ["fused_step_"]
+    assert run(lambda g: torch.optim.AdamW(g, lr=0.1)) == ["fused_step_"]
+    assert run(lambda g: torch.optim.RMSprop(g, lr=0.1)) == ["quant_prox_"]
+    assert run(lambda g: torch.optim.SGD(g, lr=0.1), fuse_base_step=False) == ["quant_prox_"]
+    assert run(lambda g: torch.optim.SGD(g, lr=0.1), fused=False) == []
 
 
 def test_optimizer_is_a_torch_optimizer():
