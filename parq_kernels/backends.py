@@ -127,6 +127,7 @@ def get_impl(name: str, op: str = "quant_prox_") -> Callable:
     if impls is None:
         raise BackendUnavailableError(f"parq backend {name!r} unavailable: {why}")
     if op not in impls:
-        hint = f" (an older build of the extension? {BUILD_HINT})" if name in ("cpu", "cuda") else ""
+        compiled = name in ("cpu", "cuda")
+        hint = f" (an older build of the extension? {BUILD_HINT})" if compiled else ""
         raise BackendUnavailableError(f"parq backend {name!r} does not implement {op}{hint}")
     return impls[op]
