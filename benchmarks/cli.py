@@ -200,14 +200,16 @@ def main(argv: list[str] | None = None) -> int:
             warmup=mode.warmup,
             fused_reference=mode.fused_reference,
         ):
-            nbytes = case.bytes_base if variant == "base" else case.bytes_qat
-            rows.append(report.make_row("step", case.name, variant, case.numel, nbytes, timing,
-                                        note))  # fmt: skip
+            rows.append(report.make_row("step", case.name, variant, case.numel,
+                                        case.bytes(variant), timing, note))  # fmt: skip
         progress.step(case.name)
     progress.close()
     report.derive(rows, copy_gbps)
 
-    for suite, title in (("op", "fused op quant_prox_"), ("step", "QuantOptimizer.step()")):
+    for suite, title in (
+        ("op", "fused ops quant_prox_ and fused_step_"),
+        ("step", "QuantOptimizer.step()"),
+    ):
         if any(r["suite"] == suite for r in rows):
             print(f"\n== {title} ==\n{report.table(rows, suite)}")
     elapsed = time.perf_counter() - t_start

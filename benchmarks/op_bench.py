@@ -1,14 +1,20 @@
-"""Micro-benchmarks of the fused op ``parq_kernels::quant_prox_``, per backend.
+"""Micro-benchmarks of the fused ops ``quant_prox_`` and ``fused_step_``, per backend.
 
-One case = quantizer x bits x prox map x granularity x dtype x update, run on a
-small multi-tensor set (``n_tensors`` weights of ``rows x cols``). For each case
-every available backend is timed through the public op, plus the baseline:
-``torch.compile`` of the pure-PyTorch reference (``reference(compile)``). The
-parameters are reset to the same values (untimed) before every call.
+One case = quantizer x bits x prox map x granularity x dtype x update, and for
+``fused_step_`` cases a base optimizer (``optim``: ``sgd`` = SGD with momentum 0.9
+and weight decay, ``adamw``), run on a small multi-tensor set (``n_tensors``
+weights of ``rows x cols``). For each case every available backend is timed
+through the public op, plus the baselines: ``torch.compile`` of the pure-PyTorch
+reference (``reference(compile)``), and ``copy``: ``dst.copy_(src)`` of a buffer
+whose read + write traffic equals the case's byte model, in the same round-robin
+(the copy bandwidth of a working set of the case's size). The inputs are reset to
+the same values (untimed) before every call.
 
 Byte model (minimal traffic of one call, what a one-pass kernel must move):
-per element, read ``p`` + write ``latent`` + write ``p`` = ``3 * itemsize``;
-plus the level sets, ``rows * K * 4`` bytes (written on update, read otherwise).
+``quant_prox_``: per element, read ``p`` + write ``latent`` + write ``p`` =
+``3 * itemsize``; ``fused_step_``: read latent, grad and state, write latent, state
+and ``p``: ``6 * itemsize`` (SGD with momentum), ``8 * itemsize`` (AdamW); plus the
+level sets, ``rows * K * 4`` bytes (written on update, read otherwise).
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.timing import Timing, measure_interleaved
-from parq_kernels import reference
-from parq_kernels.ops import ProxKind, QuantKind, num_levels, quant_prox_
+from parq_kernels import reference, reference_step
+from parq_kernels.kinds import OptimKind
+from parq_kernels.ops import ProxKind, QuantKind, fused_step_, num_levels, quant_prox_
 
 COMPILED = "reference(compile)"
+COPY = "copy"
 
 # quantizer name -> bits -> (QuantKind, qargs); "where b allows"
 _UNIFORM = (0.0, 0.5, 0.5)  # UnifQuantizer defaults: mean scale, int_shift 0.5, zero_point 0.5
@@ -37,6 +45,11 @@ QUANTIZERS: dict[str, dict[int, tuple[QuantKind, tuple[float, ...]]]] = {
 PROX = {"hard": (ProxKind.HARD, 0.0), "parq": (ProxKind.PARQ, 0.5)}  # rho = 0.5 mid-anneal
 GRANULARITIES = ("tensor", "channel", "block32", "block128")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# base optimizer of fused_step_ cases: (kind, hparams without the trailing step/init, buffers)
+OPTIMS = {
+    "sgd": (OptimKind.SGD, (0.01, 0.9, 0.0, 1e-4, 0.0, 0.0, 0.0), 1),
+    "adamw": (OptimKind.ADAMW, (1e-3, 0.9, 0.999, 1e-8, 0.01, 0.0, 0.0, 10.0), 2),
+}
 
 
 @dataclass(frozen=True)
@@ -48,11 +61,14 @@ class OpCase:
     dtype: str = "fp32"
     update: bool = True
     compile: bool = True  # also time torch.compile(reference) for this case
+    optim: str | None = None  # a fused_step_ case with this base optimizer (OPTIMS)
 
     @property
     def name(self) -> str:
         upd = "" if self.update else "/noupdate"
-        return f"{self.quantizer}{self.bits}/{self.prox}/{self.granularity}/{self.dtype}{upd}"
+        step = f"step:{self.optim}/" if self.optim else ""
+        return (f"{step}{self.quantizer}{self.bits}/{self.prox}/{self.granularity}/"
+                f"{self.dtype}{upd}")  # fmt: skip
 
     @property
     def kind(self) -> tuple[QuantKind, tuple[float, ...]]:
@@ -69,7 +85,7 @@ def full_grid() -> list[OpCase]:
         ):
             compile_it = dtype == "fp32" and update and gran == "channel"
             cases.append(OpCase(qname, bits, prox, gran, dtype, update, compile_it))
-    return cases
+    return cases + step_grid()
 
 
 def quick_grid() -> list[OpCase]:
@@ -89,6 +105,18 @@ def quick_grid() -> list[OpCase]:
         OpCase("lsbq_opt", 2, "parq", "channel", compile=False),
         OpCase("lsbq_opt", 0, "parq", "tensor", compile=False),
         OpCase("ternary", 0, "parq", "channel", compile=False),
+        *step_grid(),
+    ]
+
+
+def step_grid() -> list[OpCase]:
+    """``fused_step_`` cases: SGD-momentum and AdamW, uniform and LSBQ, update or not."""
+    return [
+        OpCase("uniform", 2, "parq", "channel", optim="sgd", compile=True),
+        OpCase("uniform", 2, "parq", "channel", update=False, optim="sgd", compile=False),
+        OpCase("lsbq", 2, "parq", "channel", optim="adamw", compile=True),
+        OpCase("lsbq", 2, "parq", "channel", update=False, optim="adamw", compile=False),
+        OpCase("uniform", 2, "hard", "tensor", optim="adamw", compile=False),
     ]
 
 
@@ -97,6 +125,7 @@ def smoke_grid() -> list[OpCase]:
     return [
         OpCase("uniform", 2, "parq", "channel", compile=True),
         OpCase("lsbq", 2, "hard", "block32", compile=False),
+        OpCase("uniform", 2, "parq", "channel", optim="adamw", compile=False),
     ]
 
 
@@ -111,7 +140,7 @@ def rows_cols(granularity: str, rows: int, cols: int) -> tuple[int, int]:
 
 
 class OpInputs:
-    """The tensors of one case; ``reset()`` restores the parameters (untimed)."""
+    """The tensors of one case; ``reset()`` restores what the op overwrites (untimed)."""
 
     def __init__(self, case: OpCase, device: torch.device, n_tensors: int, rows: int, cols: int):
         kind, qargs = case.kind
@@ -119,50 +148,65 @@ class OpInputs:
         r, c = rows_cols(case.granularity, rows, cols)
         dtype = DTYPES[case.dtype]
         gen = torch.Generator(device="cpu").manual_seed(0)
-        self.pristine = [
-            (torch.randn(r, c, generator=gen) * 0.02).to(device=device, dtype=dtype)
-            for _ in range(n_tensors)
-        ]
+
+        def rand(scale: float) -> list[torch.Tensor]:
+            return [(torch.randn(r, c, generator=gen) * scale).to(device=device, dtype=dtype)
+                    for _ in range(n_tensors)]  # fmt: skip
+
+        self.pristine = rand(0.02)
         self.params = [t.clone() for t in self.pristine]
         self.latents = [torch.empty_like(t) for t in self.pristine]
         self.quants = [torch.empty(r, self.K, device=device) for _ in self.pristine]
         self.nonfinite = torch.zeros(n_tensors, dtype=torch.int32, device=device)
         self.numel = n_tensors * r * c
-        self.bytes = 3 * self.numel * self.pristine[0].element_size() + 4 * n_tensors * r * self.K
+        self.grads, self.bufs, self.pristine_bufs = [], [[], [], []], []
+        per_element = 3
+        if case.optim is not None:  # fused_step_: latents are read, params written
+            self.latents = [t.clone() for t in self.pristine]
+            self.grads = rand(1e-3)
+            _, _, nbufs = OPTIMS[case.optim]
+            self.pristine_bufs = [[t.abs() for t in rand(1e-3)] for _ in range(nbufs)]
+            self.bufs[:nbufs] = [[t.clone() for t in b] for b in self.pristine_bufs]
+            per_element = 4 + 2 * nbufs  # read latent, grad, state; write latent, state, p
+        self.bytes = per_element * self.numel * self.pristine[0].element_size()
+        self.bytes += 4 * n_tensors * r * self.K
         if not case.update:  # levels must exist before a prox-only call
-            self.call(case, quant_prox_, backend="reference", update=True)
+            quant_prox_([t.clone() for t in self.pristine], [torch.empty_like(t) for t in
+                        self.pristine], self.quants, self.nonfinite, int(kind), case.bits,
+                        list(qargs), False, True, int(ProxKind.NONE), 0.0, 1.0,
+                        backend="reference")  # fmt: skip
 
     def reset(self) -> None:
-        torch._foreach_copy_(self.params, self.pristine)
+        if self.grads:
+            torch._foreach_copy_(self.latents, self.pristine)
+            for bufs, pristine in zip(self.bufs, self.pristine_bufs, strict=False):
+                torch._foreach_copy_(bufs, pristine)
+        else:
+            torch._foreach_copy_(self.params, self.pristine)
 
-    def call(self, case: OpCase, fn: Callable, update: bool | None = None, **kw) -> None:
+    def call(self, case: OpCase, fn: Callable, **kw) -> None:
         kind, qargs = case.kind
         prox_kind, prox_arg = PROX[case.prox]
-        fn(
-            self.params,
-            self.latents,
-            self.quants,
-            self.nonfinite,
-            int(kind),
-            case.bits,
-            list(qargs) if fn is quant_prox_ else tuple(qargs),
-            False,
-            case.update if update is None else update,
-            int(prox_kind),
-            prox_arg,
-            1.0,
-            **kw,
-        )
+        public = fn in (quant_prox_, fused_step_)
+        tail = (int(kind), case.bits, list(qargs) if public else tuple(qargs), False,
+                case.update, int(prox_kind), prox_arg, 1.0)  # fmt: skip
+        if case.optim is None:
+            fn(self.params, self.latents, self.quants, self.nonfinite, *tail, **kw)
+            return
+        okind, hparams = OPTIMS[case.optim][:2]
+        fn(self.params, self.latents, self.grads, *self.bufs, self.quants, self.nonfinite,
+           int(okind), list(hparams) if public else hparams, *tail, **kw)  # fmt: skip
 
 
-def compiled_reference() -> tuple[Callable | None, str]:
-    """``(torch.compile(reference.quant_prox_), "")`` or ``(None, why)``.
+def compiled_reference(case: OpCase) -> tuple[Callable | None, str]:
+    """``(torch.compile(<the case's reference op>), "")`` or ``(None, why)``.
 
     Dynamo's caches are reset first, so every case compiles afresh and never
     silently falls back to eager after too many recompilations."""
     try:
         torch._dynamo.reset()
-        return torch.compile(reference.quant_prox_), ""
+        ref = reference_step.fused_step_ if case.optim else reference.quant_prox_
+        return torch.compile(ref), ""
     except Exception as exc:
         return None, f"torch.compile unavailable: {type(exc).__name__}: {exc}"
 
@@ -183,13 +227,11 @@ def run_case(
     the ``torch.compile`` baseline when ``compile_baseline and case.compile``.
     All variants are timed round-robin on the same inputs."""
     inputs = OpInputs(case, device, n_tensors, rows, cols)
-    fns = {
-        name: (lambda name=name: inputs.call(case, quant_prox_, backend=name))
-        for name in backend_names
-    }
+    op = fused_step_ if case.optim else quant_prox_
+    fns = {name: (lambda name=name: inputs.call(case, op, backend=name)) for name in backend_names}
     compile_note = None  # None: no compiled row
     if compile_baseline and case.compile:
-        compiled, compile_note = compiled_reference()
+        compiled, compile_note = compiled_reference(case)
         if compiled is not None:
             try:
                 inputs.reset()
@@ -197,6 +239,9 @@ def run_case(
                 fns[COMPILED] = lambda: inputs.call(case, compiled)
             except Exception as exc:  # a graph torch.compile cannot handle: report, go on
                 compile_note = f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
+    src = torch.empty(max(1, inputs.bytes // 8), dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    fns[COPY] = lambda: dst.copy_(src)  # moves inputs.bytes: the working set's copy rate
     timings = measure_interleaved(
         fns, device=device, repeats=repeats, warmup=warmup, setup=inputs.reset
     )
@@ -204,3 +249,4 @@ def run_case(
         yield name, timings[name], inputs, ""
     if compile_note is not None:
         yield COMPILED, timings.get(COMPILED), inputs, compile_note
+    yield COPY, timings[COPY], inputs, ""

@@ -1,29 +1,42 @@
 """Benchmarks of a whole ``QuantOptimizer.step()`` on model-shaped parameter sets.
 
-For each case (a parameter set, a quantizer + prox map, a base optimizer) these
-variants are timed, each on its own fresh copy of the parameters, with fixed
-random gradients, quantization update every step (``quant_period=1``):
+For each case (a parameter set, a quantizer + prox map, a base optimizer, a
+``quant_period``) these variants are timed, each on its own fresh copy of the
+parameters, with fixed random gradients; one timed call runs ``quant_period``
+steps (a whole period: one level update and ``quant_period - 1`` steps between):
 
-* ``base``: the base optimizer's ``step()`` alone (no QAT);
-* ``generic``: ``QuantOptimizer(..., fused=False)``, the per-parameter path
-  that mirrors the public PARQ release (the reference of this suite);
-* ``fused:<backend>``: ``QuantOptimizer(..., backend=<backend>)`` for each
-  available backend of the fused op (quick mode leaves out ``fused:reference``
-  when a compiled backend is available: it is the slowest and adds no information
-  that the op suite does not give).
+* ``base``: the base optimizer's ``step()`` alone (no QAT), torch's default kernels;
+* ``base(fused=True)``: the same with torch's ``fused=True`` kernels: the yardstick
+  (``t / torch fused`` column) that a QAT step is compared with;
+* ``generic``: ``QuantOptimizer(..., fused=False)``, the per-parameter path that
+  mirrors the public PARQ release (timed at ``quant_period=1`` only: it is the
+  slowest variant by far, and the goal it serves is stated for that period);
+* ``fused-prox:<backend>``: ``QuantOptimizer(..., fuse_base_step=False)``: restore the
+  latents, torch's base step, then the fused quantize/prox op (the previous design);
+* ``fused:<backend>``: ``QuantOptimizer(..., backend=<backend>)``, the default: the
+  base update fused with quantize + prox (SPEC.md §8);
+* ``copy``: ``dst.copy_(src)`` of a buffer whose read + write traffic equals the
+  ``fused`` variant's byte model, in the same round-robin: the copy bandwidth of a
+  working set of the case's size (the ``of copy BW`` column divides by it).
+
+Quick mode leaves out ``fused:reference`` / ``fused-prox:reference`` when a compiled
+backend is available (the op suite compares the backends).
 
 Byte model (minimal traffic per element of itemsize ``s``, per step):
-SGD with momentum reads ``p, grad, buf`` and writes ``buf, p`` (``5 s``); AdamW
-reads ``p, grad, m, v`` and writes ``p, m, v`` (``7 s``). A quantized element adds
-the latent restore (read latent, write p: ``2 s``) and the fused quantize/prox
-pass (read p, write latent, write p: ``3 s``), ``5 s`` more. The same byte count
-is used for the generic and fused paths (they do the same work).
+SGD with momentum reads ``p, grad, buf`` and writes ``buf, p`` (``5 s``); AdamW reads
+``p, grad, m, v`` and writes ``p, m, v`` (``7 s``); plain SGD ``3 s``. The fused step
+adds one write per quantized element (it reads the latent where the base step reads
+``p``, and writes both the latent and the projected ``p``): ``+1 s`` (level updates of
+rows that fit on chip add nothing; long rows add a read of the latent per extra
+statistics pass, not counted). The unfused paths (``fused-prox``, ``generic``) add the
+latent restore (read latent, write p: ``2 s``) and the quantize/prox pass (read p, write
+latent, write p: ``3 s``): ``+5 s``.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +48,8 @@ from parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
 from parq.quant import LSBQuantizer, TernaryUnifQuantizer, UnifQuantizer
 
 BASE_BYTES = {"sgd": 5, "adamw": 7}  # per element, in units of the itemsize
-QAT_EXTRA_BYTES = 5
+FUSED_EXTRA_BYTES = 1  # fused step: the projected weights are written too
+UNFUSED_EXTRA_BYTES = 5  # restore (2) + quantize/prox pass (3)
 QUANTIZERS = {
     "uniform": UnifQuantizer,
     "lsbq": LSBQuantizer,
@@ -54,24 +68,26 @@ class StepCase:
     per_channel: bool = True
     base: str = "sgd"
     dtype: torch.dtype = torch.float32
+    period: int = 1  # quant_period; one timed call = one period of steps
 
     @property
     def name(self) -> str:
         gran = "channel" if self.per_channel else "tensor"
-        return f"{self.model}/{self.quantizer}{self.bits}+{self.prox}/{gran}/{self.base}"
+        return (f"{self.model}/{self.quantizer}{self.bits}+{self.prox}/{gran}/{self.base}"
+                f"/period{self.period}")  # fmt: skip
 
     @property
     def numel(self) -> int:
         return shapes.count(list(self.specs))
 
-    @property
-    def bytes_base(self) -> int:
-        return BASE_BYTES[self.base] * self.numel * self.itemsize
-
-    @property
-    def bytes_qat(self) -> int:
-        extra = QAT_EXTRA_BYTES * shapes.count(list(self.specs), quantized=True)
-        return self.bytes_base + extra * self.itemsize
+    def bytes(self, variant: str) -> int:
+        """Bytes one timed call (``period`` steps) of ``variant`` moves (module doc)."""
+        per_step = BASE_BYTES[self.base] * self.numel
+        if variant.startswith("fused:") or variant == "copy":
+            per_step += FUSED_EXTRA_BYTES * shapes.count(list(self.specs), quantized=True)
+        elif not variant.startswith("base"):  # generic, fused-prox
+            per_step += UNFUSED_EXTRA_BYTES * shapes.count(list(self.specs), quantized=True)
+        return per_step * self.itemsize * self.period
 
     @property
     def itemsize(self) -> int:
@@ -84,15 +100,17 @@ class StepCase:
 
 
 def issue4_cases() -> list[StepCase]:
-    """8 x Linear(1024, 1024), 2-bit weights, unquantized biases, SGD and AdamW."""
+    """8 x Linear(1024, 1024), 2-bit weights, unquantized biases, SGD and AdamW, levels
+    every 10 steps (the default) and every step."""
     specs = tuple(shapes.linear_stack(8, 1024))
     cases = []
-    for base in ("sgd", "adamw"):
-        cases += [
-            StepCase("8xLinear1024", specs, "uniform", 2, "parq", True, base),
-            StepCase("8xLinear1024", specs, "lsbq", 2, "parq", True, base),
-            StepCase("8xLinear1024", specs, "uniform", 2, "hard", False, base),
-        ]
+    for period in (10, 1):
+        for base in ("sgd", "adamw"):
+            cases += [
+                StepCase("8xLinear1024", specs, "uniform", 2, "parq", True, base, period=period),
+                StepCase("8xLinear1024", specs, "lsbq", 2, "parq", True, base, period=period),
+                StepCase("8xLinear1024", specs, "uniform", 2, "hard", False, base, period=period),
+            ]
     return cases
 
 
@@ -112,24 +130,31 @@ def model_cases(quick: bool) -> list[StepCase]:
             ("vit_b16", shapes.vit_b16(), "adamw"),
             ("llama1b", shapes.llama_1b(), "adamw"),
         ]
-    return [StepCase(name, tuple(specs), base=base) for name, specs, base in sets]
+    return [StepCase(name, tuple(specs), base=base, period=10) for name, specs, base in sets]
 
 
 def smoke_cases() -> list[StepCase]:
     return [StepCase("2xLinear64", tuple(shapes.linear_stack(2, 64)), base="sgd")]
 
 
-def _base_optimizer(case: StepCase, groups: list[dict]) -> torch.optim.Optimizer:
+def _base_optimizer(case: StepCase, groups: list[dict], fused: bool) -> torch.optim.Optimizer:
+    flag = {"fused": True} if fused else {}
     if case.base == "sgd":
-        return torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=1e-4)
+        return torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=1e-4, **flag)
     if case.base == "adamw":
-        return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.01)
+        return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.01, **flag)
     raise ValueError(f"unknown base optimizer {case.base!r}")
 
 
-def build(case: StepCase, device: torch.device, variant: str) -> torch.optim.Optimizer:
-    """Fresh parameters with gradients, and the optimizer of ``variant``."""
+def build(case: StepCase, device: torch.device, variant: str) -> Callable[[], object]:
+    """Fresh parameters with gradients, and the callable that runs one period of
+    ``variant`` (module doc)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
+    if variant == "copy":
+        n = max(1, case.bytes("copy") // (2 * case.itemsize))
+        src = torch.randn(n, generator=gen).to(device=device, dtype=case.dtype)
+        dst = torch.empty_like(src)
+        return lambda: dst.copy_(src)
     quantized, other = [], []
     for spec in case.specs:
         p = torch.nn.Parameter(
@@ -138,15 +163,36 @@ def build(case: StepCase, device: torch.device, variant: str) -> torch.optim.Opt
         p.grad = (torch.randn(spec.shape, generator=gen) * 1e-3).to(device, case.dtype)
         (quantized if spec.quantized else other).append(p)
     groups = [{"params": quantized, "quant_bits": case.bits}, {"params": other}]
-    base = _base_optimizer(case, groups)
-    if variant == "base":
-        return base
-    prox = ProxPARQ(anneal_start=0, anneal_end=10**6) if case.prox == "parq" else ProxHardQuant()
-    kw = {"quant_period": 1, "quant_per_channel": case.per_channel}
-    if variant == "generic":
-        return QuantOptimizer(base, QUANTIZERS[case.quantizer](), prox, fused=False, **kw)
-    backend = variant.removeprefix("fused:")
-    return QuantOptimizer(base, QUANTIZERS[case.quantizer](), prox, backend=backend, **kw)
+    opt = _base_optimizer(case, groups, fused=variant == "base(fused=True)")
+    if not variant.startswith("base"):
+        prox = (
+            ProxPARQ(anneal_start=0, anneal_end=10**6) if case.prox == "parq" else ProxHardQuant()
+        )
+        kw = {"quant_period": case.period, "quant_per_channel": case.per_channel}
+        quantizer = QUANTIZERS[case.quantizer]()
+        if variant == "generic":
+            opt = QuantOptimizer(opt, quantizer, prox, fused=False, **kw)
+        else:
+            kind, backend = variant.split(":")
+            opt = QuantOptimizer(opt, quantizer, prox, backend=backend,
+                                 fuse_base_step=kind == "fused", **kw)  # fmt: skip
+
+    def period() -> None:
+        for _ in range(case.period):
+            opt.step()
+
+    period.optimizer = opt  # for inspection (tests)
+    return period
+
+
+def variants(case: StepCase, backend_names: list[str], fused_reference: bool) -> list[str]:
+    """The variants timed for ``case`` (module doc)."""
+    fused = [b for b in backend_names if b != "reference" or fused_reference] or ["reference"]
+    out = ["base", "base(fused=True)"]
+    if case.period == 1:
+        out.append("generic")
+    out += [f"fused-prox:{b}" for b in fused] + [f"fused:{b}" for b in fused]
+    return [*out, "copy"]
 
 
 def available_memory(device: torch.device) -> int:
@@ -171,29 +217,23 @@ def run_case(
     warmup: int,
     fused_reference: bool = True,
 ) -> Iterator[tuple[str, Timing | None, str]]:
-    """Yield ``(variant, timing or None, note)`` for base, generic and each fused backend
-    (``fused:reference`` only if ``fused_reference`` or no other backend is available).
+    """Yield ``(variant, timing or None, note)`` for each of :func:`variants`.
 
     All variants are built at once and timed round-robin when they fit in ~60% of
     the free memory; otherwise one at a time; a single variant that does not fit
     is reported as skipped."""
-    fused = [b for b in backend_names if b != "reference" or fused_reference]
-    if not fused:
-        fused = ["reference"]
-    variants = ["base", "generic", *(f"fused:{b}" for b in fused)]
+    names = variants(case, backend_names, fused_reference)
     need, have = case.memory_needed(), available_memory(device)
     if need > 0.6 * have:
-        for variant in variants:
+        for variant in names:
             yield variant, None, f"skipped: needs ~{need / 1e9:.1f} GB, {have / 1e9:.1f} GB free"
         return
-    together = need * len(variants) <= 0.6 * have
-    groups = [variants] if together else [[v] for v in variants]
+    together = need * len(names) <= 0.6 * have
+    groups = [names] if together else [[v] for v in names]
     for group in groups:
-        opts = {v: build(case, device, v) for v in group}
-        timings = measure_interleaved(
-            {v: opt.step for v, opt in opts.items()}, device=device, repeats=repeats, warmup=warmup
-        )
-        del opts
+        fns = {v: build(case, device, v) for v in group}
+        timings = measure_interleaved(fns, device=device, repeats=repeats, warmup=warmup)
+        del fns
         gc.collect()
         for v in group:
             yield v, timings[v], ""

@@ -1,4 +1,5 @@
-"""pytest-benchmark view of the fused-op micro-benchmarks (``benchmarks/op_bench.py``).
+"""pytest-benchmark view of the fused-op micro-benchmarks (``benchmarks/op_bench.py``):
+``quant_prox_`` and ``fused_step_`` cases.
 
 Run with ``pytest benchmarks --benchmark-only`` (never part of ``pytest tests``).
 Cases: the quick grid, on every backend that can serve CPU tensors here (and
@@ -12,7 +13,7 @@ import torch
 
 from benchmarks import environment, op_bench
 from benchmarks.timing import synchronizer
-from parq_kernels.ops import quant_prox_
+from parq_kernels.ops import fused_step_, quant_prox_
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SHAPE = (2, 256, 1024)  # tensors, rows, cols: the quick mode's op shape
@@ -25,13 +26,14 @@ PARAMS = [
 
 
 @pytest.mark.parametrize("device, backend, case", PARAMS)
-def test_quant_prox(benchmark, device, backend, case):
+def test_op(benchmark, device, backend, case):
     dev = torch.device(device)
     inputs = op_bench.OpInputs(case, dev, *SHAPE)
     sync = synchronizer(dev)
+    op = fused_step_ if case.optim else quant_prox_
 
     def run():
-        inputs.call(case, quant_prox_, backend=backend)
+        inputs.call(case, op, backend=backend)
         sync()
 
     benchmark.extra_info.update(bytes=inputs.bytes, numel=inputs.numel, backend=backend)
@@ -40,8 +42,8 @@ def test_quant_prox(benchmark, device, backend, case):
 
 
 @pytest.mark.parametrize("case", [c for c in op_bench.quick_grid() if c.compile], ids=str)
-def test_quant_prox_compiled_reference(benchmark, case):
-    compiled, why = op_bench.compiled_reference()
+def test_op_compiled_reference(benchmark, case):
+    compiled, why = op_bench.compiled_reference(case)
     if compiled is None:
         pytest.skip(why)
     inputs = op_bench.OpInputs(case, torch.device("cpu"), *SHAPE)

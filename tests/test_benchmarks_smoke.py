@@ -16,14 +16,18 @@ import torch
 
 from benchmarks import cli, environment, op_bench, report, shapes, step_bench
 from benchmarks.timing import measure, measure_interleaved, summarize
-from parq_kernels import backends, reference
+from parq_kernels import backends, reference, reference_step
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     mp = pytest.MonkeyPatch()
-    mp.setattr(op_bench, "compiled_reference", lambda: (reference.quant_prox_, ""))
+    mp.setattr(
+        op_bench,
+        "compiled_reference",
+        lambda case: (reference_step.fused_step_ if case.optim else reference.quant_prox_, ""),
+    )
     try:
         torch.manual_seed(0)
         assert cli.main(["--smoke", "--out", str(out), "--no-progress"]) == 0
@@ -66,9 +70,11 @@ def test_smoke_reports_every_backend(smoke_run):
     # TRITON_INTERPRET=1 is set by conftest on CPU: the interpreter is never timed
     assert "triton" not in available
     op_variants = {r["variant"] for r in rows if r["suite"] == "op"}
-    assert op_variants == set(available) | {op_bench.COMPILED}
+    assert op_variants == set(available) | {op_bench.COMPILED, op_bench.COPY}
     step_variants = {r["variant"] for r in rows if r["suite"] == "step"}
-    assert step_variants == {"base", "generic"} | {f"fused:{b}" for b in available}
+    assert step_variants == {"base", "base(fused=True)", "generic", "copy"} | {
+        f"{path}:{b}" for b in available for path in ("fused", "fused-prox")
+    }
 
 
 def test_smoke_derived_columns_are_ratios_of_measured_medians(smoke_run):
@@ -84,8 +90,13 @@ def test_smoke_derived_columns_are_ratios_of_measured_medians(smoke_run):
         assert _f(r["min_ms"]) <= _f(r["q1_ms"]) <= med <= _f(r["q3_ms"]) <= _f(r["max_ms"])
         gbps = int(r["bytes"]) / (med * 1e-3) / 1e9
         assert math.isclose(_f(r["gbps"]), gbps, rel_tol=1e-9)
-        assert math.isclose(_f(r["frac_copy_bw"]), gbps / copy_gbps, rel_tol=1e-9)
         peers = by_case[(r["suite"], r["case"])]
+        copy = peers["copy"]  # the case's own working-set copy, timed in its round-robin
+        own_copy = int(copy["bytes"]) / (_f(copy["median_ms"]) * 1e-3) / 1e9
+        assert copy_gbps > 0 and math.isclose(_f(r["frac_copy_bw"]), gbps / own_copy, rel_tol=1e-9)
+        if r["variant"] == "copy":
+            assert r["speedup_vs_reference"] == "" and _f(r["frac_copy_bw"]) == 1.0
+            continue
         if r["suite"] == "op":
             ref = _f(peers["reference"]["median_ms"])
             if op_bench.COMPILED in peers:
@@ -96,9 +107,9 @@ def test_smoke_derived_columns_are_ratios_of_measured_medians(smoke_run):
                 assert r["speedup_vs_compile"] == ""
         else:
             ref = _f(peers["generic"]["median_ms"])
-            base = _f(peers["base"]["median_ms"])
+            base = _f(peers["base(fused=True)"]["median_ms"])  # torch's fused=True step
             assert math.isclose(_f(r["time_vs_base"]), med / base, rel_tol=1e-9)
-        if r["variant"] == "base":
+        if r["variant"].startswith("base"):
             assert r["speedup_vs_reference"] == ""
         else:
             assert math.isclose(_f(r["speedup_vs_reference"]), ref / med, rel_tol=1e-9)
@@ -113,16 +124,24 @@ def test_smoke_byte_models(smoke_run):
     assert int(op["numel"]) == 512 and int(op["bytes"]) == 3 * 512 * 4 + 8 * 4 * 4
     block = next(r for r in rows if r["case"] == "lsbq2/hard/block32/fp32")
     assert int(block["bytes"]) == 3 * 512 * 4 + 16 * 4 * 4  # 16 blocks of 32
+    fstep = next(r for r in rows if r["case"] == "step:adamw/uniform2/parq/channel/fp32")
+    # read latent, grad, exp_avg, exp_avg_sq; write them but grad, and p: 8 per element
+    assert int(fstep["bytes"]) == 8 * 512 * 4 + 8 * 4 * 4
     step = [r for r in rows if r["suite"] == "step"]
     weights, biases = 2 * 64 * 64, 2 * 64
     for r in step:
         base = 5 * (weights + biases) * 4  # SGD with momentum
-        want = base if r["variant"] == "base" else base + 5 * weights * 4
-        assert int(r["bytes"]) == want
+        if r["variant"].startswith("base"):
+            want = base
+        elif r["variant"].startswith("fused:") or r["variant"] == "copy":
+            want = base + 1 * weights * 4  # the fused step also writes the projected weights
+        else:
+            want = base + 5 * weights * 4  # restore + base step + quantize/prox pass
+        assert int(r["bytes"]) == want, r["variant"]
 
 
 def test_compile_failure_is_reported_not_fatal(monkeypatch):
-    monkeypatch.setattr(op_bench, "compiled_reference", lambda: (None, "no compiler here"))
+    monkeypatch.setattr(op_bench, "compiled_reference", lambda case: (None, "no compiler here"))
     case = op_bench.OpCase("ternary", 0, "hard", "tensor", compile=True)
     out = list(
         op_bench.run_case(
@@ -133,6 +152,7 @@ def test_compile_failure_is_reported_not_fatal(monkeypatch):
     assert [(v, t is None, note) for v, t, _, note in out] == [
         ("reference", False, ""),
         (op_bench.COMPILED, True, "no compiler here"),
+        (op_bench.COPY, False, ""),
     ]
     rows = [report.make_row("op", case.name, v, 32, 400, t, note) for v, t, _, note in out]
     report.derive(rows, copy_gbps=10.0)
@@ -150,14 +170,22 @@ def test_derive_exact_ratios():
         report.make_row("step", "c", "base", 10, 2000, T(0.001)),
         report.make_row("step", "c", "generic", 10, 4000, T(0.008)),
         report.make_row("step", "c", "fused:cpu", 10, 4000, T(0.002)),
+        report.make_row("step", "d", "base", 10, 2000, T(0.002)),
+        report.make_row("step", "d", "base(fused=True)", 10, 2000, T(0.001)),
+        report.make_row("step", "d", "fused:cpu", 10, 2400, T(0.0012)),
+        report.make_row("step", "d", "copy", 10, 2400, T(0.0006)),
     ]
     report.derive(rows, copy_gbps=4.0)
     fused = rows[2]
     assert fused["speedup_vs_reference"] == pytest.approx(4.0)
-    assert fused["time_vs_base"] == pytest.approx(2.0)
+    assert fused["time_vs_base"] == pytest.approx(2.0)  # no fused base row: the plain base
     assert fused["gbps"] == pytest.approx(4000 / 0.002 / 1e9)
-    assert fused["frac_copy_bw"] == pytest.approx(fused["gbps"] / 4.0)
+    assert fused["frac_copy_bw"] == pytest.approx(fused["gbps"] / 4.0)  # no copy row: global
     assert rows[0]["speedup_vs_reference"] is None and rows[0]["time_vs_base"] == 1.0
+    assert rows[3]["time_vs_base"] == pytest.approx(2.0)  # vs torch's fused=True step
+    assert rows[5]["time_vs_base"] == pytest.approx(1.2)
+    assert rows[5]["frac_copy_bw"] == pytest.approx(0.5)  # vs the case's own copy row
+    assert rows[6]["frac_copy_bw"] == pytest.approx(1.0) and rows[6]["time_vs_base"] is None
 
 
 def test_summarize_and_measure():
@@ -183,7 +211,11 @@ def test_step_variants_and_memory_skip(monkeypatch):
     run = list(step_bench.run_case(case, cpu, ["reference"], repeats=1, warmup=0,
                                    fused_reference=False))  # fmt: skip
     # fused:reference is kept when it is the only backend
-    assert [v for v, t, _ in run if t is not None] == ["base", "generic", "fused:reference"]
+    assert [v for v, t, _ in run if t is not None] == [
+        "base", "base(fused=True)", "generic", "fused-prox:reference", "fused:reference", "copy"
+    ]  # fmt: skip
+    period10 = step_bench.StepCase("x", case.specs, period=10)
+    assert "generic" not in step_bench.variants(period10, ["cpu"], fused_reference=False)
     monkeypatch.setattr(step_bench, "available_memory", lambda device: 1000)
     run = list(step_bench.run_case(case, cpu, ["reference"], repeats=1, warmup=0))
     assert all(t is None and note.startswith("skipped: needs") for _, t, note in run)
@@ -232,6 +264,7 @@ def test_issue4_cases():
         ("uniform", "parq", True), ("lsbq", "parq", True), ("uniform", "hard", False)
     }  # fmt: skip
     assert {c.base for c in cases} == {"sgd", "adamw"} and all(c.bits == 2 for c in cases)
+    assert {c.period for c in cases} == {1, 10}
 
 
 def test_device_slug_is_file_name_safe():
