@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
+from parq.optim import sharding
 from parq_kernels.kinds import OptimKind
 from parq_kernels.ops import fused_step_, quant_prox_
 
@@ -128,10 +129,23 @@ class _Item:
     writeback: list[tuple[Tensor, Tensor]]  # (original, contiguous copy) pairs
 
 
-def _prepare(opt, kind: OptimKind, group: dict, j: int, p: Tensor, layout, K: int, fresh: bool):
-    """The :class:`_Item` of ``p`` and its bucket key (also creates missing state)."""
-    shape2d = (layout.rows, layout.cols)
+def _levels_and_latent(opt, group: dict, index: int, j: int, p: Tensor, K: int, fresh: bool):
+    """``(local weights, (rows, cols), latent, Q)`` of ``p``: local shards and their state
+    (created like the sharded path does, SPEC §7) for a DTensor; else the tensors."""
     state = opt.state[p]
+    if sharding.is_dtensor(p):
+        plan = sharding.cached_plan(opt, index, j, p, group.get("quant_block_size"), K)
+        before = state.get("latent")
+        latent = sharding.latent_buffer(state, p, plan)
+        if state.get("latent") is not before:  # created: the latent starts at p
+            latent.copy_(plan.local)
+        return (
+            plan.local,
+            (plan.rows_local, plan.cols_local),
+            latent,
+            (sharding.quants_buffer(state, plan, fresh)),
+        )
+    layout = opt._layout(group, index, j, p)
     latent = state.get("latent")
     if latent is None or not latent.is_contiguous() or latent.dtype != p.dtype:
         # warmup just ended, or a parameter added mid-training: the latent starts at p
@@ -143,11 +157,19 @@ def _prepare(opt, kind: OptimKind, group: dict, j: int, p: Tensor, layout, K: in
         and Q.device == p.device and Q.is_contiguous()
     ):  # fmt: skip
         Q = state["quants"] = torch.empty(q_shape, dtype=torch.float32, device=p.device)
+    return p, (layout.rows, layout.cols), latent, Q
+
+
+def _prepare(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor, K: int,
+             fresh: bool):  # fmt: skip
+    """The :class:`_Item` of ``p`` and its bucket key (also creates missing state)."""
+    local, shape2d, latent, Q = _levels_and_latent(opt, group, index, j, p, K, fresh)
+    state = opt.state[p]
     writeback = []
-    out = p.view(shape2d) if p.is_contiguous() else torch.empty(shape2d, dtype=p.dtype,
-                                                                   device=p.device)  # fmt: skip
-    if not p.is_contiguous():
-        writeback.append((p, out))
+    out = local.view(shape2d) if local.is_contiguous() else torch.empty(
+        shape2d, dtype=local.dtype, device=local.device)  # fmt: skip
+    if not local.is_contiguous():
+        writeback.append((local, out))
     grad = p.grad
     if grad is None:
         return _Item(j, p, out, latent.view(shape2d), None, [], Q.view(-1, K), writeback), (
@@ -172,13 +194,13 @@ def _prepare(opt, kind: OptimKind, group: dict, j: int, p: Tensor, layout, K: in
             bufs.append(state["max_exp_avg_sq"])
         tag = (float(state["step"]) + 1,)
     views = []
-    for b in bufs:
+    for b in sharding.local_tensors(bufs):
         v = _rows(b, shape2d)
         if v.data_ptr() != b.data_ptr() or not b.is_contiguous():
             writeback.append((b, v))
         views.append(v)
-    item = _Item(j, p, out, latent.view(shape2d), _rows(grad, shape2d), views, Q.view(-1, K),
-                 writeback)  # fmt: skip
+    item = _Item(j, p, out, latent.view(shape2d), _rows(sharding.local_tensors([grad])[0], shape2d),
+                 views, Q.view(-1, K), writeback)  # fmt: skip
     return item, tag
 
 
@@ -209,7 +231,7 @@ def step_group(
     buckets: dict[tuple, list[_Item]] = {}
     for j, p in enumerate(params):
         fresh = update or "quants" not in opt.state[p]
-        item, tag = _prepare(opt, kind, group, j, p, opt._layout(group, index, j, p), K, fresh)
+        item, tag = _prepare(opt, kind, group, index, j, p, K, fresh)
         buckets.setdefault((p.device, p.dtype, fresh, tag), []).append(item)
     qa = (int(qkind), bits, list(qargs), quantizer.center)
     stepped: list[Tensor] = []

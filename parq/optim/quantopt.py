@@ -326,8 +326,18 @@ class QuantOptimizer(Optimizer):
         routes = {}
         for qi, (index, group, params) in enumerate(self._quantized_params()):
             quantizer = self._quantizer_for(qi)
+            local = sharding.local_tensors(params)
             if sharding.has_dtensor(params):
-                routes[index] = (SHARDED, "DTensor parameters (SPEC.md §7)")
+                why = (
+                    self._fused_step_reason(group, local)
+                    if self._use_fused(quantizer, local)
+                    else "a user quantizer or prox map, or fused=False"
+                )
+                K = quantizer.get_quant_size(group["quant_bits"])
+                if not why and not sharding.whole_on_rank(self, index, group, params, K):
+                    why = "quantization groups split across ranks: global statistics"
+                routes[index] = (SHARDED, f"DTensor parameters, {why}") if why else (
+                    FUSED_STEP, "")  # fmt: skip
             elif not self._use_fused(quantizer, params):
                 routes[index] = (GENERIC, self._generic_reason(quantizer, params))
             else:

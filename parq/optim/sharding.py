@@ -232,7 +232,7 @@ def _wrap(local: Tensor, plan: ShardPlan, shape: tuple[int, ...], placements) ->
                               stride=stride)  # fmt: skip
 
 
-def _latent_buffer(state: dict, p: Tensor, plan: ShardPlan) -> Tensor:
+def latent_buffer(state: dict, p: Tensor, plan: ShardPlan) -> Tensor:
     """The local tensor of ``state["latent"]`` (created like ``p`` if missing or unusable)."""
     latent = state.get("latent")
     if latent is not None and is_dtensor(latent) == is_dtensor(p):
@@ -244,7 +244,7 @@ def _latent_buffer(state: dict, p: Tensor, plan: ShardPlan) -> Tensor:
     return buf
 
 
-def _quants_buffer(state: dict, plan: ShardPlan, fresh: bool) -> Tensor:
+def quants_buffer(state: dict, plan: ShardPlan, fresh: bool) -> Tensor:
     """The local tensor of ``state["quants"]``; reallocated when it will be rewritten."""
     Q = state.get("quants")
     buf = None if Q is None else _local(Q)
@@ -264,6 +264,13 @@ def _rows(t: Tensor, plan: ShardPlan) -> Tensor:
     return t.reshape(plan.rows_local, plan.cols_local)
 
 
+def whole_on_rank(opt, index: int, group: dict, params: list[Tensor], K: int) -> bool:
+    """Does every quantization group of these parameters lie whole on this rank (so
+    that the fused ops can run on the local shards with no collective)?"""
+    block = group.get("quant_block_size")
+    return not any(cached_plan(opt, index, j, p, block, K).split for j, p in enumerate(params))
+
+
 def step_group(
     opt, index: int, group: dict, params: list[Tensor], quantizer, gamma: float, update: bool,
     n: int,
@@ -276,7 +283,7 @@ def step_group(
     builtin_prox = isinstance(prox, KernelProxMap) and type(prox).apply_ is KernelProxMap.apply_
     local_items, split_items = [], []
     for j, p in enumerate(params):
-        plan = _cached_plan(opt, index, j, p, group.get("quant_block_size"), K)
+        plan = cached_plan(opt, index, j, p, group.get("quant_block_size"), K)
         state = opt.state[p]
         fresh = update or "quants" not in state
         if plan.split and fresh:
@@ -296,7 +303,7 @@ def step_group(
     return rho
 
 
-def _cached_plan(opt, index: int, j: int, p: Tensor, block: int | None, K: int) -> ShardPlan:
+def cached_plan(opt, index: int, j: int, p: Tensor, block: int | None, K: int) -> ShardPlan:
     """:func:`plan_param`, cached per parameter while its spec and local tensor stay the
     same objects (DTensor attribute reads cost microseconds each; a step reads many)."""
     cache = opt.__dict__.setdefault("_shard_plans", {})
@@ -326,8 +333,8 @@ def _local_fused(opt, index, bits, quantizer, gamma, n, items) -> float | None:
     buckets: dict[tuple, list] = {}
     for j, p, plan, fresh in items:
         state = opt.state[p]
-        latent = _latent_buffer(state, p, plan)
-        Q = _quants_buffer(state, plan, fresh)
+        latent = latent_buffer(state, p, plan)
+        Q = quants_buffer(state, plan, fresh)
         local = plan.local
         if local.numel() == 0:
             continue
@@ -363,7 +370,7 @@ def _local_generic(opt, index, bits, quantizer, gamma, n, items) -> float | None
     rho = None
     for j, p, plan, fresh in items:
         state = opt.state[p]
-        _latent_buffer(state, p, plan).copy_(plan.local)
+        latent_buffer(state, p, plan).copy_(plan.local)
         local = plan.local
         if gamma != 1.0:
             local.div_(gamma)
@@ -373,7 +380,7 @@ def _local_generic(opt, index, bits, quantizer, gamma, n, items) -> float | None
             if opt.check_finite and not torch.isfinite(local).all():
                 opt._raise_nonfinite(index, j, p)
             q, Q = quantizer.quantize(view, bits, dim)
-            _quants_buffer(state, plan, True).copy_(Q.reshape(plan.q_local_shape))
+            quants_buffer(state, plan, True).copy_(Q.reshape(plan.q_local_shape))
         else:
             q = None
         Q = _local(state["quants"])
@@ -406,7 +413,7 @@ def _split_update(opt, index, bits, quantizer, prox, builtin_prox, fused, gamma,
     for _, p, plan in items:
         state = opt.state[p]
         if not handoff:
-            _latent_buffer(state, p, plan).copy_(plan.local)
+            latent_buffer(state, p, plan).copy_(plan.local)
         x = _rows(plan.local.detach(), plan).float()
         if gamma != 1.0:
             x = x / gamma
@@ -421,7 +428,7 @@ def _split_update(opt, index, bits, quantizer, prox, builtin_prox, fused, gamma,
         j, p, _ = items[bad.index(True)]
         opt._raise_nonfinite(index, j, p)
     for (_, p, plan), x, q, Q in zip(items, xs, qs, Qs, strict=True):
-        _quants_buffer(opt.state[p], plan, True).copy_(Q.reshape(plan.q_local_shape))
+        quants_buffer(opt.state[p], plan, True).copy_(Q.reshape(plan.q_local_shape))
         if handoff:
             continue
         if builtin_prox:
