@@ -11,11 +11,18 @@ optimizer has updated ``params`` (SPEC.md §5):
   is one quantization group (a channel, a block, or the whole tensor as one
   row). Read, then overwritten with the projected weights.
 * ``latents[i]``: same shape and dtype; written with the *input* ``params[i]``
-  (before the shrink), i.e. the full-precision latent copy.
+  (before the shrink), i.e. the full-precision latent copy: read and written, as
+  an element whose input is NaN/Inf keeps its previous latent (see below).
 * ``quants[i]``: ``(rows, K)`` float32 level sets, sorted ascending per row.
   Written when ``update`` is true, read otherwise.
 * ``nonfinite``: int32 ``(len(params),)``; entry ``i`` is set to 1 when a
   non-finite value of ``params[i]`` is seen (never cleared by the op).
+
+Non-finite values (SPEC.md §6): an element whose new value is NaN/Inf does not
+enter the latent (nor, in ``fused_step_``, the optimizer state): it keeps its
+previous latent (and state), and ``x`` below is that kept latent. Its parameter
+is flagged. A non-finite ``x`` (a latent that was never finite) is flagged too and
+written to ``params`` as it is; the levels of its row are then unspecified.
 
 ``fused_step_(params, latents, grads, bufs1, bufs2, bufs3, quants, nonfinite,
 optim_kind, hparams, quant_kind, bits, qargs, center, update, prox_kind,
@@ -23,7 +30,8 @@ prox_arg, gamma, backend)``: the base optimizer's update and the above in one
 pass (SPEC.md §8). ``latents[i]`` is read and overwritten with the updated
 latent ``w = base_update(latent, grad, state)`` (stored in the parameter
 dtype); ``params[i]`` is written (not read) with the projection of ``w / gamma``;
-``quants`` and ``nonfinite`` as above (the flag looks at ``w / gamma``).
+``quants`` and ``nonfinite`` as above (an element whose new latent or new state
+is non-finite keeps its previous latent and state, and is flagged).
 ``grads[i]`` (read) and ``bufs1/2/3[i]`` (the base optimizer's state, read and
 written) have the shape and dtype of ``params[i]`` and are contiguous;
 ``optim_kind`` (:class:`OptimKind`) says which update it is and what ``hparams``

@@ -265,14 +265,15 @@ def quant_prox_(
 ) -> None:
     """Reference backend of ``parq_kernels::quant_prox_`` (contract in ops.py)."""
     for i, (p, latent, Q) in enumerate(zip(params, latents, quants, strict=True)):
-        latent.copy_(p)
-        x = p.float()
+        finite = torch.isfinite(p)
+        latent.copy_(torch.where(finite, p, latent))  # a NaN/Inf update keeps the old latent
+        x = latent.float()
         if gamma != 1.0:
             x = x / gamma
-        if not torch.isfinite(x).all():
-            nonfinite[i] = 1
+        fine = torch.isfinite(x)
+        nonfinite[i] |= (~finite | ~fine).any().to(nonfinite.dtype)  # no host sync
         q = None
         if update:
             q, Q_new = quantize_rows(x, quant_kind, bits, qargs, center)
             Q.copy_(Q_new)
-        p.copy_(apply_prox(x, q, Q, prox_kind, prox_arg))
+        p.copy_(torch.where(fine, apply_prox(x, q, Q, prox_kind, prox_arg), x))

@@ -69,20 +69,32 @@ def base_update_(
     bufs: tuple[Tensor | None, Tensor | None, Tensor | None],
     optim_kind: int,
     hparams: tuple[float, ...],
-) -> None:
-    """One base-optimizer update of ``latent`` and its state, computed in float32."""
+) -> Tensor:
+    """One base-optimizer update of ``latent`` and its state, computed in float32.
+
+    An element whose new latent or new state is NaN/Inf (as stored) keeps its old
+    latent and state (ops.py: non-finite values never enter the optimizer's state).
+    Returns the mask of the elements that took their update.
+    """
     kind = OptimKind(optim_kind)
-    w = latent.float()
+    w = latent.float().clone()
     g = grad.float()
-    state = [None if b is None else b.float() for b in bufs]
+    state = [None if b is None else b.float().clone() for b in bufs]
     if kind == OptimKind.SGD:
         sgd_update_(w, g, state[0], hparams)
     else:
         adam_update_(w, g, state[0], state[1], state[2], hparams, kind == OptimKind.ADAMW)
-    latent.copy_(w)
-    for b, s in zip(bufs, state, strict=True):
+    new = [w.to(latent.dtype)] + [None if s is None else s.to(b.dtype) for s, b in
+                                  zip(state, bufs, strict=True)]  # fmt: skip
+    ok = torch.isfinite(new[0])
+    for t in new[1:]:
+        if t is not None:
+            ok &= torch.isfinite(t)
+    latent.copy_(torch.where(ok, new[0], latent))
+    for b, t in zip(bufs, new[1:], strict=True):
         if b is not None:
-            b.copy_(s)
+            b.copy_(torch.where(ok, t, b))
+    return ok
 
 
 def _entry(bufs: list[Tensor], i: int) -> Tensor | None:
@@ -115,7 +127,8 @@ def fused_step_(
         raise ValueError(f"hparams of {kind.name} needs {NUM_HPARAMS[kind]} entries")
     for i, (p, latent, grad) in enumerate(zip(params, latents, grads, strict=True)):
         bufs = (_entry(bufs1, i), _entry(bufs2, i), _entry(bufs3, i))
-        base_update_(latent, grad, bufs, kind, tuple(hparams))
-        p.copy_(latent)
+        ok = base_update_(latent, grad, bufs, kind, tuple(hparams))
+        # a rejected update reaches quant_prox_ as NaN: it keeps the latent and is flagged
+        p.copy_(torch.where(ok, latent, torch.full_like(p, float("nan"))))
     reference.quant_prox_(params, latents, quants, nonfinite, quant_kind, bits, qargs, center,
                           update, prox_kind, prox_arg, gamma)  # fmt: skip

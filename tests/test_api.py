@@ -231,10 +231,10 @@ def test_overriding_a_builtin_goes_generic():
 def test_builtins_use_the_fused_ops(monkeypatch):
     """torch SGD/Adam/AdamW bases: one fused_step_ call; other bases: base.step() then
     one quant_prox_ call; fused=False: neither op."""
-    from parq.optim import fused_step, quantopt
+    from parq.optim import fused_step, prox_paths
 
     seen = []
-    for module, name in ((quantopt, "quant_prox_"), (fused_step, "fused_step_")):
+    for module, name in ((prox_paths, "quant_prox_"), (fused_step, "fused_step_")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _r=real, _n=name: (seen.append(_n), _r(*a)))
 

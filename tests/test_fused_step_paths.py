@@ -10,7 +10,7 @@ import torch
 from foundation_models import one_thread  # noqa: F401  (autouse fixture)
 from test_fused_step import _assert_close, _build, _grads, _params, run_pair
 
-from parq.optim import NMSGDOptimizer, ProxHardQuant, ProxPARQ, QuantOptimizer
+from parq.optim import NMSGDOptimizer, ProxHardQuant, ProxPARQ, QuantOptimizer, routing
 from parq.quant import UnifQuantizer
 
 
@@ -68,7 +68,7 @@ def test_differentiable_base_is_not_fused():
     groups = [{"params": params[:-1], "quant_bits": 2}, {"params": params[-1:]}]
     base = torch.optim.Adam(groups, lr=0.01, differentiable=True)
     opt = QuantOptimizer(base, UnifQuantizer(), ProxHardQuant())
-    assert opt._routes() == {0: ("base step + fused prox", "differentiable=True")}
+    assert routing.routes(opt) == {0: ("base step + fused prox", "differentiable=True")}
 
 
 def test_user_quantizer_and_float64_take_the_generic_path():

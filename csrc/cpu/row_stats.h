@@ -289,7 +289,7 @@ inline void hard_block(const float* xs, int64_t n, const WriteArgs& w, float* hs
 }
 
 // The prox map of a block: the result is in xs, or in hs for HARD (returned).
-inline const float* prox_block(float* xs, int64_t n, const WriteArgs& w, float* hs) {
+inline float* prox_block(float* xs, int64_t n, const WriteArgs& w, float* hs) {
   const OpArgs& a = *w.a;
   float lo[kSub];
   int32_t idx[kSub];
@@ -345,11 +345,20 @@ Partial write_chunk(const Src& src, int64_t o, int64_t n, bool first, const Writ
   Partial out;
   float xs[kSub];
   float hs[kSub];
+  float keep[kSub];
   for (int64_t b = 0; b < n; b += kSub) {
     const int64_t len = std::min(kSub, n - b);
     if (src.load(o + b, len, xs, first)) out.bad = true;
     if (!w.writes) continue;
-    src.store(o + b, len, prox_block(xs, len, w, hs));
+    if (all_finite(xs, len)) {
+      src.store(o + b, len, prox_block(xs, len, w, hs));
+      continue;
+    }
+    // a non-finite x (a latent that never was finite) is written as it is
+    std::memcpy(keep, xs, static_cast<size_t>(len) * sizeof(float));
+    float* ys = prox_block(xs, len, w, hs);
+    for (int64_t i = 0; i < len; ++i) ys[i] = keep[i] - keep[i] == 0.0f ? ys[i] : keep[i];
+    src.store(o + b, len, ys);
   }
   return out;
 }

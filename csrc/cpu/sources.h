@@ -3,12 +3,14 @@
 // A row's passes (statistics, write) see its elements through a source that
 // fills a float32 buffer xs = value / gamma for an element range [o, o + n):
 //
-// * ParamSource (quant_prox_): the values are the weights p. The first pass
-//   over a chunk also copies p into the latent and checks finiteness.
-// * StepSource (fused_step_): the values are the latent weights. The first
-//   pass over a chunk applies the base optimizer's update to the latent and
-//   its state (base_update.h) and hands on the updated latent as stored (in
-//   the parameter dtype); later passes read the latent.
+// * ParamSource (quant_prox_): the first pass over a chunk copies the weights
+//   p into the latent and checks finiteness; the values are the latent.
+// * StepSource (fused_step_): the first pass over a chunk applies the base
+//   optimizer's update to the latent and its state (base_update.h) and hands
+//   on the updated latent as stored (in the parameter dtype).
+//
+// Later passes read the latent. A NaN/Inf never enters the latent or the state:
+// such an element keeps its old values (and is flagged), see ops.py.
 //
 // Both write the projected weights to p. Everything a source does to one
 // element happens in one place, so the first pass stays a single sweep over
@@ -23,6 +25,9 @@
 
 namespace parq {
 
+// True for finite v (NaN and +-Inf give NaN when subtracted from themselves).
+inline bool finite(float v) { return v - v == 0.0f; }
+
 template <typename T>
 struct ParamSource {
   static constexpr bool kAlwaysWrites = false;  // prox NONE with gamma 1 leaves p as it is
@@ -32,11 +37,25 @@ struct ParamSource {
 
   ParamSource at(int64_t off) const { return {p + off, lat + off, gamma}; }
 
+  // First pass: latent = p where p is finite (a NaN/Inf element keeps its old latent);
+  // x = the latent / gamma. Later passes read the latent. Returns "non-finite seen".
   bool load(int64_t o, int64_t n, float* xs, bool first) const {
-    load_chunk(p + o, n, gamma, xs);
-    if (!first) return false;
-    std::memcpy(lat + o, p + o, static_cast<size_t>(n) * sizeof(T));
-    return !all_finite(xs, n);
+    if (!first) {
+      load_chunk(lat + o, n, gamma, xs);
+      return false;
+    }
+    bool kept = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const bool ok = finite(static_cast<float>(p[o + i]));
+      kept |= !ok;
+      const T v = ok ? p[o + i] : lat[o + i];
+      lat[o + i] = v;
+      xs[i] = static_cast<float>(v);
+    }
+    if (gamma != 1.0f) {
+      for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] / gamma;
+    }
+    return kept || !all_finite(xs, n);
   }
 
   void store(int64_t o, int64_t n, const float* ys) const {
@@ -68,11 +87,11 @@ struct StepSource {
       load_chunk(lat + o, n, gamma, xs);
       return false;
     }
-    update(o, n, xs);
+    const bool kept = update(o, n, xs);
     if (gamma != 1.0f) {
       for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] / gamma;
     }
-    return !all_finite(xs, n);
+    return kept || !all_finite(xs, n);
   }
 
   void store(int64_t o, int64_t n, const float* ys) const {
@@ -80,57 +99,61 @@ struct StepSource {
   }
 
   // The base update of [o, o + n): writes the latent and the state; xs = the new latent
-  // as stored (rounded to T), which is what the unfused path quantizes.
-  void update(int64_t o, int64_t n, float* xs) const {
+  // as stored (rounded to T), which is what the unfused path quantizes. An element whose
+  // new latent or state is not finite (as stored) keeps its old values. Returns whether
+  // any element did.
+  bool update(int64_t o, int64_t n, float* xs) const {
     const StepArgs a = *s;
     T* L = lat + o;
     const T* G = grad + o;
+    bool kept = false;
     if (a.kind == kSgd && !a.has_momentum) {
       for (int64_t i = 0; i < n; ++i) {
         float unused = 0.0f;
         const T w = static_cast<T>(sgd_update(a, static_cast<float>(L[i]),
                                               static_cast<float>(G[i]), unused));
-        L[i] = w;
-        xs[i] = static_cast<float>(w);
+        const bool ok = finite(static_cast<float>(w));
+        kept |= !ok;
+        const T v = ok ? w : L[i];
+        L[i] = v;
+        xs[i] = static_cast<float>(v);
       }
     } else if (a.kind == kSgd) {
       T* B = b1 + o;
       for (int64_t i = 0; i < n; ++i) {
-        float buf = a.init_buf ? 0.0f : static_cast<float>(B[i]);
+        float buf = static_cast<float>(B[i]);  // ignored by sgd_update when init_buf
         const T w = static_cast<T>(sgd_update(a, static_cast<float>(L[i]),
                                               static_cast<float>(G[i]), buf));
-        B[i] = static_cast<T>(buf);
-        L[i] = w;
-        xs[i] = static_cast<float>(w);
-      }
-    } else if (!a.amsgrad) {
-      T* M = b1 + o;
-      T* V = b2 + o;
-      for (int64_t i = 0; i < n; ++i) {
-        float m = static_cast<float>(M[i]), v = static_cast<float>(V[i]), unused = 0.0f;
-        const T w = static_cast<T>(adam_update(a, static_cast<float>(L[i]),
-                                               static_cast<float>(G[i]), m, v, unused));
-        M[i] = static_cast<T>(m);
-        V[i] = static_cast<T>(v);
-        L[i] = w;
-        xs[i] = static_cast<float>(w);
+        const T nb = static_cast<T>(buf);
+        const bool ok = finite(static_cast<float>(w)) && finite(static_cast<float>(nb));
+        kept |= !ok;
+        B[i] = ok ? nb : B[i];
+        const T v = ok ? w : L[i];
+        L[i] = v;
+        xs[i] = static_cast<float>(v);
       }
     } else {
       T* M = b1 + o;
       T* V = b2 + o;
-      T* X = b3 + o;
+      T* X = a.amsgrad ? b3 + o : nullptr;
       for (int64_t i = 0; i < n; ++i) {
         float m = static_cast<float>(M[i]), v = static_cast<float>(V[i]);
-        float vmax = static_cast<float>(X[i]);
+        float vmax = X != nullptr ? static_cast<float>(X[i]) : 0.0f;
         const T w = static_cast<T>(adam_update(a, static_cast<float>(L[i]),
                                                static_cast<float>(G[i]), m, v, vmax));
-        M[i] = static_cast<T>(m);
-        V[i] = static_cast<T>(v);
-        X[i] = static_cast<T>(vmax);
-        L[i] = w;
-        xs[i] = static_cast<float>(w);
+        const T nm = static_cast<T>(m), nv = static_cast<T>(v), nx = static_cast<T>(vmax);
+        const bool ok = finite(static_cast<float>(w)) && finite(static_cast<float>(nm)) &&
+                        finite(static_cast<float>(nv)) && finite(static_cast<float>(nx));
+        kept |= !ok;
+        M[i] = ok ? nm : M[i];
+        V[i] = ok ? nv : V[i];
+        if (X != nullptr) X[i] = ok ? nx : X[i];
+        const T lv = ok ? w : L[i];
+        L[i] = lv;
+        xs[i] = static_cast<float>(lv);
       }
     }
+    return kept;
   }
 };
 

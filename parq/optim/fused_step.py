@@ -175,24 +175,24 @@ def _prepare(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor, K
         return _Item(j, p, out, latent.view(shape2d), None, [], Q.view(-1, K), writeback), (
             "nograd",
         )
-    bufs, tag = [], ()
+    keys, tag = [], ()
     if kind == OptimKind.SGD:
         if group["momentum"] != 0:
-            buf = state.get("momentum_buffer")
-            init = buf is None
-            if init:
-                buf = state["momentum_buffer"] = torch.empty_like(
+            init = state.get("momentum_buffer") is None
+            if init:  # zeros: what a rejected (non-finite) first update leaves
+                state["momentum_buffer"] = torch.zeros_like(
                     p, memory_format=torch.contiguous_format
                 )
-            bufs.append(buf)
-            tag = (init,)
+            keys, tag = ["momentum_buffer"], (init,)
     else:
         if "step" not in state:
             _init_adam_state(group, p, state)
-        bufs += [state["exp_avg"], state["exp_avg_sq"]]
-        if group["amsgrad"]:
-            bufs.append(state["max_exp_avg_sq"])
+        keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
         tag = (float(state["step"]) + 1,)
+    for key in keys:  # the model's dtype changed mid-training: the state follows it
+        if state[key].dtype != p.dtype:
+            state[key] = state[key].to(p.dtype)
+    bufs = [state[key] for key in keys]
     views = []
     for b in sharding.local_tensors(bufs):
         v = _rows(b, shape2d)
@@ -235,7 +235,6 @@ def step_group(
         buckets.setdefault((p.device, p.dtype, fresh, tag), []).append(item)
     qa = (int(qkind), bits, list(qargs), quantizer.center)
     stepped: list[Tensor] = []
-    bad = None
     for (device, _dtype, fresh, tag), items in buckets.items():
         flags = torch.zeros(len(items), dtype=torch.int32, device=device)
         outs = [it.out for it in items]
@@ -254,10 +253,7 @@ def step_group(
         for it in items:
             for original, copy in it.writeback:
                 original.copy_(copy.view(original.shape))
-        if bad is None and fresh and opt.check_finite and bool(flags.any()):
-            bad = items[int(flags.nonzero()[0, 0])]
+        opt._note_nonfinite(index, [(it.j, it.p) for it in items], flags, n)
     if stepped:
         torch._foreach_add_(stepped, 1)
-    if bad is not None:
-        opt._raise_nonfinite(index, bad.j, bad.p)
     return rho

@@ -36,36 +36,28 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from parq.optim import fused_step, sharding
+from parq.optim import checkpoint, fused_step, prox_paths, routing, sharding
 from parq.optim.fused_step import GroupPath
 from parq.optim.layout import RowLayout, check_quantized_group, group_bits, row_layout
-from parq.optim.proxmap import KernelProxMap, ProxMap
-from parq.quant.quantizer import KernelQuantizer, Quantizer
-from parq_kernels.ops import quant_prox_
+from parq.optim.nonfinite import NonFiniteFlags, NonFiniteParameterError, split_group_error
+from parq.optim.proxmap import ProxMap
+from parq.quant.quantizer import Quantizer
+from parq_kernels import backends
+
+__all__ = ["QuantOptimizer", "NonFiniteParameterError"]
 
 
-class NonFiniteParameterError(FloatingPointError):
-    """A quantized parameter holds NaN or Inf at a quantization-update step."""
-
-
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# the paths of a quantized group through step() (see QuantOptimizer.step_paths)
-FUSED_STEP = "fused step"
-FUSED_PROX = "base step + fused prox"
-GENERIC = "base step + generic prox"
-SHARDED = "base step + sharded prox"
-
-
-def _reusable(Q: Tensor | None, shape: tuple[int, ...], device: torch.device) -> bool:
-    """Can a stored level tensor be overwritten in place by the fused op?"""
-    return (
-        Q is not None
-        and Q.shape == shape
-        and Q.dtype == torch.float32
-        and Q.device == device
-        and Q.is_contiguous()
-    )
+def _checked_backend(backend: str | None, groups: list[dict]) -> str | None:
+    """Reject an unknown or unavailable explicit backend before anything is stepped."""
+    if backend in (None, "", "auto"):
+        return None
+    devices = {p.device for g in groups if g.get("quant_bits", 16) < 16 for p in g["params"]}
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"backend must be one of {backends.BACKENDS} (or None), got {backend!r}")
+    for device in devices:
+        if device.type != "meta":
+            backends.resolve(device, backend)  # raises BackendUnavailableError, saying why
+    return backend
 
 
 class QuantOptimizer(Optimizer):
@@ -141,12 +133,13 @@ class QuantOptimizer(Optimizer):
         self.quant_shrink = quant_shrink
         self.anneal_wd_frac = anneal_wd_frac
         self.group_quantizer_map = group_quantizer_map
-        self.backend = backend
+        self.backend = _checked_backend(backend, self.param_groups)
         self.fused = fused
         self.fuse_base_step = fuse_base_step
         self.check_finite = check_finite
         self._num_steps_unquantized = 0  # used only while no group is quantized
         self._base_kind, self._base_kind_reason = fused_step.base_kind(base_optimizer)
+        self._nonfinite = NonFiniteFlags()
 
         # torch.optim.Optimizer bookkeeping, without copying the base's groups.
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -161,6 +154,10 @@ class QuantOptimizer(Optimizer):
             self._init_group(group, index)
 
     # -- torch.optim.Optimizer surface, shared with the base optimizer ---------
+
+    # torch.amp.GradScaler must unscale the gradients itself: a fused torch base (which
+    # unscales inside its own step) is not stepped for the quantized groups
+    _step_supports_amp_scaling = False
 
     @property
     def param_groups(self) -> list[dict]:
@@ -187,35 +184,61 @@ class QuantOptimizer(Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a group; one that fails validation is taken out again (no state left)."""
         self.base_optimizer.add_param_group(param_group)
-        self._init_group(self.param_groups[-1], len(self.param_groups) - 1)
+        try:
+            self._init_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except Exception:
+            self.base_optimizer.param_groups.pop()
+            raise
 
     def state_dict(self) -> dict:
-        # placeholders make torch.distributed.checkpoint request latent/quants (sharding.py)
-        return sharding.add_state_placeholders(self, self.base_optimizer.state_dict())
+        return checkpoint.state_dict(self)
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a checkpoint; ``quants`` stay float32 whatever the parameter dtype.
+    def load_state_dict(self, state_dict: dict, start_step: int | None = None) -> None:
+        """Load a checkpoint (:mod:`parq.optim.checkpoint`); ``start_step`` overrides
+        ``num_steps``, as in the public release."""
+        checkpoint.load_state_dict(self, state_dict, start_step)
 
-        ``latent`` / ``quants`` are kept away from the base optimizer's loader: Adam-like
-        optimizers reject a parameter state without ``step`` (a quantized parameter whose
-        grad was None has only these two keys).
-        """
-        saved = state_dict["state"]
-        ours = ("latent", "quants")
-        base_state = {k: {n: v for n, v in s.items() if n not in ours} for k, s in saved.items()}
-        base_state = {k: s for k, s in base_state.items() if s}
-        self.base_optimizer.load_state_dict({**state_dict, "state": base_state})
-        # saved keys are indices (state_dict()) or names (torch.distributed.checkpoint)
-        keys = [k for g in state_dict["param_groups"] for k in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for key, p in zip(keys, params, strict=True):
-            entry = saved.get(key, {})
-            if "latent" in entry:
-                self.state[p]["latent"] = entry["latent"].to(device=p.device, dtype=p.dtype)
-            if "quants" in entry:
-                self.state[p]["quants"] = entry["quants"].to(p.device, torch.float32)
-        sharding.drop_state_placeholders(self)  # taken before quantization started
+    # -- the public release's latent helpers -----------------------------------
+
+    @torch.no_grad()
+    def restore_latent_params(self) -> None:
+        """``p = latent`` for every quantized parameter with ``requires_grad`` (e.g. to
+        evaluate or save the full-precision model); ``step()`` projects them again."""
+        for _, _, params in self._quantized_params():
+            for p in params:
+                latent = self.state[p].get("latent") if p in self.state else None
+                if latent is not None:
+                    sharding.local_tensors([p])[0].copy_(sharding.local_tensors([latent])[0])
+
+    @torch.no_grad()
+    def save_latent_params(self) -> None:
+        """``latent = p`` for every quantized parameter with ``requires_grad``."""
+        for _, _, params in self._quantized_params():
+            for p in params:
+                state = self.state[p]
+                latent = state.get("latent")
+                if latent is None or latent.shape != p.shape or latent.dtype != p.dtype:
+                    state["latent"] = p.detach().clone(memory_format=torch.contiguous_format)
+                else:
+                    sharding.local_tensors([latent])[0].copy_(sharding.local_tensors([p])[0])
+
+    @staticmethod
+    def quantize_(
+        p: Tensor, quants: Tensor, quantizer: Quantizer, b: int, dim: int | None = None
+    ) -> Tensor:
+        """``(q, Q) = quantizer.quantize(p, b, dim)``; copies ``Q`` into ``quants``; returns
+        ``q`` (the public release's helper)."""
+        q, Q = quantizer.quantize(p, b, dim=dim)
+        quants.copy_(Q)
+        return q
+
+    def __getattr__(self, name: str):
+        """Attributes the wrapper lacks are read from the base optimizer (public release)."""
+        if name.startswith("__") or "base_optimizer" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.base_optimizer, name)
 
     # -- quantized groups ------------------------------------------------------
 
@@ -273,8 +296,11 @@ class QuantOptimizer(Optimizer):
             self._paths = dict.fromkeys(range(len(self.param_groups)), warm)
             self.num_steps = n + 1
             return loss
-        routes = self._routes()
-        fused = {index for index, (path, _) in routes.items() if path == FUSED_STEP}
+        routes = routing.routes(self)
+        fused = {index for index, (path, _) in routes.items() if path == routing.FUSED_STEP}
+        # at the first quantized step, the latents of the unfused groups start as the weights
+        # before the base step (held aside: Adam must see an empty state on its first step)
+        first = self._weights_before_step(fused) if n == self.warmup_steps else {}
         if fused:  # the closure runs once, before any update, as in torch
             loss = None
             if closure is not None:
@@ -285,22 +311,24 @@ class QuantOptimizer(Optimizer):
         else:
             corrections = self._restore_latents() if n > self.warmup_steps else {}
             loss = self.base_optimizer.step(closure)
+        for p, latent in first.items():
+            self.state[p].setdefault("latent", latent)
         update = (n - self.warmup_steps) % self.quant_period == 0
         for qi, (index, group, params) in enumerate(self._quantized_params()):
             group["cumu_lr"] += float(group["lr"])
             self._apply_corrections(group, params, corrections)
             quantizer = self._quantizer_for(qi)
             gamma = self._shrink_gamma(group) if self.quant_shrink else 1.0
+            args = (index, group, params, quantizer, gamma, update, n)
             path = routes[index][0]
-            if path == FUSED_STEP:
-                rho = fused_step.step_group(self, self._base_kind, index, group, params, quantizer,
-                                            gamma, update, n)  # fmt: skip
-            elif path == SHARDED:  # FSDP2 / DTensor (SPEC §7)
-                rho = sharding.step_group(self, index, group, params, quantizer, gamma, update, n)
-            elif path == FUSED_PROX:
-                rho = self._fused_group(index, group, params, quantizer, gamma, update, n)
+            if path == routing.FUSED_STEP:
+                rho = fused_step.step_group(self, self._base_kind, *args)
+            elif path == routing.SHARDED:  # FSDP2 / DTensor (SPEC §7)
+                rho = sharding.step_group(self, *args)
+            elif path == routing.FUSED_PROX:
+                rho = prox_paths.fused_prox_group(self, *args)
             else:
-                rho = self._generic_group(index, group, params, quantizer, gamma, update, n)
+                rho = prox_paths.generic_group(self, *args)
             if rho:
                 group["inv_slope"] = rho
                 if self.anneal_wd_frac > 0 and "weight_decay" in group:
@@ -309,9 +337,9 @@ class QuantOptimizer(Optimizer):
         self._paths = {i: GroupPath(*routes.get(i, ("base step", ""))) for i in
                        range(len(self.param_groups))}  # fmt: skip
         self.num_steps = n + 1
+        if update:
+            self._nonfinite.check(self.state)
         return loss
-
-    # -- which path each group takes ----------------------------------------------
 
     @property
     def step_paths(self) -> list[GroupPath]:
@@ -321,50 +349,30 @@ class QuantOptimizer(Optimizer):
         paths = getattr(self, "_paths", {})
         return [paths[i] for i in sorted(paths)]
 
-    def _routes(self) -> dict[int, tuple[str, str]]:
-        """``{index: (path, reason)}`` of the quantized groups for this step."""
-        routes = {}
-        for qi, (index, group, params) in enumerate(self._quantized_params()):
-            quantizer = self._quantizer_for(qi)
-            local = sharding.local_tensors(params)
-            if sharding.has_dtensor(params):
-                why = (
-                    self._fused_step_reason(group, local)
-                    if self._use_fused(quantizer, local)
-                    else "a user quantizer or prox map, or fused=False"
-                )
-                K = quantizer.get_quant_size(group["quant_bits"])
-                if not why and not sharding.whole_on_rank(self, index, group, params, K):
-                    why = "quantization groups split across ranks: global statistics"
-                routes[index] = (SHARDED, f"DTensor parameters, {why}") if why else (
-                    FUSED_STEP, "")  # fmt: skip
-            elif not self._use_fused(quantizer, params):
-                routes[index] = (GENERIC, self._generic_reason(quantizer, params))
-            else:
-                why = self._fused_step_reason(group, params)
-                routes[index] = (FUSED_PROX, why) if why else (FUSED_STEP, "")
-        return routes
-
     def _fused_step_reason(self, group: dict, params: list[Tensor]) -> str:
-        """Why this group's base update cannot be fused with its quantize/prox ("" if it can)."""
-        if not self.fuse_base_step:
-            return "fuse_base_step=False"
-        if self._base_kind is None:
-            return self._base_kind_reason
-        return fused_step.group_reason(self.base_optimizer, self._base_kind, group, params)
+        """Why this group's base update cannot be fused ("" if it can); NM-SGD overrides."""
+        return routing.fused_step_reason(self, group, params)
 
-    def _generic_reason(self, quantizer: Quantizer, params: list[Tensor]) -> str:
-        if not self.fused:
-            return "fused=False"
-        if not (isinstance(quantizer, KernelQuantizer)
-                and type(quantizer).quantize is KernelQuantizer.quantize
-                and type(quantizer).get_quant_size is KernelQuantizer.get_quant_size):  # fmt: skip
-            return f"user quantizer {type(quantizer).__name__}"
-        if not (isinstance(self.prox_map, KernelProxMap)
-                and type(self.prox_map).apply_ is KernelProxMap.apply_):  # fmt: skip
-            return f"user prox map {type(self.prox_map).__name__}"
-        dtypes = sorted({str(p.dtype) for p in params if p.dtype not in _FUSED_DTYPES})
-        return f"{', '.join(dtypes)} parameters"
+    def _use_fused(self, quantizer: Quantizer, params: list[Tensor]) -> bool:
+        return routing.use_fused(self, quantizer, params)
+
+    # -- non-finite values (SPEC.md §6, parq.optim.nonfinite) ---------------------
+
+    def _note_nonfinite(self, index: int, items: list[tuple[int, Tensor]], flags: Tensor,
+                        n: int) -> None:  # fmt: skip
+        """Keep one op call's non-finite flags until the next level update reads them."""
+        if self.check_finite:
+            self._nonfinite.note(index, items, flags, n)
+
+    def _raise_nonfinite(self, index: int, j: int, p: Tensor) -> None:
+        raise split_group_error(index, j, p)
+
+    def _weights_before_step(self, skip: set[int]) -> dict[Tensor, Tensor]:
+        """Copies of the weights of the quantized groups but ``skip`` that have no latent."""
+        return {p: p.detach().clone(memory_format=torch.contiguous_format)
+                for index, _, params in self._quantized_params() if index not in skip
+                for p in params if "latent" not in self.state.get(p, {})
+                and not sharding.is_dtensor(p)}  # fmt: skip
 
     def _base_step_without(self, skip: set[int]) -> None:
         """``base_optimizer.step()`` over every group but ``skip`` (its hooks still run)."""
@@ -399,132 +407,6 @@ class QuantOptimizer(Optimizer):
     def _apply_corrections(self, group: dict, params: list[Tensor], corrections: dict) -> None:
         """NM-SGD hook: the plain optimizer applies none."""
 
-    def _use_fused(self, quantizer: Quantizer, params: list[Tensor]) -> bool:
-        return (
-            self.fused
-            and isinstance(quantizer, KernelQuantizer)
-            and type(quantizer).quantize is KernelQuantizer.quantize
-            and type(quantizer).get_quant_size is KernelQuantizer.get_quant_size
-            and isinstance(self.prox_map, KernelProxMap)
-            and type(self.prox_map).apply_ is KernelProxMap.apply_
-            # the op serves fp32 / bf16 / fp16 (SPEC §6); other dtypes (fp64) go generic
-            and all(p.dtype in _FUSED_DTYPES for p in params)
-        )
-
     def _layout(self, group: dict, index: int, j: int, p: Tensor) -> RowLayout:
         where = f"param_groups[{index}] params[{j}] (shape {tuple(p.shape)}): "
         return row_layout(p, group.get("quant_block_size"), self.quant_per_channel, where)
-
-    def _raise_nonfinite(self, index: int, j: int, p: Tensor) -> None:
-        raise NonFiniteParameterError(
-            f"param_groups[{index}] params[{j}] (shape {tuple(p.shape)}, {p.dtype}) holds NaN or "
-            "Inf after the base optimizer step; refusing to quantize it (check the loss and "
-            "learning rate, or pass check_finite=False to skip this check)"
-        )
-
-    def _generic_group(
-        self,
-        index: int,
-        group: dict,
-        params: list[Tensor],
-        quantizer: Quantizer,
-        gamma: float,
-        update: bool,
-        n: int,
-    ) -> float | None:
-        """Per-parameter path: ``quantizer.quantize`` and ``prox_map.apply_``."""
-        bits = group["quant_bits"]
-        rho = None
-        for j, p in enumerate(params):
-            layout = self._layout(group, index, j, p)
-            state = self.state[p]
-            if "latent" in state:
-                state["latent"].copy_(p)
-            else:
-                state["latent"] = p.detach().clone()
-            param = p  # half-precision weights are shrunk in float32 (SPEC §6), then stored
-            if gamma != 1.0:
-                if p.dtype in (torch.float16, torch.bfloat16):
-                    p = p.float()
-                p.div_(gamma)
-            if layout.grouped:
-                view = p.reshape(layout.rows, layout.cols)
-            elif layout.block_size is not None:
-                view = p.reshape(-1, layout.block_size)
-            else:
-                view = p
-            if update or "quants" not in state:
-                if self.check_finite and not torch.isfinite(p).all():
-                    self._raise_nonfinite(index, j, param)
-                q, Q = quantizer.quantize(view, bits, layout.dim)
-                state["quants"] = Q.to(torch.float32)
-            else:
-                q = None
-            rho = self.prox_map.apply_(view, q, state["quants"], step_count=n, dim=layout.dim)
-            if view is not p and not p.is_contiguous():  # reshape copied: write back
-                p.copy_(view.reshape(p.shape))
-            if p is not param:
-                param.copy_(p)
-        return rho
-
-    def _fused_group(
-        self,
-        index: int,
-        group: dict,
-        params: list[Tensor],
-        quantizer: Quantizer,
-        gamma: float,
-        update: bool,
-        n: int,
-    ) -> float | None:
-        """All parameters of the group through ``quant_prox_``, one call per (device, dtype)."""
-        if not params:
-            return None
-        bits = group["quant_bits"]
-        kind, qargs = quantizer.kernel_spec(bits)
-        K = quantizer.get_quant_size(bits)
-        prox_kind, prox_arg, rho = self.prox_map.schedule(n)
-        # (device, dtype, update) -> [(j, p, rows view, latent view, Q view)]
-        buckets: dict[tuple, list] = {}
-        for j, p in enumerate(params):
-            layout = self._layout(group, index, j, p)
-            shape2d = (layout.rows, layout.cols)
-            state = self.state[p]
-            latent = state.get("latent")
-            if latent is None or not latent.is_contiguous():
-                latent = torch.empty_like(p, memory_format=torch.contiguous_format)
-                state["latent"] = latent
-            Q = state.get("quants")
-            fresh = update or Q is None  # a parameter added mid-training has no levels yet
-            q_shape = (layout.rows, K) if layout.grouped else (K,)
-            if fresh and not _reusable(Q, q_shape, p.device):
-                Q = state["quants"] = torch.empty(q_shape, dtype=torch.float32, device=p.device)
-            rows = p.view(shape2d) if p.is_contiguous() else p.contiguous().view(shape2d)
-            buckets.setdefault((p.device, p.dtype, fresh), []).append(
-                (j, p, rows, latent.view(shape2d), Q.view(-1, K))
-            )
-        for (device, _dtype, fresh), items in buckets.items():
-            flags = torch.zeros(len(items), dtype=torch.int32, device=device)
-            quant_prox_(
-                [it[2] for it in items],
-                [it[3] for it in items],
-                [it[4] for it in items],
-                flags,
-                int(kind),
-                bits,
-                list(qargs),
-                quantizer.center,
-                fresh,
-                int(prox_kind),
-                float(prox_arg),
-                float(gamma),
-                self.backend or "",
-            )
-            for _, p, rows, _, _ in items:
-                if not p.is_contiguous():
-                    p.copy_(rows.view(p.shape))
-            if fresh and self.check_finite and bool(flags.any()):
-                bad = int(flags.nonzero()[0, 0])
-                j, p = items[bad][0], items[bad][1]
-                self._raise_nonfinite(index, j, p)
-        return rho

@@ -352,9 +352,7 @@ def _local_fused(opt, index, bits, quantizer, gamma, n, items) -> float | None:
         for _, _, local, rows, _, _ in its:
             if rows.data_ptr() != local.data_ptr():
                 local.copy_(rows.view(local.shape))
-        if fresh and opt.check_finite and bool(flags.any()):
-            bad = int(flags.nonzero()[0, 0])
-            opt._raise_nonfinite(index, its[bad][0], its[bad][1])
+        opt._note_nonfinite(index, [(it[0], it[1]) for it in its], flags, n)
     return rho
 
 
@@ -451,7 +449,7 @@ def _split_update(opt, index, bits, quantizer, prox, builtin_prox, fused, gamma,
 
 def add_state_placeholders(opt, state_dict: dict) -> dict:
     """Before quantization starts (``num_steps <= warmup_steps``), give the quantized
-    parameters ``latent`` / ``quants`` placeholders in ``state_dict["state"]`` (a copy
+    DTensor parameters ``latent`` / ``quants`` placeholders in ``state_dict["state"]`` (a copy
     of ``p`` and all-NaN levels, placed like the real ones), so that a checkpoint
     skeleton built from a resuming optimizer requests them (``get_state_dict`` runs a
     zero-lr ``step`` first, which may still be in warmup). The live state is not
@@ -471,7 +469,7 @@ def add_state_placeholders(opt, state_dict: dict) -> dict:
             qi += 1
         for j, p in enumerate(group["params"]):
             live = opt.state.get(p, {})
-            if bits is not None and p.requires_grad and (live or stateless):
+            if bits is not None and p.requires_grad and (live or stateless) and is_dtensor(p):
                 where = _where(index, j, p)
                 block = group.get("quant_block_size")
                 layout = row_layout(p, block, opt.quant_per_channel, where + ": ")

@@ -1,0 +1,97 @@
+"""Which path each quantized group takes through ``QuantOptimizer.step()``, and why.
+
+Decided afresh at every step (the checks are cheap attribute and dtype reads), so
+that a change of options, dtypes or parameters between steps is honoured:
+
+* ``FUSED_STEP``: the base update fused with quantize + prox (SPEC.md §8,
+  :mod:`parq.optim.fused_step`): built-in quantizer and prox map, ``fused`` and
+  ``fuse_base_step``, a torch SGD / Adam / AdamW base that the kernels serve, and
+  for DTensor parameters quantization groups that lie whole on each rank;
+* ``FUSED_PROX``: ``base_optimizer.step()``, then the fused quantize/prox op;
+* ``GENERIC``: ``base_optimizer.step()``, then the per-parameter calls of the
+  public release (user quantizers / prox maps, float64, ``fused=False``);
+* ``SHARDED``: DTensor parameters that need global statistics, or that the fused
+  step cannot serve (:mod:`parq.optim.sharding`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from parq.optim import fused_step, sharding
+from parq.optim.proxmap import KernelProxMap
+from parq.quant.quantizer import KernelQuantizer, Quantizer
+
+FUSED_STEP = "fused step"
+FUSED_PROX = "base step + fused prox"
+GENERIC = "base step + generic prox"
+SHARDED = "base step + sharded prox"
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def builtin(quantizer: Quantizer, prox_map) -> bool:
+    """Are the quantizer and the prox map built-ins that the fused kernels describe?"""
+    return (
+        isinstance(quantizer, KernelQuantizer)
+        and type(quantizer).quantize is KernelQuantizer.quantize
+        and type(quantizer).get_quant_size is KernelQuantizer.get_quant_size
+        and isinstance(prox_map, KernelProxMap)
+        and type(prox_map).apply_ is KernelProxMap.apply_
+    )
+
+
+def use_fused(opt, quantizer: Quantizer, params: list[Tensor]) -> bool:
+    """Can the fused quantize/prox op serve this group (fp32 / bf16 / fp16, SPEC §6)?"""
+    return (
+        opt.fused
+        and builtin(quantizer, opt.prox_map)
+        and all(p.dtype in FUSED_DTYPES for p in params)
+    )
+
+
+def generic_reason(opt, quantizer: Quantizer, params: list[Tensor]) -> str:
+    """Why a group takes the generic per-parameter path."""
+    if not opt.fused:
+        return "fused=False"
+    if not (isinstance(quantizer, KernelQuantizer)
+            and type(quantizer).quantize is KernelQuantizer.quantize
+            and type(quantizer).get_quant_size is KernelQuantizer.get_quant_size):  # fmt: skip
+        return f"user quantizer {type(quantizer).__name__}"
+    if not builtin(quantizer, opt.prox_map):
+        return f"user prox map {type(opt.prox_map).__name__}"
+    dtypes = sorted({str(p.dtype) for p in params if p.dtype not in FUSED_DTYPES})
+    return f"{', '.join(dtypes)} parameters"
+
+
+def routes(opt) -> dict[int, tuple[str, str]]:
+    """``{index: (path, reason)}`` of the quantized groups for this step (module doc)."""
+    out = {}
+    for qi, (index, group, params) in enumerate(opt._quantized_params()):
+        quantizer = opt._quantizer_for(qi)
+        local = sharding.local_tensors(params)
+        if sharding.has_dtensor(params):
+            if use_fused(opt, quantizer, local):
+                why = opt._fused_step_reason(group, local)
+            else:
+                why = generic_reason(opt, quantizer, local)
+            K = quantizer.get_quant_size(group["quant_bits"])
+            if not why and not sharding.whole_on_rank(opt, index, group, params, K):
+                why = "quantization groups split across ranks: global statistics"
+            out[index] = (SHARDED, f"DTensor parameters, {why}") if why else (FUSED_STEP, "")
+        elif not use_fused(opt, quantizer, params):
+            out[index] = (GENERIC, generic_reason(opt, quantizer, params))
+        else:
+            why = opt._fused_step_reason(group, params)
+            out[index] = (FUSED_PROX, why) if why else (FUSED_STEP, "")
+    return out
+
+
+def fused_step_reason(opt, group: dict, params: list[Tensor]) -> str:
+    """Why a group's base update cannot be fused with its quantize/prox ("" if it can)."""
+    if not opt.fuse_base_step:
+        return "fuse_base_step=False"
+    if opt._base_kind is None:
+        return opt._base_kind_reason
+    return fused_step.group_reason(opt.base_optimizer, opt._base_kind, group, params)
