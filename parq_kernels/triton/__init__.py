@@ -62,20 +62,20 @@ both ops give the same values from the same ``x``. Like the CPU kernels
 tile, which writes the latent and the state and hands on the stored latent:
 
 * non-update steps: one ``_step_apply_kernel`` launch per class, reading latent,
-  gradient and state and writing latent, state and ``p``: 24 B per fp32
-  element for SGD with momentum (20 B without), 32 B for Adam/AdamW (40 B with
+  gradient and state and writing latent, state and ``p``: per fp32 element
+  16 B for SGD, 24 B for SGD with momentum, 32 B for Adam/AdamW (40 B with
   amsgrad);
 * update steps, whole rows: ``_step_whole_rows_stats_kernel`` (base update +
   all statistics), levels, then ``_step_apply_kernel`` reading the updated
   latent and writing ``p`` only; long rows: the first partials pass applies
   the update, later passes and the apply pass read the latent. The launches
   are exactly those of ``quant_prox_`` (``2 * classes + 1`` for whole rows);
-  the bytes are the non-update step's plus one more read of the latent per
-  statistics pass after the first (whole rows: one, i.e. 28 B SGD+momentum,
-  36 B AdamW). SPEC.md §8 asks "nothing added" for rows that fit on chip: that
-  needs levels and projection in the statistics kernel itself (binary LSBQ
-  levels sorted in registers), left for later; update steps come once per
-  ``quant_period`` steps.
+  the bytes are the non-update step's plus one read of the latent per
+  statistics pass (whole rows: one pass, so 28 B for SGD with momentum, 36 B
+  for AdamW). SPEC.md §8 asks "nothing added" for rows that fit on chip: that
+  needs the levels and the projection in the statistics kernel itself (binary
+  LSBQ levels sorted in registers), left for later; update steps come once
+  per ``quant_period`` steps.
 
 Gradients are reallocated by ``zero_grad(set_to_none=True)``, so they are not
 in the cached plan: the launcher passes per-parameter gradient offsets
