@@ -1,8 +1,9 @@
-"""Triton backend of the fused QuantOptimizer op (``parq_kernels::quant_prox_``).
+"""Triton backend of the fused QuantOptimizer ops (``parq_kernels::quant_prox_`` and
+``parq_kernels::fused_step_``).
 
 Serves CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (set before
-triton is imported) for testing. The math is SPEC.md §3-§4; the ground truth is
-:mod:`parq_kernels.reference`.
+triton is imported) for testing. The math is SPEC.md §3-§4 and §8; the ground
+truth is :mod:`parq_kernels.reference` and :mod:`parq_kernels.reference_step`.
 
 Design
 ------
@@ -48,8 +49,48 @@ every offset and stride of its class allows vector loads.
 Non-uniform lookups compare-and-select over the ``K`` levels for ``K <= 16``
 and binary-search (gathers) for larger ``K``. Everything is computed in
 float32; ``p`` and the latent copy are stored in the parameter's dtype.
+
+Fused step
+----------
+``fused_step_`` (:mod:`.step`, kernels in :mod:`.step_kernels`, the update in
+:mod:`.base_update`) applies torch's SGD / Adam / AdamW update to the latent
+and then quantizes and projects it, with the same plan, passes and jit helpers
+as ``quant_prox_``; only the read changes. The statistics and apply bodies
+(``whole_rows_stats``, ``partial_stats``, ``flag_and_project``) are shared, so
+both ops give the same values from the same ``x``. Like the CPU kernels
+(csrc/cpu/sources.h), the base update is folded into the *first read* of each
+tile, which writes the latent and the state and hands on the stored latent:
+
+* non-update steps: one ``_step_apply_kernel`` launch per class, reading latent,
+  gradient and state and writing latent, state and ``p``: per fp32 element
+  16 B for SGD, 24 B for SGD with momentum, 32 B for Adam/AdamW (40 B with
+  amsgrad);
+* update steps, whole rows: ``_step_whole_rows_stats_kernel`` (base update +
+  all statistics), levels, then ``_step_apply_kernel`` reading the updated
+  latent and writing ``p`` only; long rows: the first partials pass applies
+  the update, later passes and the apply pass read the latent. The launches
+  are exactly those of ``quant_prox_`` (``2 * classes + 1`` for whole rows);
+  the bytes are the non-update step's plus one read of the latent per
+  statistics pass (whole rows: one pass, so 28 B for SGD with momentum, 36 B
+  for AdamW). SPEC.md §8 asks "nothing added" for rows that fit on chip: that
+  needs the levels and the projection in the statistics kernel itself (binary
+  LSBQ levels sorted in registers), left for later; update steps come once
+  per ``quant_period`` steps.
+
+Gradients are reallocated by ``zero_grad(set_to_none=True)``, so they are not
+in the cached plan: the launcher passes per-parameter gradient offsets
+(relative to ``grads[0]``) as a small int64 device table, built per call on the
+host and cached in an LRU keyed on the gradients' addresses (a miss costs one
+asynchronous copy from pinned memory; nothing synchronizes with the host). The
+optimizer state's offsets are stable and cached like the plan; each tile adds
+its offset inside its parameter (``F_EOFF``). Vector hints (``ALIGN``) hold
+only when all five lists allow them. Hyperparameters are kernel arguments
+(float32) computed per call on the host, Adam's bias corrections in double as
+torch does; option flags are one ``OPT`` constexpr. The update uses IEEE
+division and square root (``div_rn``, ``sqrt_rn``) like torch's kernels.
 """
 
 from parq_kernels.triton.launch import quant_prox_
+from parq_kernels.triton.step import fused_step_
 
-__all__ = ["quant_prox_"]
+__all__ = ["quant_prox_", "fused_step_"]

@@ -7,7 +7,9 @@ quantizer's own ``q`` (arithmetic from the row statistics: no level search)
 and the tile that starts a row also copies the row's fresh levels into
 ``quants``; on the other steps ``hard(x)`` is the nearest stored level.
 Level lookups: a compare-and-select over the ``K`` levels for ``K <= 16``, a
-binary search (gathers from the row's levels) above.
+binary search (gathers from the row's levels) above. The body after the read is
+the jit helper ``flag_and_project``, shared with the fused step's apply kernel
+(:mod:`.step_kernels`), which reads the (updated) latent instead of ``p``.
 """
 
 from __future__ import annotations
@@ -138,22 +140,34 @@ def _apply_kernel(
     # offsets, stride and length are multiples of ALIGN, so loads/stores vectorize
     p_off = (tl.load(t + 0) // ALIGN) * ALIGN
     l_off = (tl.load(t + 1) // ALIGN) * ALIGN
-    q_off = tl.load(t + 2)
-    row0 = tl.load(t + 3)
-    nrows = tl.load(t + 4)
     ncols = (tl.load(t + 5) // ALIGN) * ALIGN  # n, or a chunk of n: a multiple too
     stride = (tl.load(t + 6) // ALIGN) * ALIGN
-    pidx = tl.load(t + 7)
     r = tl.arange(0, ROWS)[:, None]
     c = tl.arange(0, BLOCK)[None, :]
-    rmask = r < nrows
+    rmask = r < tl.load(t + 4)
     mask = rmask & (c < ncols)
     offs = r * stride + c
     raw = tl.load(P + p_off + offs, mask=mask, other=0.0)
     tl.store(L + l_off + offs, raw, mask=mask)
     x = raw.to(tl.float32) / gamma
+    y = flag_and_project(x, r, rmask, mask, t, QS, QWS, STATS, FLAGS, arg, arg2, qa0, qa2, KIND,
+                         BITS, K, KP, LOGKP, CENTER, UPDATE, PROX)  # fmt: skip
+    tl.store(P + p_off + offs, y.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def flag_and_project(
+    x, r, rmask, mask, t, QS, QWS, STATS, FLAGS, arg, arg2, qa0, qa2,
+    KIND: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+    LOGKP: tl.constexpr, CENTER: tl.constexpr, UPDATE: tl.constexpr, PROX: tl.constexpr,
+):  # fmt: skip
+    """The projected values of the tile ``x`` (``(ROWS, BLOCK)`` float32, ``t`` points at
+    its tile-table entry): flags non-finite ``x`` in ``FLAGS[pidx]`` and, on update
+    steps, copies the fresh levels of the rows the tile starts into ``QS``."""
+    q_off = tl.load(t + 2)
+    row0 = tl.load(t + 3)
     bad = tl.max(tl.max(tl.where(mask & ((x != x) | (tl.abs(x) == INF)), 1, 0), axis=1), axis=0)
-    tl.store(FLAGS + pidx, 1, mask=bad > 0)
+    tl.store(FLAGS + tl.load(t + 7), 1, mask=bad > 0)
 
     if UPDATE:
         qrow = QWS + (row0 + r) * K
@@ -190,4 +204,4 @@ def _apply_kernel(
             y = mid + d * (sig - 0.5) / arg2
         else:  # PARQ
             y = tl.minimum(tl.maximum(mid + (x - mid) / arg, lo), hi)
-    tl.store(P + p_off + offs, y.to(P.dtype.element_ty), mask=mask)
+    return y

@@ -1,4 +1,9 @@
-"""Launcher of the Triton backend: ``quant_prox_`` (contract in :mod:`parq_kernels.ops`)."""
+"""Launcher of the Triton backend: ``quant_prox_`` (contract in :mod:`parq_kernels.ops`).
+
+Also the pieces the fused step's launcher (:mod:`.step`) shares: the argument
+checks (:func:`prepare`), the statistics passes and levels (:func:`update_levels`,
+reading through a *source*), the launch constants and the launch counter.
+"""
 
 from __future__ import annotations
 
@@ -111,9 +116,38 @@ def _optimal_split(plan: plans.Plan, pad: Tensor, stats: Tensor, bits: int) -> N
         stats[:, _S_V + 1] = ((hi - lo) / 2)[:, 0].float()
 
 
-def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> Tensor:
-    """Statistics passes + levels for every row: returns ``QWS`` ``(R, K)`` sorted."""
-    P, dev = params[0], params[0].device
+class ParamSource:
+    """Where the statistics passes of ``quant_prox_`` read: the weights ``p``.
+
+    A *source* launches the statistics kernels of one tile class; the fused step
+    has its own (:class:`parq_kernels.triton.step.StepSource`), whose first read
+    of each tile applies the base update to the latent (cf. csrc/cpu/sources.h).
+    """
+
+    def __init__(self, P: Tensor) -> None:
+        self.P = P  # params[0]: the tile table addresses every parameter from it
+
+    def whole_rows(self, tc: plans.TileClass, stats: Tensor, gamma: float, qa0: float,
+                   qa1: float, **meta) -> None:  # fmt: skip
+        _launch(_whole_rows_stats_kernel, (tc.n_tiles,), self.P, tc.table, stats, gamma, qa0,
+                qa1, **meta, **class_meta(tc))  # fmt: skip
+
+    def partials(self, tc: plans.TileClass, stats: Tensor, part: Tensor, pad: Tensor,
+                 width: int, gamma: float, **meta) -> None:  # fmt: skip
+        _launch(_partials_kernel, (tc.n_tiles,), self.P, tc.table, stats, part, pad, width, gamma,
+                **meta, **class_meta(tc))  # fmt: skip
+
+
+def class_meta(tc: plans.TileClass, align: int | None = None) -> dict:
+    """The launch constants of a tile class (``align`` overrides its vector alignment)."""
+    return dict(NF=plans.NF, ROWS=tc.rows, BLOCK=tc.block,
+                ALIGN=tc.align if align is None else align, num_warps=_warps(tc))  # fmt: skip
+
+
+def update_levels(plan, src, stats, kind, bits, K, qargs, center, gamma) -> Tensor:
+    """Statistics passes (read through ``src``) + levels for every row: returns ``QWS``
+    ``(R, K)`` sorted ascending. ``stats`` ``(R, NST)`` is filled on the way."""
+    dev = stats.device
     R = plan.n_rows
     part = torch.empty((max(plan.n_pslots, 1), 4), dtype=torch.float32, device=dev)
     qa0 = float(qargs[0]) if qargs else 0.0
@@ -123,18 +157,14 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
 
     def stats_pass(pass_: int) -> None:
         for tc in plan.classes:
-            _launch(_partials_kernel, (tc.n_tiles,), P, tc.table, stats, part, part, 0, gamma,
-                    PASS=pass_, CENTER=center, GATHER=False, NF=plans.NF, ROWS=tc.rows,
-                    BLOCK=tc.block, ALIGN=tc.align, num_warps=_warps(tc))  # fmt: skip
+            src.partials(tc, stats, part, part, 0, gamma, PASS=pass_, CENTER=center, GATHER=False)
         _launch(_finalize_kernel, fin_grid, plan.row_table, part, stats, R, plan.max_chunks,
                 qa0, qa1, 0.0, PASS=pass_, KIND=kind, BITS=bits, NR=plans.NR,
                 ROWS=fin_rows)  # fmt: skip
 
     if kind != QuantKind.LSBQ_OPTIMAL and plan.max_len <= plans.MAX_BLOCK:
         for tc in plan.classes:  # every row lies whole in one tile: one read, all passes
-            _launch(_whole_rows_stats_kernel, (tc.n_tiles,), P, tc.table, stats, gamma, qa0, qa1,
-                    KIND=kind, BITS=bits, CENTER=center, NF=plans.NF, ROWS=tc.rows,
-                    BLOCK=tc.block, ALIGN=tc.align, num_warps=_warps(tc))  # fmt: skip
+            src.whole_rows(tc, stats, gamma, qa0, qa1, KIND=kind, BITS=bits, CENTER=center)
     elif kind != QuantKind.LSBQ_OPTIMAL:
         if center:
             stats_pass(0)
@@ -148,9 +178,7 @@ def _update_levels(plan, params, stats, kind, bits, K, qargs, center, gamma) -> 
         width = max(plan.max_len, 1)
         pad = torch.full((R, width), math.inf, dtype=torch.float32, device=dev)
         for tc in plan.classes:
-            _launch(_partials_kernel, (tc.n_tiles,), P, tc.table, stats, part, pad, width, gamma,
-                    PASS=1, CENTER=center, GATHER=True, NF=plans.NF, ROWS=tc.rows,
-                    BLOCK=tc.block, ALIGN=tc.align, num_warps=_warps(tc))  # fmt: skip
+            src.partials(tc, stats, part, pad, width, gamma, PASS=1, CENTER=center, GATHER=True)
         _optimal_split(plan, pad, stats, bits)
     qws = torch.empty((R, K), dtype=torch.float32, device=dev)
     KP = max(2, triton_next_pow2(K))
@@ -167,6 +195,37 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def triton_next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def prepare(params, latents, quants, nonfinite, quant_kind, bits, qargs, prox_kind, prox_arg,
+            gamma) -> tuple[QuantKind, int, float, float]:  # fmt: skip
+    """Checks of the quantize/prox arguments shared by both ops: ``(kind, K, arg, arg2)``
+    with ``kind`` normalized (optimal 1-bit LSBQ is greedy) and the prox scalars."""
+    kind = QuantKind(quant_kind)
+    if kind == QuantKind.LSBQ_OPTIMAL and bits == 1:
+        kind = QuantKind.LSBQ_GREEDY  # optimal 1-bit is greedy
+    if kind == QuantKind.LSBQ_OPTIMAL and bits not in (0, 2):
+        raise NotImplementedError(f"optimal LSBQ is defined for bits in {{0, 1, 2}}, got {bits}")
+    K = num_levels(kind, bits, tuple(qargs))
+    _check(params, latents, quants, nonfinite, K)
+    if params[0].device.type != "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # the interpreter copies each tensor argument to the host on its own, which breaks
+        # the relative addressing of the other tensors of a list
+        raise RuntimeError("the triton backend cannot serve CUDA tensors under TRITON_INTERPRET=1")
+    if not gamma > 0:
+        raise ValueError(f"gamma (shrink divisor) must be > 0, got {gamma}")
+    arg, arg2 = _prox_args(int(prox_kind), float(prox_arg))
+    return kind, K, arg, arg2
+
+
+def apply_meta(kind, bits, K, qargs, center, update, prox_kind) -> tuple[float, float, dict]:
+    """``(qa0, qa2, constexprs)`` of the apply kernels (``_apply_kernel`` and the step's)."""
+    qa0 = float(qargs[0]) if qargs else 0.0
+    qa2 = float(qargs[2]) if len(qargs) > 2 else 0.0
+    KP = max(2, triton_next_pow2(K))
+    meta = dict(KIND=int(kind), BITS=bits, K=K, KP=KP, LOGKP=KP.bit_length() - 1,
+                CENTER=bool(center), UPDATE=bool(update), PROX=int(prox_kind))  # fmt: skip
+    return qa0, qa2, meta
 
 
 def quant_prox_(
@@ -186,33 +245,18 @@ def quant_prox_(
     """Triton backend of ``parq_kernels::quant_prox_`` (contract in ops.py)."""
     if not params:
         return
-    kind = QuantKind(quant_kind)
-    if kind == QuantKind.LSBQ_OPTIMAL and bits == 1:
-        kind = QuantKind.LSBQ_GREEDY  # optimal 1-bit is greedy
-    if kind == QuantKind.LSBQ_OPTIMAL and bits not in (0, 2):
-        raise NotImplementedError(f"optimal LSBQ is defined for bits in {{0, 1, 2}}, got {bits}")
-    K = num_levels(kind, bits, tuple(qargs))
-    _check(params, latents, quants, nonfinite, K)
-    if params[0].device.type != "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        # the interpreter copies each tensor argument to the host on its own, which breaks
-        # the relative addressing of the other tensors of a list
-        raise RuntimeError("the triton backend cannot serve CUDA tensors under TRITON_INTERPRET=1")
-    if not gamma > 0:
-        raise ValueError(f"gamma (shrink divisor) must be > 0, got {gamma}")
-    arg, arg2 = _prox_args(int(prox_kind), float(prox_arg))
+    kind, K, arg, arg2 = prepare(params, latents, quants, nonfinite, quant_kind, bits, qargs,
+                                 prox_kind, prox_arg, gamma)  # fmt: skip
     plan = plans.get_plan(params, latents, quants, K)
     if plan.n_rows == 0:
         return
     stats = qws = quants[0]  # not read on non-update steps
     if update:
         stats = torch.zeros((plan.n_rows, NST.value), dtype=torch.float32, device=params[0].device)
-        qws = _update_levels(plan, params, stats, int(kind), bits, K, qargs, center, gamma)
-    qa0 = float(qargs[0]) if qargs else 0.0
-    qa2 = float(qargs[2]) if len(qargs) > 2 else 0.0
-    KP = max(2, triton_next_pow2(K))
+        qws = update_levels(plan, ParamSource(params[0]), stats, int(kind), bits, K, qargs, center,
+                            gamma)  # fmt: skip
+    qa0, qa2, meta = apply_meta(kind, bits, K, qargs, center, update, prox_kind)
     for tc in plan.classes:
         _launch(_apply_kernel, (tc.n_tiles,), params[0], latents[0], quants[0], qws, stats,
-                tc.table, nonfinite, float(gamma), float(arg), float(arg2), qa0, qa2,
-                KIND=int(kind), BITS=bits, K=K, KP=KP, LOGKP=KP.bit_length() - 1,
-                CENTER=bool(center), UPDATE=bool(update), PROX=int(prox_kind), NF=plans.NF,
-                ROWS=tc.rows, BLOCK=tc.block, ALIGN=tc.align, num_warps=_warps(tc))  # fmt: skip
+                tc.table, nonfinite, float(gamma), float(arg), float(arg2), qa0, qa2, **meta,
+                **class_meta(tc))  # fmt: skip

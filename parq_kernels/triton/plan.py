@@ -12,6 +12,9 @@ and each class is one launch per phase, whatever the number of parameters:
 
 Tensors are addressed relative to the first tensor of their list (element
 offsets, possibly negative), so a single pointer argument reaches all of them.
+Each tile also records its element offset inside its parameter (``F_EOFF``):
+the fused step (:mod:`.step`) adds it to per-parameter offsets of the gradient
+and optimizer-state lists, which are not part of the plan.
 """
 
 from __future__ import annotations
@@ -30,10 +33,9 @@ MIN_BLOCK = 16
 MAX_BLOCK = 4096  # longer rows are split into chunks of this many columns
 
 # tile table fields (int64), shared with the kernels
-F_POFF, F_LOFF, F_QOFF, F_ROW0, F_NROWS, F_NCOLS, F_STRIDE, F_PIDX, F_PSLOT, F_COL0, F_FIRST = (
-    range(11)
-)
-NF = 11
+(F_POFF, F_LOFF, F_QOFF, F_ROW0, F_NROWS, F_NCOLS, F_STRIDE, F_PIDX, F_PSLOT, F_COL0, F_FIRST,
+ F_EOFF) = range(12)  # fmt: skip
+NF = 12
 # row table fields (int64): first partial slot, number of partial slots (chunks), row length
 R_PSLOT, R_COUNT, R_LEN = range(3)
 NR = 3
@@ -97,7 +99,7 @@ def _alignment(tiles: list[list[int]], params: list[Tensor], latents: list[Tenso
     if params[0].data_ptr() % 16 or latents[0].data_ptr() % 16:
         return 1
     ok = all(t[F_POFF] % vec == 0 and t[F_LOFF] % vec == 0 and t[F_STRIDE] % vec == 0
-             and t[F_NCOLS] % vec == 0 for t in tiles)  # fmt: skip
+             and t[F_NCOLS] % vec == 0 and t[F_EOFF] % vec == 0 for t in tiles)  # fmt: skip
     return vec if ok else 1
 
 
@@ -118,7 +120,7 @@ def _build(params: list[Tensor], latents: list[Tensor], quants: list[Tensor], K:
             for r0 in range(0, rows, ROWS):
                 nr = min(ROWS, rows - r0)
                 tiles.append([p_off + r0 * n, l_off + r0 * n, q_off + r0 * K, row_base + r0, nr,
-                              n, n, i, pslot, 0, 1])  # fmt: skip
+                              n, n, i, pslot, 0, 1, r0 * n])  # fmt: skip
                 row_pslot.extend(range(pslot, pslot + nr))
                 row_count.extend([1] * nr)
                 pslot += nr
@@ -131,7 +133,7 @@ def _build(params: list[Tensor], latents: list[Tensor], quants: list[Tensor], K:
                     c0 = c * BLOCK
                     tiles.append([p_off + r * n + c0, l_off + r * n + c0, q_off + r * K,
                                   row_base + r, 1, min(BLOCK, n - c0), n, i, pslot, c0,
-                                  int(c0 == 0)])  # fmt: skip
+                                  int(c0 == 0), r * n + c0])  # fmt: skip
                     pslot += 1
         row_len.extend([n] * rows)
         row_base += rows

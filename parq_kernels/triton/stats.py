@@ -16,6 +16,8 @@ and writes the row's statistics (``STATS``, ``(R, NST)`` float32):
 ``_levels_kernel`` then writes each row's ``K`` levels (``QWS``, ``(R, K)``);
 the binary LSBQ levels are sorted afterwards by the launcher (``torch.sort``).
 The kernels take ``x = p / gamma`` in float32 whatever the parameter dtype.
+Their bodies are the jit helpers ``partial_stats`` and ``whole_rows_stats``, which
+the fused step's kernels (:mod:`.step_kernels`) call on the updated latent.
 """
 
 from __future__ import annotations
@@ -88,19 +90,28 @@ def _partials_kernel(
     PASS: tl.constexpr, CENTER: tl.constexpr, GATHER: tl.constexpr,
     NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """Partial statistics of one tile for pass ``PASS`` (module doc).
+    """Partial statistics of one tile of ``x = p / gamma`` for pass ``PASS`` (module doc).
 
     ``GATHER``: instead, write ``|x'|`` of the tile into the padded matrix
     ``PAD`` (``(R, pad_ld)`` float32) for the optimal-LSBQ sort.
     """
     pid = tl.program_id(0)
     x, r, c, rmask, mask, row0 = load_tile(P, TAB, pid, gamma, NF, ROWS, BLOCK, ALIGN)
-    pslot = tl.load(TAB + pid * NF + 8)
+    partial_stats(x, r, c, rmask, mask, row0, TAB + pid * NF, STATS, PART, PAD, pad_ld, PASS,
+                  CENTER, GATHER)  # fmt: skip
+
+
+@triton.jit
+def partial_stats(x, r, c, rmask, mask, row0, t, STATS, PART, PAD, pad_ld, PASS: tl.constexpr,
+                  CENTER: tl.constexpr, GATHER: tl.constexpr):  # fmt: skip
+    """Store the partials of the tile ``x`` (``(ROWS, BLOCK)`` float32; ``t`` points at
+    its tile-table entry) into ``PART`` (or ``|x'|`` into ``PAD`` when ``GATHER``)."""
+    pslot = tl.load(t + 8)
     st = STATS + (row0 + r) * NST
     if CENTER and (PASS > 0 or GATHER):
         x = x - tl.load(st + S_MEAN, mask=rmask, other=0.0)
     if GATHER:
-        col0 = tl.load(TAB + pid * NF + 9)
+        col0 = tl.load(t + 9)
         tl.store(PAD + (row0 + r) * pad_ld + col0 + c, tl.abs(x), mask=mask)
     else:
         out = PART + (pslot + r) * NP
@@ -186,16 +197,24 @@ def _whole_rows_stats_kernel(
     KIND: tl.constexpr, BITS: tl.constexpr, CENTER: tl.constexpr,
     NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """All statistics passes at once for tiles of whole rows (one read of the weights).
+    """All statistics passes at once for tiles of whole rows (one read of the weights)."""
+    pid = tl.program_id(0)
+    x, r, c, rmask, mask, row0 = load_tile(P, TAB, pid, gamma, NF, ROWS, BLOCK, ALIGN)
+    whole_rows_stats(x, mask, row0, TAB + pid * NF, STATS, qa0, qa1, KIND, BITS, CENTER, ROWS)
+
+
+@triton.jit
+def whole_rows_stats(x, mask, row0, t, STATS, qa0, qa1, KIND: tl.constexpr, BITS: tl.constexpr,
+                     CENTER: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
+    """Every statistic of the whole rows of the tile ``x`` (``(ROWS, BLOCK)`` float32;
+    ``t`` points at its tile-table entry) into ``STATS``.
 
     Same float32 operations as the pass-by-pass kernels (the greedy residual is
     carried in registers instead of being recomputed), so the same values.
     """
-    pid = tl.program_id(0)
-    x, r, c, rmask, mask, row0 = load_tile(P, TAB, pid, gamma, NF, ROWS, BLOCK, ALIGN)
     rows = row0 + tl.arange(0, ROWS)
-    rmask1 = tl.arange(0, ROWS) < tl.load(TAB + pid * NF + 4)
-    n = tl.load(TAB + pid * NF + 5).to(tl.float32)
+    rmask1 = tl.arange(0, ROWS) < tl.load(t + 4)
+    n = tl.load(t + 5).to(tl.float32)
     nonempty = rmask1 & ((tl.zeros([ROWS], tl.float32) + n) > 0)
     inv_n = tl.maximum(n, 1.0)
     st = STATS + rows * NST
