@@ -1,11 +1,12 @@
-// The CUDA row machinery of quant_prox_: one thread
+// The CUDA row machinery shared by quant_prox_ and fused_step_: one thread
 // block per row (quantization group), all parameters of a call in one launch per
 // kMaxParams parameters, on the current stream. The kernel sees its row's
-// values through a source (sources.cuh): the weights p (quant_prox_). The
-// math is the shared levels.h, like the CPU kernels.
+// values through a source (sources.cuh): the weights p (quant_prox_) or the
+// latent stepped by the base optimizer (fused_step_). The math is the shared
+// levels.h (and base_update.h inside the step source), like the CPU kernels.
 //
 // Passes over a row (update steps): statistics (+ the source's first-pass work:
-// latent copy; finiteness) -> [centered statistics] -> [one pass
+// latent copy or base update; finiteness) -> [centered statistics] -> [one pass
 // per further greedy bit] -> levels (thread 0, shared memory) -> write pass.
 // Without update: the stored levels are loaded into shared memory and one pass
 // does the first-pass work, checks, projects and writes.
@@ -97,7 +98,7 @@ __device__ float row_mean(double sum, int64_t n) {
 }
 
 // Grid: one block of kThreads per row of the batch's parameters (rows in
-// parameter order). sa: the source's per-launch arguments (none for quant_prox_).
+// parameter order). sa: the source's per-launch arguments (StepArgs or none).
 // flags[d.flag] is set to 1 when a row sees a non-finite x (never cleared).
 template <typename Src>
 __global__ void __launch_bounds__(kThreads)
@@ -220,7 +221,7 @@ inline void check_rows_supported(const char* op, const OpArgs& a, at::TensorList
   TORCH_CHECK(a.K <= kMaxK, op, " (cuda): at most ", kMaxK, " levels per row, got K=", a.K);
 }
 
-// The descriptor of parameter i.
+// The descriptor of parameter i (step pointers null; the caller adds them).
 inline ParamDesc make_desc(const at::Tensor& p, const at::Tensor& lat, const at::Tensor& Q,
                            size_t i) {
   ParamDesc d{};
