@@ -1,4 +1,9 @@
-"""The CUDA kernels of ``parq_kernels._C`` against the reference (SPEC.md §6).
+"""The CUDA kernels of ``parq_kernels._C`` against the reference (SPEC.md §6, §8).
+
+``quant_prox_`` over the house grid here; ``fused_step_`` over its grid in
+test_fused_step_backends.py (the ``cuda`` entry), plus what only this backend
+has here: long rows, launches of more than 40 parameters, and whole-optimizer
+lockstep runs through the fused step.
 
 Skipped without a CUDA GPU or without an extension built with CUDA kernels.
 """
@@ -11,10 +16,13 @@ from kernel_harness import (
     DTYPES,
     PROX_CONFIGS,
     QUANT_CONFIGS,
+    _assert_rounding_close,
     assert_matches_reference,
+    assert_optimizer_matches_reference,
     make_rows,
     run_op,
 )
+from step_harness import OC, assert_step_matches_reference, make_state, run_step
 
 from parq_kernels import backends
 from parq_kernels.ops import QuantKind
@@ -57,3 +65,106 @@ def test_cuda_rejects_optimal_lsbq_with_a_clear_error():
     qc = next(q for q in QUANT_CONFIGS if q.kind == QuantKind.LSBQ_OPTIMAL and q.bits == 2)
     with pytest.raises(RuntimeError, match="optimal LSBQ"):
         run_op("cuda", make_rows([(2, 8)], device="cuda"), qc, PC["hard"])
+
+
+# ---------------------------------------------------------------------------
+# fused_step_ (SPEC.md §8): what the backend grid does not cover.
+# ---------------------------------------------------------------------------
+
+QC = {qc.name: qc for qc in QUANT_CONFIGS}
+
+
+def test_cuda_fused_step_long_rows():
+    """Per-tensor groups of ~1e5 elements: many elements per thread, several passes."""
+    params = make_rows([(1, 100_003), (2, 40_000)], device="cuda", seed=7)
+    for update in (True, False):
+        assert_step_matches_reference("cuda", params, OC["adam-amsgrad"], QC["lsbq-b3"],
+                                      PC["parq-rho0.3"], update=update)  # fmt: skip
+    assert_step_matches_reference("cuda", params, OC["sgd-nesterov-max"], QC["unif-b3-center"],
+                                  PC["hard"], update=True, gamma=1.5)  # fmt: skip
+
+
+def test_cuda_fused_step_more_params_than_one_launch():
+    """45 parameters (the kernels take 40 per launch): flags land on the right parameter."""
+    latents = make_rows([(2, 5 + i % 7) for i in range(45)] + [(0, 3)], device="cuda", seed=9)
+    oc, qc, pc = OC["sgd-mom-wd"], QC["unif-b2"], PC["parq-rho0.3"]
+    for update in (True, False):
+        assert_step_matches_reference("cuda", latents, oc, qc, pc, update=update)
+    grads, bufs = make_state(latents, oc)
+    grads[43][1, 2] = float("nan")
+    out = run_step("cuda", latents, grads, bufs, oc, qc, pc)
+    assert out.flags.tolist() == [int(i == 43) for i in range(46)]
+
+
+def test_cuda_fused_step_first_momentum_step_ignores_buffer_contents():
+    """init_buf: the momentum buffer holds no history yet; its contents (NaN here) do not matter."""
+    latents = make_rows([(3, 40)], device="cuda", seed=11)
+    oc, qc, pc = OC["sgd-mom-first"], QC["unif-b2"], PC["hard"]
+    grads, bufs = make_state(latents, oc)
+    garbage = [[torch.full_like(b, float("nan")) for b in bufs[0]], [], []]
+    out = run_step("cuda", latents, grads, garbage, oc, qc, pc)
+    ref = run_step("reference", latents, grads, bufs, oc, qc, pc)
+    assert out.flags.tolist() == [0]
+    _assert_rounding_close(out.bufs[0][0], ref.bufs[0][0], "momentum buffer")
+    _assert_rounding_close(out.latents[0], ref.latents[0], "latent")
+
+
+def test_cuda_fused_step_rejects_optimal_lsbq_with_a_clear_error():
+    latents = make_rows([(2, 8)], device="cuda")
+    grads, bufs = make_state(latents, OC["adamw"])
+    with pytest.raises(RuntimeError, match="optimal LSBQ"):
+        run_step("cuda", latents, grads, bufs, OC["adamw"], QC["lsbq-opt-b2"], PC["hard"])
+
+
+def _lockstep_cases():
+    from parq.optim import ProxHardQuant, ProxPARQ, ProxSoftQuant
+    from parq.quant import LSBQuantizer, UnifQuantizer
+
+    return {
+        "sgd-unif-parq-channel": dict(
+            make_quantizer=UnifQuantizer, make_prox=lambda: ProxPARQ(3, 20),
+            quant_per_channel=True, warmup_steps=2, quant_period=3,
+        ),
+        "sgd-lsbq-hard-tensor-shrink": dict(
+            make_quantizer=LSBQuantizer, make_prox=ProxHardQuant, quant_shrink=True,
+        ),
+        "adamw-lsbq-soft-channel": dict(
+            make_quantizer=LSBQuantizer, make_prox=lambda: ProxSoftQuant(1, 20), base="adamw",
+            quant_per_channel=True,
+        ),
+        "adamw-unif-parq-block-bf16": dict(
+            make_quantizer=UnifQuantizer, make_prox=lambda: ProxPARQ(0, 25), base="adamw",
+            dtype=torch.bfloat16, block_size=8, quant_per_channel=True,
+        ),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["sgd-unif-parq-channel", "sgd-lsbq-hard-tensor-shrink", "adamw-lsbq-soft-channel",
+     "adamw-unif-parq-block-bf16"],
+)  # fmt: skip
+def test_cuda_optimizer_lockstep_through_the_fused_step(case: str):
+    """30 QuantOptimizer steps, cuda vs reference in lockstep, SGD and AdamW bases."""
+    assert_optimizer_matches_reference("cuda", steps=30, device="cuda", **_lockstep_cases()[case])
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_cuda_optimizer_takes_the_fused_step(base: str):
+    from parq.optim import ProxHardQuant, QuantOptimizer
+    from parq.quant import UnifQuantizer
+
+    model = torch.nn.Linear(16, 4).cuda()
+    groups = [{"params": [model.weight], "quant_bits": 2}, {"params": [model.bias]}]
+    if base == "sgd":
+        opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(groups, lr=0.01)
+    qopt = QuantOptimizer(opt, UnifQuantizer(), ProxHardQuant(), backend="cuda")
+    for _ in range(2):
+        qopt.zero_grad()
+        model(torch.randn(3, 16, device="cuda")).square().mean().backward()
+        qopt.step()
+    assert qopt.step_paths[0].path == "fused step", qopt.step_paths
+    # hard-quantized per tensor: every weight is one of the stored levels
+    assert torch.isin(model.weight.detach(), qopt.state[model.weight]["quants"]).all()
