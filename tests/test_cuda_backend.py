@@ -19,6 +19,7 @@ from kernel_harness import (
     _assert_rounding_close,
     assert_matches_reference,
     assert_optimizer_matches_reference,
+    expected_latent,
     make_rows,
     run_op,
 )
@@ -57,6 +58,7 @@ def test_cuda_nonfinite_flag_and_determinism():
     a = run_op("cuda", params, qc, PC["parq-rho0.3"], update=True)
     b = run_op("cuda", params, qc, PC["parq-rho0.3"], update=True)
     assert a.flags.tolist() == [0, 1, 0]
+    assert torch.equal(a.latents[1], expected_latent(params[1]))  # the NaN kept the old latent
     for x, y in zip(a.params + a.quants, b.params + b.quants, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
 

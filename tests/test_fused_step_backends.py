@@ -123,16 +123,24 @@ def test_empty_parameters_and_rows(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_gradient_is_flagged(backend, bad):
-    """A NaN/Inf gradient makes the updated latent non-finite: flagged like the reference."""
+@pytest.mark.parametrize("oname", ["sgd-mom-wd", "sgd-mom-first", "adam-amsgrad", "adamw"])
+@pytest.mark.parametrize("update", [True, False])
+def test_nonfinite_gradient_keeps_the_element(backend, bad, oname, update):
+    """A NaN/Inf gradient: that element keeps its latent and state, is projected from
+    them, and its parameter (only) is flagged, like the reference."""
     device = _device(backend)
-    latents = make_rows([(2, 8), (3, 5)], device=device, seed=6)
-    oc, qc, pc = OC["sgd-mom-wd"], QC["unif-b2"], PC["hard"]
+    latents = make_rows([(2, 8), (3, 5), (2, 9)], device=device, seed=6)
+    oc, qc, pc = OC[oname], QC["unif-b2"], PC["parq-rho0.3"]
+    assert_step_matches_reference(backend, latents, oc, qc, pc, update=update,
+                                  bad_grad=(1, 2, 3, bad))  # fmt: skip
     grads, bufs = make_state(latents, oc)
     grads[1][2, 3] = bad
-    for backend_name in (backend, "reference"):
-        out = run_step(backend_name, latents, grads, bufs, oc, qc, pc)
-        assert out.flags.tolist() == [0, 1], backend_name
+    out = run_step(backend, latents, grads, bufs, oc, qc, pc, update=True)
+    assert out.flags.tolist() == [0, 1, 0]
+    assert out.latents[1][2, 3] == latents[1][2, 3]
+    for k in range(oc.nbufs):  # what the buffer held (QuantOptimizer starts it at zeros)
+        assert out.bufs[k][1][2, 3] == bufs[k][1][2, 3], k
+    assert all(torch.isfinite(t).all() for t in out.params + out.latents + out.quants)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -80,8 +80,9 @@ __device__ Stats row_stats(const Src& src, int64_t n, bool first, float m, const
                            int* bad, Stats* sh) {
   Stats s{0.0, 0.0, 0.0f, INFINITY, -INFINITY};
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-    const float x = first ? src.first(i) : src.again(i);
-    if (first && !isfinite(x)) *bad = 1;
+    bool kept = false;
+    const float x = first ? src.first(i, kept) : src.again(i);
+    if (first && (kept || !isfinite(x))) *bad = 1;
     float r = x - m;
     s.sum_x += r;
     s.mn = minf(s.mn, r);
@@ -185,8 +186,9 @@ __global__ void __launch_bounds__(kThreads)
     const Finder near = make_finder(sM, K - 1, uniform);
     const RowQuant rq = srq;
     for (int64_t i = threadIdx.x; i < n; i += kThreads) {
-      const float x = a.update ? src.again(i) : src.first(i);
-      if (!a.update && !isfinite(x)) bad = 1;
+      bool kept = false;
+      const float x = a.update ? src.again(i) : src.first(i, kept);
+      if (!a.update && (kept || !isfinite(x))) bad = 1;
       if (!writes) continue;
       float y = x;
       if (a.prox_kind == kHard || a.prox_kind == kRelax) {
@@ -204,7 +206,7 @@ __global__ void __launch_bounds__(kThreads)
         y = a.prox_kind == kSoft ? prox_soft(x, lo, hi, a.prox_arg, a.soft_denom)
                                  : prox_parq(x, lo, hi, a.prox_arg);
       }
-      src.store(i, y);
+      src.store(i, isfinite(x) ? y : x);  // a non-finite x is written as it is
     }
   }
   if (__syncthreads_or(bad) && threadIdx.x == 0) flags[d.flag] = 1;

@@ -11,12 +11,14 @@
 // source. Per element i of the row (0 <= i < cols, one thread per element and
 // pass, the same thread on every pass):
 //
-// * first(i): the first pass's work on element i; returns x = value / gamma.
+// * first(i, kept): the first pass's work on element i; returns x = value / gamma
+//   and sets kept when the element's new value was NaN/Inf and it kept its old
+//   latent (and state) instead (parq_kernels/ops.py).
 // * again(i): x on a later pass of the same launch (same thread, same i).
 // * store(i, y): writes the projected weight y to p (in the param dtype).
 //
-// ParamSource (quant_prox_): the values are the weights p (read, later
-//   overwritten). first() copies p into the latent.
+// ParamSource (quant_prox_): first() copies the weights p into the latent (where
+//   finite); the values are the latent. p is overwritten.
 // StepSource (fused_step_): the values are the latent weights. first() applies
 //   the base optimizer's update (base_update.h) to the latent and its state,
 //   stores the new latent in the param dtype and hands on that stored value
@@ -82,12 +84,15 @@ struct ParamSource {
     return {static_cast<T*>(d.p) + off, static_cast<T*>(d.lat) + off, gamma};
   }
 
-  __device__ __forceinline__ float first(int64_t i) const {
+  // latent = p where p is finite; a NaN/Inf element keeps its old latent (kept = true).
+  __device__ __forceinline__ float first(int64_t i, bool& kept) const {
     const T v = p[i];
-    lat[i] = v;
-    return div_gamma(v, gamma);
+    kept = !isfinite(static_cast<float>(v));
+    const T lv = kept ? lat[i] : v;
+    lat[i] = lv;
+    return div_gamma(lv, gamma);
   }
-  __device__ __forceinline__ float again(int64_t i) const { return div_gamma(p[i], gamma); }
+  __device__ __forceinline__ float again(int64_t i) const { return div_gamma(lat[i], gamma); }
   __device__ __forceinline__ void store(int64_t i, float y) const { p[i] = static_cast<T>(y); }
 };
 
@@ -115,30 +120,39 @@ struct StepSource {
   }
 
   // The base update of element i: reads latent, grad and state, writes the new
-  // latent and state (each in T); returns the stored new latent / gamma.
-  // Buffers the update does not use are neither read nor written (with
-  // init_buf the momentum buffer holds no history: it is only written).
-  __device__ __forceinline__ float first(int64_t i) const {
-    const float w0 = static_cast<float>(lat[i]);
+  // latent and state (each in T); returns the stored new latent / gamma. An element
+  // whose new latent or state is not finite (as stored) keeps its old ones (kept =
+  // true). Buffers the update does not use are neither read nor written (with
+  // init_buf the momentum buffer's old value is only kept, not used).
+  __device__ __forceinline__ float first(int64_t i, bool& kept) const {
+    const T l0 = lat[i];
     const float g = static_cast<float>(grad[i]);
-    float w;
+    T wt;
+    bool ok;
     if (s.kind == kSgd) {
-      float buf = 0.0f;
-      if (s.has_momentum && !s.init_buf) buf = static_cast<float>(b1[i]);
-      w = sgd_update(s, w0, g, buf);
-      if (s.has_momentum) b1[i] = static_cast<T>(buf);
+      const T b0 = s.has_momentum ? b1[i] : T(0.0f);
+      float buf = static_cast<float>(b0);
+      wt = static_cast<T>(sgd_update(s, static_cast<float>(l0), g, buf));
+      const T nb = static_cast<T>(buf);
+      ok = isfinite(static_cast<float>(wt)) && isfinite(static_cast<float>(nb));
+      if (s.has_momentum) b1[i] = ok ? nb : b0;
     } else {
-      float m = static_cast<float>(b1[i]);
-      float v = static_cast<float>(b2[i]);
-      float vmax = s.amsgrad ? static_cast<float>(b3[i]) : 0.0f;
-      w = adam_update(s, w0, g, m, v, vmax);
-      b1[i] = static_cast<T>(m);
-      b2[i] = static_cast<T>(v);
-      if (s.amsgrad) b3[i] = static_cast<T>(vmax);
+      const T m0 = b1[i], v0 = b2[i];
+      const T x0 = s.amsgrad ? b3[i] : T(0.0f);
+      float m = static_cast<float>(m0), v = static_cast<float>(v0);
+      float vmax = static_cast<float>(x0);
+      wt = static_cast<T>(adam_update(s, static_cast<float>(l0), g, m, v, vmax));
+      const T nm = static_cast<T>(m), nv = static_cast<T>(v), nx = static_cast<T>(vmax);
+      ok = isfinite(static_cast<float>(wt)) && isfinite(static_cast<float>(nm)) &&
+           isfinite(static_cast<float>(nv)) && isfinite(static_cast<float>(nx));
+      b1[i] = ok ? nm : m0;
+      b2[i] = ok ? nv : v0;
+      if (s.amsgrad) b3[i] = ok ? nx : x0;
     }
-    const T wt = static_cast<T>(w);
-    lat[i] = wt;
-    return div_gamma(wt, gamma);
+    kept = !ok;
+    const T lv = ok ? wt : l0;
+    lat[i] = lv;
+    return div_gamma(lv, gamma);
   }
   __device__ __forceinline__ float again(int64_t i) const { return div_gamma(lat[i], gamma); }
   __device__ __forceinline__ void store(int64_t i, float y) const { p[i] = static_cast<T>(y); }

@@ -19,7 +19,6 @@ import triton.language as tl
 
 from parq_kernels.triton.stats import (
     ASYM,
-    INF,
     LSBQ_TERNARY,
     NST,
     S_MEAN,
@@ -128,7 +127,8 @@ def _apply_kernel(
     LOGKP: tl.constexpr, CENTER: tl.constexpr, UPDATE: tl.constexpr, PROX: tl.constexpr,
     NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """One tile: ``L = P``; ``P = prox(P / gamma)``; flag non-finite values.
+    """One tile: ``L = P`` (where ``P`` is finite; elsewhere ``L`` keeps its value);
+    ``P = prox(L / gamma)``; flag non-finite values.
 
     ``arg``/``arg2``: SOFT ``T``/``sigmoid(T/2) - 1/2``, PARQ ``rho``,
     RELAX ``theta``/``1 - theta``. ``QWS`` holds the fresh levels (update steps),
@@ -148,26 +148,45 @@ def _apply_kernel(
     mask = rmask & (c < ncols)
     offs = r * stride + c
     raw = tl.load(P + p_off + offs, mask=mask, other=0.0)
-    tl.store(L + l_off + offs, raw, mask=mask)
-    x = raw.to(tl.float32) / gamma
-    y = flag_and_project(x, r, rmask, mask, t, QS, QWS, STATS, FLAGS, arg, arg2, qa0, qa2, KIND,
-                         BITS, K, KP, LOGKP, CENTER, UPDATE, PROX)  # fmt: skip
+    fine = finite(raw.to(tl.float32))
+    # a NaN/Inf input keeps the old latent (read only there: no traffic for finite tiles)
+    old = tl.load(L + l_off + offs, mask=mask & (fine == 0), other=0.0)
+    kept = tl.where(fine, raw, old)
+    tl.store(L + l_off + offs, kept, mask=mask)
+    x = kept.to(tl.float32) / gamma
+    y = flag_and_project(x, mask & (fine == 0), r, rmask, mask, t, QS, QWS, STATS, FLAGS, arg,
+                         arg2, qa0, qa2, KIND, BITS, K, KP, LOGKP, CENTER, UPDATE,
+                         PROX)  # fmt: skip
     tl.store(P + p_off + offs, y.to(P.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def flag_kept(kept, t, FLAGS):
+    """Flag the tile's parameter (``FLAGS[pidx]``) if any element kept its old latent."""
+    bad = tl.max(tl.max(tl.where(kept, 1, 0), axis=1), axis=0)
+    tl.store(FLAGS + tl.load(t + 7), 1, mask=bad > 0)
+
+
+@triton.jit
+def finite(x):
+    """True where ``x`` (float32) is finite."""
+    return (x - x) == 0.0
+
+
+@triton.jit
 def flag_and_project(
-    x, r, rmask, mask, t, QS, QWS, STATS, FLAGS, arg, arg2, qa0, qa2,
+    x, kept, r, rmask, mask, t, QS, QWS, STATS, FLAGS, arg, arg2, qa0, qa2,
     KIND: tl.constexpr, BITS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
     LOGKP: tl.constexpr, CENTER: tl.constexpr, UPDATE: tl.constexpr, PROX: tl.constexpr,
 ):  # fmt: skip
     """The projected values of the tile ``x`` (``(ROWS, BLOCK)`` float32, ``t`` points at
-    its tile-table entry): flags non-finite ``x`` in ``FLAGS[pidx]`` and, on update
-    steps, copies the fresh levels of the rows the tile starts into ``QS``."""
+    its tile-table entry): flags ``FLAGS[pidx]`` for a non-finite ``x`` or an element that
+    ``kept`` its old latent and, on update steps, copies the fresh levels of the rows the
+    tile starts into ``QS``. A non-finite ``x`` is written as it is."""
     q_off = tl.load(t + 2)
     row0 = tl.load(t + 3)
-    bad = tl.max(tl.max(tl.where(mask & ((x != x) | (tl.abs(x) == INF)), 1, 0), axis=1), axis=0)
-    tl.store(FLAGS + tl.load(t + 7), 1, mask=bad > 0)
+    fine = finite(x)
+    flag_kept(kept | (mask & (fine == 0)), t, FLAGS)
 
     if UPDATE:
         qrow = QWS + (row0 + r) * K
@@ -204,4 +223,4 @@ def flag_and_project(
             y = mid + d * (sig - 0.5) / arg2
         else:  # PARQ
             y = tl.minimum(tl.maximum(mid + (x - mid) / arg, lo), hi)
-    return y
+    return tl.where(fine, y, x)

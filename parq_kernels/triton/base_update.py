@@ -174,33 +174,53 @@ def update_tile(lp, gp, b1p, b2p, b3p, mask, h0, h1, h2, h3, h4, h5, h6, h7, h8,
     ``lp``/``gp``/``b1p``/``b2p``/``b3p``: blocks of pointers to the latent,
     gradient and state elements (state pointers unused where ``OPT`` says so),
     ``mask`` the valid elements. Reads and writes the latent and the state
-    (stored in their dtype), reads the gradient; returns the stored latent as
-    float32, 0 where masked.
+    (stored in their dtype), reads the gradient. An element whose new latent or
+    state is not finite (as stored) keeps its old ones (ops.py). Returns the stored
+    latent as float32 (0 where masked) and the mask of the elements that kept theirs.
     """
-    w = tl.load(lp, mask=mask, other=0.0).to(tl.float32)
+    w0 = tl.load(lp, mask=mask, other=0.0)
+    w = w0.to(tl.float32)
     g = tl.load(gp, mask=mask, other=0.0).to(tl.float32)
     if (KIND_MASK & OPT) == SGD:
         if MOMENTUM & OPT:
+            b0 = tl.load(b1p, mask=mask, other=0.0)  # zeros before the first update
             if INIT_BUF & OPT:  # noqa: SIM108
-                buf = g  # not read: torch's first step starts the buffer at g
+                buf = g  # torch's first step starts the buffer at g
             else:
-                buf = tl.load(b1p, mask=mask, other=0.0).to(tl.float32)
+                buf = b0.to(tl.float32)
             w, buf = sgd_update(w, g, buf, h0, h1, h2, h3, OPT)
-            tl.store(b1p, buf.to(b1p.dtype.element_ty), mask=mask)
+            nb = buf.to(b1p.dtype.element_ty)
+            new = w.to(lp.dtype.element_ty)
+            ok = _finite(new.to(tl.float32)) & _finite(nb.to(tl.float32))
+            tl.store(b1p, tl.where(ok, nb, b0), mask=mask)
         else:
             w, buf = sgd_update(w, g, g, h0, h1, h2, h3, OPT)
+            new = w.to(lp.dtype.element_ty)
+            ok = _finite(new.to(tl.float32))
     else:
-        m = tl.load(b1p, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(b2p, mask=mask, other=0.0).to(tl.float32)
+        m0 = tl.load(b1p, mask=mask, other=0.0)
+        v0 = tl.load(b2p, mask=mask, other=0.0)
         if AMSGRAD & OPT:  # noqa: SIM108
-            vmax = tl.load(b3p, mask=mask, other=0.0).to(tl.float32)
+            x0 = tl.load(b3p, mask=mask, other=0.0)
         else:
-            vmax = v
-        w, m, v, vmax = adam_update(w, g, m, v, vmax, h0, h1, h2, h3, h4, h5, h6, h7, h8, OPT)
-        tl.store(b1p, m.to(b1p.dtype.element_ty), mask=mask)
-        tl.store(b2p, v.to(b2p.dtype.element_ty), mask=mask)
+            x0 = v0
+        w, m, v, vmax = adam_update(w, g, m0.to(tl.float32), v0.to(tl.float32),
+                                    x0.to(tl.float32), h0, h1, h2, h3, h4, h5, h6, h7, h8,
+                                    OPT)  # fmt: skip
+        nm, nv, nx = m.to(m0.dtype), v.to(v0.dtype), vmax.to(x0.dtype)
+        new = w.to(lp.dtype.element_ty)
+        ok = _finite(new.to(tl.float32)) & _finite(nm.to(tl.float32)) & _finite(nv.to(tl.float32))
         if AMSGRAD & OPT:
-            tl.store(b3p, vmax.to(b3p.dtype.element_ty), mask=mask)
-    stored = w.to(lp.dtype.element_ty)
+            ok = ok & _finite(nx.to(tl.float32))
+            tl.store(b3p, tl.where(ok, nx, x0), mask=mask)
+        tl.store(b1p, tl.where(ok, nm, m0), mask=mask)
+        tl.store(b2p, tl.where(ok, nv, v0), mask=mask)
+    stored = tl.where(ok, new, w0)
     tl.store(lp, stored, mask=mask)
-    return tl.where(mask, stored.to(tl.float32), 0.0)
+    return tl.where(mask, stored.to(tl.float32), 0.0), mask & (ok == 0)
+
+
+@triton.jit
+def _finite(x):
+    """True where ``x`` (float32) is finite: NaN and +-Inf give NaN when subtracted."""
+    return (x - x) == 0.0

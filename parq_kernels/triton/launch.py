@@ -124,18 +124,19 @@ class ParamSource:
     of each tile applies the base update to the latent (cf. csrc/cpu/sources.h).
     """
 
-    def __init__(self, P: Tensor) -> None:
+    def __init__(self, P: Tensor, L: Tensor) -> None:
         self.P = P  # params[0]: the tile table addresses every parameter from it
+        self.L = L  # latents[0]: what an element whose weight is NaN/Inf keeps
 
     def whole_rows(self, tc: plans.TileClass, stats: Tensor, gamma: float, qa0: float,
                    qa1: float, **meta) -> None:  # fmt: skip
-        _launch(_whole_rows_stats_kernel, (tc.n_tiles,), self.P, tc.table, stats, gamma, qa0,
-                qa1, **meta, **class_meta(tc))  # fmt: skip
+        _launch(_whole_rows_stats_kernel, (tc.n_tiles,), self.P, self.L, tc.table, stats, gamma,
+                qa0, qa1, **meta, **class_meta(tc))  # fmt: skip
 
     def partials(self, tc: plans.TileClass, stats: Tensor, part: Tensor, pad: Tensor,
                  width: int, gamma: float, **meta) -> None:  # fmt: skip
-        _launch(_partials_kernel, (tc.n_tiles,), self.P, tc.table, stats, part, pad, width, gamma,
-                **meta, **class_meta(tc))  # fmt: skip
+        _launch(_partials_kernel, (tc.n_tiles,), self.P, self.L, tc.table, stats, part, pad,
+                width, gamma, **meta, **class_meta(tc))  # fmt: skip
 
 
 def class_meta(tc: plans.TileClass, align: int | None = None) -> dict:
@@ -253,8 +254,8 @@ def quant_prox_(
     stats = qws = quants[0]  # not read on non-update steps
     if update:
         stats = torch.zeros((plan.n_rows, NST.value), dtype=torch.float32, device=params[0].device)
-        qws = update_levels(plan, ParamSource(params[0]), stats, int(kind), bits, K, qargs, center,
-                            gamma)  # fmt: skip
+        src = ParamSource(params[0], latents[0])
+        qws = update_levels(plan, src, stats, int(kind), bits, K, qargs, center, gamma)
     qa0, qa2, meta = apply_meta(kind, bits, K, qargs, center, update, prox_kind)
     for tc in plan.classes:
         _launch(_apply_kernel, (tc.n_tiles,), params[0], latents[0], quants[0], qws, stats,

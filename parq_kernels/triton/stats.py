@@ -63,9 +63,10 @@ def sgn(x):
 
 
 @triton.jit
-def load_tile(P, TAB, pid, gamma, NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+def load_tile(P, L, TAB, pid, gamma, NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
               ALIGN: tl.constexpr):  # fmt: skip
-    """One tile of ``x = p / gamma`` (float32) and its coordinates.
+    """One tile of ``x = p / gamma`` (float32) and its coordinates; where ``p`` is NaN/Inf,
+    ``x`` is the old latent ``L`` instead (what the apply pass will keep there).
 
     ``(v // ALIGN) * ALIGN == v`` for the offsets, length and stride (the plan
     checked it): it tells the compiler so, and the loads vectorize.
@@ -80,13 +81,17 @@ def load_tile(P, TAB, pid, gamma, NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: t
     c = tl.arange(0, BLOCK)[None, :]
     rmask = r < nrows
     mask = rmask & (c < ncols)
-    x = tl.load(P + p_off + r * stride + c, mask=mask, other=0.0).to(tl.float32) / gamma
+    raw = tl.load(P + p_off + r * stride + c, mask=mask, other=0.0).to(tl.float32)
+    fine = (raw - raw) == 0.0
+    l_off = (tl.load(t + 1) // ALIGN) * ALIGN  # read only where p is not finite
+    old = tl.load(L + l_off + r * stride + c, mask=mask & (fine == 0), other=0.0)
+    x = tl.where(fine, raw, old.to(tl.float32)) / gamma
     return x, r, c, rmask, mask, row0
 
 
 @triton.jit
 def _partials_kernel(
-    P, TAB, STATS, PART, PAD, pad_ld, gamma,
+    P, L, TAB, STATS, PART, PAD, pad_ld, gamma,
     PASS: tl.constexpr, CENTER: tl.constexpr, GATHER: tl.constexpr,
     NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
@@ -96,7 +101,7 @@ def _partials_kernel(
     ``PAD`` (``(R, pad_ld)`` float32) for the optimal-LSBQ sort.
     """
     pid = tl.program_id(0)
-    x, r, c, rmask, mask, row0 = load_tile(P, TAB, pid, gamma, NF, ROWS, BLOCK, ALIGN)
+    x, r, c, rmask, mask, row0 = load_tile(P, L, TAB, pid, gamma, NF, ROWS, BLOCK, ALIGN)
     partial_stats(x, r, c, rmask, mask, row0, TAB + pid * NF, STATS, PART, PAD, pad_ld, PASS,
                   CENTER, GATHER)  # fmt: skip
 
@@ -193,13 +198,13 @@ def store_scale(st, rmask, nonempty, mean, amax, mn, mx, qa0, qa1,
 
 @triton.jit
 def _whole_rows_stats_kernel(
-    P, TAB, STATS, gamma, qa0, qa1,
+    P, L, TAB, STATS, gamma, qa0, qa1,
     KIND: tl.constexpr, BITS: tl.constexpr, CENTER: tl.constexpr,
     NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     """All statistics passes at once for tiles of whole rows (one read of the weights)."""
     pid = tl.program_id(0)
-    x, r, c, rmask, mask, row0 = load_tile(P, TAB, pid, gamma, NF, ROWS, BLOCK, ALIGN)
+    x, r, c, rmask, mask, row0 = load_tile(P, L, TAB, pid, gamma, NF, ROWS, BLOCK, ALIGN)
     whole_rows_stats(x, mask, row0, TAB + pid * NF, STATS, qa0, qa1, KIND, BITS, CENTER, ROWS)
 
 

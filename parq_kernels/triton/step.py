@@ -125,8 +125,9 @@ class StepSource:
     the latent; the first read of each tile class applies the base update."""
 
     def __init__(self, plan: plans.Plan, latents, grads, bufs, sa: StepArgs, gtab: Tensor,
-                 btab: Tensor, aligned: bool) -> None:  # fmt: skip
+                 btab: Tensor, aligned: bool, flags: Tensor) -> None:  # fmt: skip
         L = latents[0]
+        self.flags = flags  # the first read flags the updates it rejects as non-finite
         self.tensors = (L, grads[0], *(ts[0] if ts else L for ts in bufs))
         self.gtab, self.btab = gtab, btab
         self.sa = sa
@@ -147,13 +148,14 @@ class StepSource:
             raise AssertionError("the whole-rows statistics read a class a second time")
         L, G, B1, B2, B3 = self.tensors
         _launch(_step_whole_rows_stats_kernel, (tc.n_tiles,), L, G, B1, B2, B3, tc.table,
-                self.gtab, self.btab, stats, gamma, qa0, qa1, *self.sa.scalars, **meta,
+                self.gtab, self.btab, stats, self.flags, gamma, qa0, qa1, *self.sa.scalars, **meta,
                 **self.meta(tc))  # fmt: skip
 
     def partials(self, tc, stats, part, pad, width, gamma, **meta) -> None:
         L, G, B1, B2, B3 = self.tensors
         _launch(_step_partials_kernel, (tc.n_tiles,), L, G, B1, B2, B3, tc.table, self.gtab,
-                self.btab, stats, part, pad, width, gamma, *self.sa.scalars, BASE=self.base(tc),
+                self.btab, stats, part, pad, width, self.flags, gamma, *self.sa.scalars,
+                BASE=self.base(tc),
                 **meta, **self.meta(tc))  # fmt: skip
 
 
@@ -197,7 +199,7 @@ def fused_step_(
     n, P = len(params), params[0]
     btab, b_ok = BUF_TABLES.get(bufs, n, ("bufs1", "bufs2", "bufs3"), P)
     gtab, g_ok = GRAD_TABLES.get((grads,), n, ("grads",), P)
-    src = StepSource(plan, latents, grads, bufs, sa, gtab, btab, b_ok and g_ok)
+    src = StepSource(plan, latents, grads, bufs, sa, gtab, btab, b_ok and g_ok, nonfinite)
     stats = qws = quants[0]  # not read on non-update steps
     if update:
         stats = torch.zeros((plan.n_rows, NST.value), dtype=torch.float32, device=P.device)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from parq_kernels.triton.apply import flag_and_project
+from parq_kernels.triton.apply import flag_and_project, flag_kept
 from parq_kernels.triton.base_update import update_tile
 from parq_kernels.triton.stats import partial_stats, whole_rows_stats
 
@@ -61,12 +61,13 @@ def step_tile(
         b1_off = (tl.load(BTAB + pidx * 3) // ALIGN) * ALIGN + e_off
         b2_off = (tl.load(BTAB + pidx * 3 + 1) // ALIGN) * ALIGN + e_off
         b3_off = (tl.load(BTAB + pidx * 3 + 2) // ALIGN) * ALIGN + e_off
-        w = update_tile(L + l_off + offs, G + g_off + offs, B1 + b1_off + offs,
-                        B2 + b2_off + offs, B3 + b3_off + offs, mask, h0, h1, h2, h3, h4, h5,
-                        h6, h7, h8, OPT)  # fmt: skip
+        w, kept = update_tile(L + l_off + offs, G + g_off + offs, B1 + b1_off + offs,
+                              B2 + b2_off + offs, B3 + b3_off + offs, mask, h0, h1, h2, h3, h4,
+                              h5, h6, h7, h8, OPT)  # fmt: skip
     else:
         w = tl.load(L + l_off + offs, mask=mask, other=0.0).to(tl.float32)
-    return w, r, c, rmask, mask, offs, t
+        kept = mask & (c < 0)  # nothing updated, nothing kept
+    return w, kept, r, c, rmask, mask, offs, t
 
 
 @triton.jit
@@ -81,33 +82,35 @@ def _step_apply_kernel(
     """One tile: (``BASE``: the base update of the latent and state, then)
     ``P = prox(L / gamma)``; flag non-finite ``L / gamma``. Scalars as ``_apply_kernel``."""
     pid = tl.program_id(0)
-    w, r, c, rmask, mask, offs, t = step_tile(L, G, B1, B2, B3, TAB, GTAB, BTAB, pid, h0, h1, h2,
-                                              h3, h4, h5, h6, h7, h8, BASE, OPT, NF, ROWS, BLOCK,
-                                              ALIGN)  # fmt: skip
-    y = flag_and_project(w / gamma, r, rmask, mask, t, QS, QWS, STATS, FLAGS, arg, arg2, qa0, qa2,
-                         KIND, BITS, K, KP, LOGKP, CENTER, UPDATE, PROX)  # fmt: skip
+    w, kept, r, c, rmask, mask, offs, t = step_tile(
+        L, G, B1, B2, B3, TAB, GTAB, BTAB, pid, h0, h1, h2, h3, h4, h5, h6, h7, h8, BASE, OPT, NF,
+        ROWS, BLOCK, ALIGN)  # fmt: skip
+    y = flag_and_project(w / gamma, kept, r, rmask, mask, t, QS, QWS, STATS, FLAGS, arg, arg2, qa0,
+                         qa2, KIND, BITS, K, KP, LOGKP, CENTER, UPDATE, PROX)  # fmt: skip
     p_off = (tl.load(t + 0) // ALIGN) * ALIGN
     tl.store(P + p_off + offs, y.to(P.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _step_whole_rows_stats_kernel(
-    L, G, B1, B2, B3, TAB, GTAB, BTAB, STATS, gamma, qa0, qa1,
+    L, G, B1, B2, B3, TAB, GTAB, BTAB, STATS, FLAGS, gamma, qa0, qa1,
     h0, h1, h2, h3, h4, h5, h6, h7, h8, OPT: tl.constexpr,
     KIND: tl.constexpr, BITS: tl.constexpr, CENTER: tl.constexpr,
     NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """The base update of a tile of whole rows and all their statistics, in one read."""
+    """The base update of a tile of whole rows and all their statistics, in one read
+    (updates rejected as non-finite are flagged here: later passes only see the latent)."""
     pid = tl.program_id(0)
-    w, r, c, rmask, mask, offs, t = step_tile(L, G, B1, B2, B3, TAB, GTAB, BTAB, pid, h0, h1, h2,
-                                              h3, h4, h5, h6, h7, h8, True, OPT, NF, ROWS, BLOCK,
-                                              ALIGN)  # fmt: skip
+    w, kept, r, c, rmask, mask, offs, t = step_tile(
+        L, G, B1, B2, B3, TAB, GTAB, BTAB, pid, h0, h1, h2, h3, h4, h5, h6, h7, h8, True, OPT, NF,
+        ROWS, BLOCK, ALIGN)  # fmt: skip
+    flag_kept(kept, t, FLAGS)
     whole_rows_stats(w / gamma, mask, tl.load(t + 3), t, STATS, qa0, qa1, KIND, BITS, CENTER, ROWS)
 
 
 @triton.jit
 def _step_partials_kernel(
-    L, G, B1, B2, B3, TAB, GTAB, BTAB, STATS, PART, PAD, pad_ld, gamma,
+    L, G, B1, B2, B3, TAB, GTAB, BTAB, STATS, PART, PAD, pad_ld, FLAGS, gamma,
     h0, h1, h2, h3, h4, h5, h6, h7, h8, BASE: tl.constexpr, OPT: tl.constexpr,
     PASS: tl.constexpr, CENTER: tl.constexpr, GATHER: tl.constexpr,
     NF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
@@ -115,8 +118,10 @@ def _step_partials_kernel(
     """Partial statistics of one tile of ``x = L / gamma`` for pass ``PASS`` (:mod:`.stats`),
     the first pass (``BASE``) applying the base update as it reads."""
     pid = tl.program_id(0)
-    w, r, c, rmask, mask, offs, t = step_tile(L, G, B1, B2, B3, TAB, GTAB, BTAB, pid, h0, h1, h2,
-                                              h3, h4, h5, h6, h7, h8, BASE, OPT, NF, ROWS, BLOCK,
-                                              ALIGN)  # fmt: skip
+    w, kept, r, c, rmask, mask, offs, t = step_tile(
+        L, G, B1, B2, B3, TAB, GTAB, BTAB, pid, h0, h1, h2, h3, h4, h5, h6, h7, h8, BASE, OPT, NF,
+        ROWS, BLOCK, ALIGN)  # fmt: skip
+    if BASE:
+        flag_kept(kept, t, FLAGS)
     partial_stats(w / gamma, r, c, rmask, mask, tl.load(t + 3), t, STATS, PART, PAD, pad_ld, PASS,
                   CENTER, GATHER)  # fmt: skip
