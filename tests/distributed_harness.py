@@ -18,6 +18,7 @@ traceback reaches the parent.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import json
@@ -61,10 +62,8 @@ def _entry(rank: int, world: int, port: int, target: str, out_dir: str, args: tu
 def _leave() -> None:
     """Exit this rank with status 0 now, skipping the interpreter's teardown."""
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing to save
             stream.flush()
-        except (OSError, ValueError):  # closed or broken: nothing left to save
-            pass
     os._exit(0)
 
 
