@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from parq.quant.quantizer import KernelQuantizer, as_bits
 from parq_kernels.ops import QuantKind
@@ -20,12 +21,9 @@ class LSBQuantizer(KernelQuantizer):
     def __init__(
         self, center: bool = False, optimal: bool = False, ternary_multiplier: float = 1.1
     ) -> None:
-        try:
-            multiplier = float(ternary_multiplier)
-        except (TypeError, ValueError):
-            multiplier = math.nan
+        real = isinstance(ternary_multiplier, numbers.Real)
         if isinstance(ternary_multiplier, bool) or not (
-            math.isfinite(multiplier) and multiplier > 0
+            real and math.isfinite(ternary_multiplier) and ternary_multiplier > 0
         ):
             # v = ternary_multiplier * mean|x|: a negative v unsorts [-v, 0, v], NaN poisons it
             raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from parq.quant.quantizer import MAX_BITS, KernelQuantizer, as_bits
 from parq_kernels.ops import QuantKind
@@ -12,13 +13,11 @@ _SCALE_METHODS = ("mean", "max")
 
 def _finite_number(value: object, name: str, owner: str) -> float:
     """``value`` as a float, or ``ValueError`` naming ``owner(name=...)``."""
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{owner}({name}=...) must be a real number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"{owner}({name}=...) must be a real number, got {value!r}")
+    if not math.isfinite(value):
         raise ValueError(f"{owner}({name}=...) must be a finite number, got {value!r}")
-    return number
+    return float(value)
 
 
 def min_bits_for_int_shift(int_shift: float) -> int | None:
