@@ -364,6 +364,7 @@ def fake_transformers(monkeypatch):
     monkeypatch.setattr(torchao_configs, "TRANSFORMERS_AVAIL", True)
 
 
+@pytest.mark.filterwarnings("ignore:Config Deprecation")  # torchao's note on "_default"
 def test_hf_model_gets_quantization_config(fake_transformers):
     (model, opt), _ = train_twins(UnifTorchaoQuantizer, 4, None, True, True)
     model.config = _PretrainedConfig()
