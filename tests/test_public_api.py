@@ -312,7 +312,6 @@ def without_torchao(monkeypatch):
         in (
             "parq.quant.uniform_torchao",
             "parq.quant.config_torchao",
-            "parq.export.torchao_configs",
         )
     ]
     for name in cached:

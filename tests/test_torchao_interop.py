@@ -34,7 +34,6 @@ from torchao.quantization import (  # noqa: E402
 from torchao.quantization.quant_api import _is_linear  # noqa: E402
 
 from parq import api  # noqa: E402
-from parq.export import torchao_configs  # noqa: E402
 from parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer  # noqa: E402
 from parq.quant import (  # noqa: E402
     Int4UnifTorchaoQuantizer,
@@ -44,6 +43,7 @@ from parq.quant import (  # noqa: E402
     UnifQuantizer,
     UnifTorchaoQuantizer,
 )
+from parq.quant import config_torchao as torchao_configs  # noqa: E402
 from parq.quant.uniform_torchao import _BIT_WIDTH_TO_DTYPE  # noqa: E402
 
 AO_QUANTIZER = {

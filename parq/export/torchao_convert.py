@@ -4,7 +4,7 @@ torchao quantizers into torchao's low-bit tensor subclasses.
 Same semantics as torchao PARQ's ``QuantOptimizer.torchao_convert`` (and so the same
 converted model): the latent (full-precision) weights are put back, then each quantized
 group whose quantizer is a torchao one is converted by ``torchao.quantization.quantize_``
-with the config of :func:`parq.export.torchao_configs.config_for_quantizer`, selecting
+with the config of :func:`parq.quant.config_torchao.config_for_quantizer`, selecting
 the group's modules by the data pointers of their parameters. Because the quantizer and
 the config use the same torchao primitives, the converted weights equal the quantized
 weights of a quantization-update step.
@@ -99,7 +99,7 @@ def torchao_convert(
     from torchao.quantization import quantize_
     from torchao.quantization.quant_api import _is_linear
 
-    from parq.export.torchao_configs import (
+    from parq.quant.config_torchao import (
         attach_hf_quantization_config,
         config_for_quantizer,
         is_hf_model,
