@@ -200,6 +200,17 @@ def test_integer_like_quant_bits_train_like_int(bits):
     assert type(opt.param_groups[0]["quant_bits"]) is int
 
 
+def test_integer_like_block_size():
+    w = nn.Parameter(torch.randn(4, 8))
+    group = {"params": [w], "quant_bits": 2, "quant_block_size": np.int64(4)}
+    opt = QuantOptimizer(torch.optim.SGD([group], lr=0.1), UnifQuantizer(), ProxHardQuant(),
+                         quant_per_channel=True)  # fmt: skip
+    assert type(opt.param_groups[0]["quant_block_size"]) is int
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert opt.state[w]["quants"].shape == (8, 4)
+
+
 @pytest.mark.parametrize("bits", [np.float64(2.0), torch.tensor(2.0), np.bool_(True)])
 def test_non_integer_quant_bits_still_rejected(bits):
     with pytest.raises(TypeError, match="quant_bits"):

@@ -83,12 +83,17 @@ def check_quantized_group(
     except (ValueError, NotImplementedError) as exc:
         raise type(exc)(f"param_groups[{index}] (quant_bits={bits}): {exc}") from None
     block_size = group.get("quant_block_size")
-    if block_size is not None and (
-        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
-    ):
-        raise ValueError(
-            f"param_groups[{index}]: quant_block_size must be a positive int, got {block_size!r}"
-        )
+    if block_size is not None:
+        given = block_size
+        try:  # integer-like (numpy, 0-d tensor) is stored back as an int
+            block_size = as_bits(block_size, "quant_block_size")
+        except TypeError:
+            block_size = 0
+        if block_size <= 0:
+            raise ValueError(
+                f"param_groups[{index}]: quant_block_size must be a positive int, got {given!r}"
+            )
+        group["quant_block_size"] = block_size
     for j, p in enumerate(group["params"]):
         where = f"param_groups[{index}] params[{j}] (shape {tuple(p.shape)}): "
         if not p.is_floating_point() or p.is_complex():
