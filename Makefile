@@ -4,11 +4,14 @@
 #   TORCH_VERSION=system   use the interpreter's own torch (VENV is then ignored:
 #                          installs go to that interpreter, e.g. a CUDA machine)
 #   TRITON_VERSION=3.9.0   triton pinned into the venv ("none" to skip)
+#   TORCHAO_VERSION=0.18.0 torchao pinned into the venv ("none" to skip; its tests then skip)
 #   PYTHON=python3         interpreter that creates the venv
 SHELL := /bin/bash
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.9.0
+TORCHAO_VERSION ?= 0.18.0
+SAFETENSORS_VERSION ?= 0.8.0
 VENV ?= .venv
 
 ifeq ($(TORCH_VERSION),system)
@@ -33,10 +36,16 @@ ifneq ($(TORCH_VERSION),system)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
 endif
+	$(PY) -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
+		|| $(PIP) install --quiet "setuptools>=77"  # SPDX license string (PEP 639)
 ifneq ($(TRITON_VERSION),none)
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install --quiet "triton==$(TRITON_VERSION)"
 endif
-	$(PIP) install --quiet pytest pytest-benchmark ruff scikit-learn tqdm matplotlib ninja numpy
+	$(PIP) install --quiet pytest pytest-benchmark ruff scikit-learn tqdm matplotlib ninja numpy \
+		"safetensors==$(SAFETENSORS_VERSION)"
+ifneq ($(TORCHAO_VERSION),none)
+	$(PIP) install --quiet "torchao==$(TORCHAO_VERSION)"
+endif
 
 build: setup
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .

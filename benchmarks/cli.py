@@ -13,10 +13,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from benchmarks import environment, op_bench, report, step_bench
+from benchmarks.cli_checks import check_device, check_out_dir, optional_module
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -122,29 +124,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="plain progress lines")
     args = parser.parse_args(argv)  # fmt: skip
     args.mode = args.mode or "quick"
-    try:
-        args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as exc:
-        parser.error(f"--device: {exc}")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but torch.cuda.is_available() is False")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = check_device(parser, args.device or default_device)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    check_out_dir(parser, args.out)
     return args
 
 
 class Progress:
-    """tqdm when available and wanted, else one plain line per item."""
+    """A tqdm bar (``tqdm``: the module, or None for one plain line per item)."""
 
-    def __init__(self, total: int, plain: bool):
+    def __init__(self, total: int, tqdm: ModuleType | None):
         self.bar = None
-        if not plain:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
-            except ImportError:
-                pass
+        if tqdm is not None:
+            self.bar = tqdm.tqdm(total=total, unit="case", file=sys.stderr, dynamic_ncols=True)
         self.total, self.done = total, 0
 
     def step(self, label: str) -> None:
@@ -162,6 +156,9 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # optional packages, reported before any work: without them, plain output
+    tqdm = None if args.no_progress else optional_module("tqdm", "plain progress lines")
+    matplotlib = optional_module("matplotlib", "no chart (.png)")
     mode, device = mode_config(args.mode), args.device
     repeats = args.repeats or mode.repeats
     step_repeats = args.repeats or mode.step_repeats
@@ -173,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     op_cases = mode.op_cases if "op" in args.suites else []
     step_cases = mode.step_cases if "step" in args.suites else []
-    progress = Progress(len(op_cases) + len(step_cases), args.no_progress)
+    progress = Progress(len(op_cases) + len(step_cases), tqdm)
     rows: list[dict] = []
     n_tensors, n_rows, n_cols = mode.op_shape
     for case in op_cases:
@@ -213,7 +210,6 @@ def main(argv: list[str] | None = None) -> int:
         if any(r["suite"] == suite for r in rows):
             print(f"\n== {title} ==\n{report.table(rows, suite)}")
     elapsed = time.perf_counter() - t_start
-    args.out.mkdir(parents=True, exist_ok=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     stem = args.out / f"{environment.device_slug(device)}_{date}_{args.mode}"
     payload = {
@@ -234,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     report.write_csv(rows, stem.with_suffix(".csv"))
     report.write_json(payload, stem.with_suffix(".json"))
     report.write_markdown(rows, env, copy_gbps, stem.with_suffix(".md"))
-    title = f"parq benchmarks, {env['device_name']} ({args.mode}, {date})"
-    report.write_chart(rows, title, stem.with_suffix(".png"))
-    print(f"\nwrote {stem}.{{csv,json,md,png}} in {elapsed:.0f} s")
+    suffixes = "csv,json,md"
+    if matplotlib is not None:
+        title = f"parq benchmarks, {env['device_name']} ({args.mode}, {date})"
+        report.write_chart(rows, title, stem.with_suffix(".png"))
+        suffixes += ",png"
+    print(f"\nwrote {stem}.{{{suffixes}}} in {elapsed:.0f} s")
     return 0

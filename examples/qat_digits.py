@@ -34,6 +34,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -48,9 +49,17 @@ try:
 except ImportError:  # running from a checkout that is not pip-installed
     sys.path.insert(0, str(_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(_ROOT) not in sys.path:  # benchmarks.cli_checks: the checks shared with the benchmarks
+    sys.path.append(str(_ROOT))
 
 from models import MODELS, build_model  # noqa: E402
 
+from benchmarks.cli_checks import (  # noqa: E402
+    check_device,
+    check_out_dir,
+    finite_float,
+    optional_module,
+)
 from parq.optim import (  # noqa: E402
     ProxBinaryRelax,
     ProxHardQuant,
@@ -63,6 +72,15 @@ from parq_kernels import backends  # noqa: E402
 
 PROXMAPS = ("hard", "soft", "parq", "binaryrelax")
 METHODS = ("lsbq", "uniform")
+DIGITS_IMAGES = 1797  # sklearn.datasets.load_digits (shipped with scikit-learn)
+TEST_FRACTION = 0.2
+SMOKE_TRAIN_IMAGES = 512
+
+
+def train_images(smoke: bool) -> int:
+    """Training images of the split in :func:`load_data` (test: ceil(20 %), as sklearn)."""
+    n = DIGITS_IMAGES - math.ceil(TEST_FRACTION * DIGITS_IMAGES)
+    return min(n, SMOKE_TRAIN_IMAGES) if smoke else n
 
 
 @dataclass(frozen=True)
@@ -90,8 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="cnn", help=f"{' or '.join(MODELS)} (default cnn)")
     p.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (cosine decay)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument(
+        "--lr", type=finite_float, default=2e-3, help="AdamW learning rate (cosine decay)"
+    )
+    p.add_argument("--weight-decay", type=finite_float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--quant-bits",
@@ -119,17 +139,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--anneal-start",
-        type=float,
+        type=finite_float,
         default=None,
         help="epoch where the prox map starts annealing (default 10%% of --epochs)",
     )
     p.add_argument(
         "--anneal-end",
-        type=float,
+        type=finite_float,
         default=None,
         help="epoch where weights become hard-quantized (default 70%% of --epochs)",
     )
-    p.add_argument("--anneal-steepness", type=float, default=10.0, help="PARQ steepness")
+    p.add_argument("--anneal-steepness", type=finite_float, default=10.0, help="PARQ steepness")
     p.add_argument(
         "--warmup-steps",
         type=int,
@@ -180,6 +200,14 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.lr <= 0:
         p.error(f"--lr must be > 0, got {args.lr}")
+    if args.weight_decay < 0:
+        p.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    total = -(-train_images(args.smoke) // args.batch_size) * args.epochs
+    if args.warmup_steps >= total:
+        p.error(
+            f"--warmup-steps ({args.warmup_steps}) must be < the run's {total} optimizer steps "
+            f"({args.epochs} epochs), else quantization never starts"
+        )
     bad = [b for b in args.quant_bits if not 0 <= b <= 8]
     if bad:
         p.error(f"--quant-bits must be in 0..8 (0 = ternary), got {bad}")
@@ -210,13 +238,13 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         )
     if args.anneal_steepness <= 0:
         p.error(f"--anneal-steepness must be > 0, got {args.anneal_steepness}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available")
+    args.device = str(check_device(p, args.device))
     if args.backend != "auto":
         try:
             backends.resolve(args.device, args.backend)
         except (ValueError, backends.BackendUnavailableError) as exc:
             p.error(f"--backend {args.backend}: {exc}")
+    check_out_dir(p, args.out)
 
 
 def settings(args: argparse.Namespace) -> list[Setting]:
@@ -237,10 +265,10 @@ def load_data(seed: int, smoke: bool) -> tuple[torch.Tensor, ...]:
     x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
     idx_train, idx_test = train_test_split(
-        range(len(y)), test_size=0.2, random_state=seed, stratify=digits.target
+        range(len(y)), test_size=TEST_FRACTION, random_state=seed, stratify=digits.target
     )
     if smoke:
-        idx_train = idx_train[:512]
+        idx_train = idx_train[:SMOKE_TRAIN_IMAGES]
     x_train, x_test = x[idx_train], x[idx_test]
     mean, std = x_train.mean(), x_train.std()
     return (x_train - mean) / std, y[idx_train], (x_test - mean) / std, y[idx_test]
@@ -295,14 +323,18 @@ def max_levels_used(opt: torch.optim.Optimizer) -> tuple[int, int]:
     most, k = 0, 0
     for group in opt.regularized_param_groups():
         for p in group["params"]:
-            Q = opt.state[p]["quants"]
+            Q = opt.state[p].get("quants")
+            if Q is None:  # quantization has not started (still in warmup)
+                continue
             k = max(k, Q.size(-1))
             rows = p.detach().reshape(Q.size(0) if Q.dim() == 2 else 1, -1)
             most = max(most, max(len(torch.unique(r)) for r in rows))
     return most, k
 
 
-def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace) -> dict:
+def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace, tqdm=None) -> dict:
+    """Train one setting; ``tqdm`` (the module) draws a bar, else, unless
+    ``--no-progress``, one plain line per epoch goes to stderr."""
     x_train, y_train, x_test, y_test = (t.to(args.device) for t in data)
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes=10, in_channels=1).to(args.device)
@@ -326,12 +358,10 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace) 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=total)
     gen = torch.Generator().manual_seed(args.seed)
     bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=args.epochs, desc=f"{s.label:>24}", unit="epoch", file=sys.stderr)
+    if tqdm is not None and not args.no_progress:
+        bar = tqdm.tqdm(total=args.epochs, desc=f"{s.label:>24}", unit="epoch", file=sys.stderr)
     t0 = time.perf_counter()
-    for _ in range(args.epochs):
+    for epoch in range(args.epochs):
         order = torch.randperm(len(y_train), generator=gen).to(args.device)
         for i in range(0, len(order), args.batch_size):
             idx = order[i : i + args.batch_size]
@@ -344,6 +374,14 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace) 
             acc = evaluate(model, x_test, y_test)
             bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{acc:.3f}")
             bar.update(1)
+        elif not args.no_progress:
+            acc = evaluate(model, x_test, y_test)
+            print(
+                f"{s.label:>24} epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f} "
+                f"test_acc {acc:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -385,6 +423,7 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    tqdm = None if args.no_progress else optional_module("tqdm", "plain progress lines")
     torch.set_num_threads(args.threads)
     data = load_data(args.seed, args.smoke)
     runs = settings(args)
@@ -393,10 +432,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.epochs} epochs, {len(runs)} settings, per-channel={args.quant_per_channel}",
         flush=True,
     )
-    results = [train(s, data, args) for s in runs]
+    results = [train(s, data, args, tqdm) for s in runs]
     text = table(results)
     print("\n" + text)
-    args.out.mkdir(parents=True, exist_ok=True)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     stem = args.out / f"qat_digits_{args.model}_{date}{'_smoke' if args.smoke else ''}"
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

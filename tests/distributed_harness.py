@@ -6,15 +6,25 @@ calls ``function(rank, world, *args)``. A failure on any rank (an assertion
 included) is raised in the parent with that rank's traceback, and the other
 ranks are terminated. Each rank may return a JSON-able value; ``launch``
 returns the list of them, in rank order.
+
+A rank that succeeded leaves with ``os._exit(0)`` once its result is written and
+the process group is destroyed: torch 2.13's gloo backend can abort the process
+at interpreter exit ("terminate called without an active exception" from a
+``pt_gloo_runloop`` thread, also without parq), and ``os._exit`` skips that
+teardown (atexit handlers, C++ static destructors) after the work is done. A
+rank that failed exits through ``torch.multiprocessing`` as before, so its
+traceback reaches the parent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import json
 import os
 import socket
+import sys
 import tempfile
 
 import torch
@@ -41,9 +51,20 @@ def _entry(rank: int, world: int, port: int, target: str, out_dir: str, args: tu
         result = getattr(importlib.import_module(module), name)(rank, world, *args)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
+            f.flush()
+            os.fsync(f.fileno())
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    _leave()
+
+
+def _leave() -> None:
+    """Exit this rank with status 0 now, skipping the interpreter's teardown."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing to save
+            stream.flush()
+    os._exit(0)
 
 
 def launch(target: str, world: int, *args) -> list:

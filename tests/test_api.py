@@ -76,7 +76,8 @@ QUANT_OPT_ARGS = [
 
 SIGNATURES = [
     (parq.QuantOptimizer, [*QUANT_OPT_ARGS, ("group_quantizer_map", None)]),
-    (parq.NMSGDOptimizer, [*QUANT_OPT_ARGS, ("group_quantizer_map", None), ("nm_gamma", 0.0)]),
+    # as in the public release: nm_gamma is the 9th positional (group_quantizer_map keyword-only)
+    (parq.NMSGDOptimizer, [*QUANT_OPT_ARGS, ("nm_gamma", 0.0)]),
     (parq.build_quant_optimizer, [*QUANT_OPT_ARGS, ("nm_gamma", 0.0)]),
     (
         parq.UnifQuantizer,

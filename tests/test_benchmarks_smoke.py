@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -270,3 +271,48 @@ def test_issue4_cases():
 def test_device_slug_is_file_name_safe():
     slug = environment.device_slug(torch.device("cpu"))
     assert slug.startswith("cpu") and all(c.isalnum() or c == "-" for c in slug)
+
+
+def test_without_tqdm_and_matplotlib_plain_output_no_chart(tmp_path, monkeypatch, capsys):
+    """Missing optional packages: one note each, before any work; plain progress lines,
+    every table but the chart, exit status 0."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = ["--smoke", "--suites", "op", "--repeats", "1", "--no-compile", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("note:")] == [
+        "note: tqdm is not installed: plain progress lines (pip install tqdm)",
+        "note: matplotlib is not installed: no chart (.png) (pip install matplotlib)",
+    ]
+    assert any(line.startswith("[1/") for line in err)
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".csv", ".json", ".md"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "bogus"], "--device 'bogus' is not a device"),
+        (["--device", "meta"], "only cpu and cuda[:i] are supported"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda:0"], "CUDA is not available")]),
+)
+def test_cli_device_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--smoke", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_unwritable_out_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(environment, "environment", no_work)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--smoke", "--out", str(blocker / "results")])
+    assert exc.value.code == 2
+    assert "not a writable directory" in capsys.readouterr().err

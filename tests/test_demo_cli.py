@@ -130,3 +130,83 @@ def test_resnet20_runs_on_digits_and_matches_benchmark_shapes():
     assert models.build_model("cnn")(torch.randn(3, 1, 8, 8)).shape == (3, 10)
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         models.build_model("vgg")
+
+
+# ---------------------------------------------------------------------------
+# Missing optional packages and bad arguments: plain output / parser errors, before any work
+# ---------------------------------------------------------------------------
+
+
+def test_without_tqdm_plain_progress_and_one_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` raises ImportError
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--smoke", "--no-fp", "--quant-bits", "2", "--out", str(tmp_path)]
+        assert demo.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert notes == ["note: tqdm is not installed: plain progress lines (pip install tqdm)"]
+    assert "2-bit lsbq parq epoch 1/2 loss" in err and "epoch 2/2" in err
+    assert len(list(tmp_path.glob("qat_digits_cnn_*_smoke.json"))) == 1
+
+
+def test_warmup_longer_than_the_run_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.parse_args(["--smoke", "--warmup-steps", "16"])  # the smoke run has 16 steps
+    assert exc.value.code == 2
+    assert "--warmup-steps (16) must be < the run's 16 optimizer steps" in capsys.readouterr().err
+    assert demo.parse_args(["--smoke", "--warmup-steps", "15"]).warmup_steps == 15
+
+
+def test_warmup_until_the_last_step_still_quantizes(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--smoke", "--no-fp", "--quant-bits", "2", "--no-progress", "--out", str(tmp_path)]
+        assert demo.main([*argv, "--warmup-steps", "15"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (result,) = json.loads(next(tmp_path.glob("*.json")).read_text())["results"]
+    assert result["levels"] == 4 and 1 <= result["levels_used"] <= 4
+
+
+def test_train_images_matches_the_split():
+    x_train, _, x_test, _ = demo.load_data(0, smoke=False)
+    assert len(x_train) == demo.train_images(False) and len(x_train) + len(x_test) == 1797
+    assert len(demo.load_data(0, smoke=True)[0]) == demo.train_images(True) == 512
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "nan"], "argument --lr: must be a finite number, got 'nan'"),
+        (["--lr", "inf"], "argument --lr: must be a finite number, got 'inf'"),
+        (["--lr", "fast"], "argument --lr: must be a number, got 'fast'"),
+        (["--weight-decay", "-1"], "--weight-decay must be >= 0"),
+        (["--anneal-steepness", "nan"], "argument --anneal-steepness: must be a finite number"),
+        (["--anneal-end", "inf"], "argument --anneal-end: must be a finite number"),
+        (["--device", "bogus"], "--device 'bogus' is not a device"),
+        (["--device", "meta"], "--device 'meta': only cpu and cuda[:i] are supported"),
+    ]
+    + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
+)
+def test_more_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_out_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(demo, "load_data", no_work)
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--smoke", "--out", str(blocker / "results")])
+    assert exc.value.code == 2
+    assert "--out" in (err := capsys.readouterr().err) and "not a writable directory" in err

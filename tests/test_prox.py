@@ -49,10 +49,10 @@ def test_hard_per_channel():
 @pytest.mark.parametrize("steepness", [1.0, 10.0, 40.0])
 def test_parq_schedule_endpoints(center, steepness):
     # (fix) g(0) = 1 and g(1) = 0 for every center
-    assert normalized_mirror_sigmoid(0.0, steepness, center) == pytest.approx(1.0, abs=1e-12)
-    assert normalized_mirror_sigmoid(1.0, steepness, center) == pytest.approx(0.0, abs=1e-12)
+    assert normalized_mirror_sigmoid(0, 0, 1, steepness, center) == pytest.approx(1.0, abs=1e-12)
+    assert normalized_mirror_sigmoid(1, 0, 1, steepness, center) == pytest.approx(0.0, abs=1e-12)
     fs = [i / 20 for i in range(21)]
-    gs = [normalized_mirror_sigmoid(f, steepness, center) for f in fs]
+    gs = [normalized_mirror_sigmoid(f, 0, 1, steepness, center) for f in fs]
     assert all(a > b for a, b in zip(gs, gs[1:], strict=False))  # strictly decreasing
 
     prox = ProxPARQ(10, 30, steepness=steepness, anneal_center=center)
@@ -72,7 +72,9 @@ def test_parq_center_half_is_symmetric():
     # at c = 0.5 the schedule is point-symmetric about f = 0.5: g(f) + g(1 - f) = 1
     for s in (2.0, 10.0):
         for f in (0.0, 0.2, 0.5, 0.9):
-            total = normalized_mirror_sigmoid(f, s, 0.5) + normalized_mirror_sigmoid(1 - f, s, 0.5)
+            total = normalized_mirror_sigmoid(f, 0, 1, s, 0.5) + normalized_mirror_sigmoid(
+                1 - f, 0, 1, s, 0.5
+            )
             assert total == pytest.approx(1.0, abs=1e-12)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from parq.quant.quantizer import MAX_BITS, Quantizer
+from parq.quant.quantizer import MAX_BITS, Quantizer, as_bits
 
 UNQUANTIZED_BITS = 16
 
@@ -50,12 +50,20 @@ def row_layout(p: Tensor, block_size: int | None, per_channel: bool, where: str 
 
 
 def group_bits(group: dict, index: int) -> int | None:
-    """The group's ``quant_bits`` if it is quantized, else None; validates it."""
+    """The group's ``quant_bits`` if it is quantized, else None; validates it.
+
+    Integer-like values (``numpy.int64``, a 0-d integer tensor) are accepted and
+    stored back into the group as a Python int, so every later reader sees an int.
+    """
     b = group.get("quant_bits")
     if b is None:
         return None
-    if isinstance(b, bool) or not isinstance(b, int):
-        raise TypeError(f"param_groups[{index}]: quant_bits must be an int, got {b!r}")
+    if type(b) is not int:
+        try:
+            b = as_bits(b)
+        except TypeError as exc:
+            raise TypeError(f"param_groups[{index}]: {exc}") from None
+        group["quant_bits"] = b
     if b >= UNQUANTIZED_BITS:
         return None
     if not 0 <= b <= MAX_BITS:
@@ -75,12 +83,17 @@ def check_quantized_group(
     except (ValueError, NotImplementedError) as exc:
         raise type(exc)(f"param_groups[{index}] (quant_bits={bits}): {exc}") from None
     block_size = group.get("quant_block_size")
-    if block_size is not None and (
-        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0
-    ):
-        raise ValueError(
-            f"param_groups[{index}]: quant_block_size must be a positive int, got {block_size!r}"
-        )
+    if block_size is not None:
+        given = block_size
+        try:  # integer-like (numpy, 0-d tensor) is stored back as an int
+            block_size = as_bits(block_size, "quant_block_size")
+        except TypeError:
+            block_size = 0
+        if block_size <= 0:
+            raise ValueError(
+                f"param_groups[{index}]: quant_block_size must be a positive int, got {given!r}"
+            )
+        group["quant_block_size"] = block_size
     for j, p in enumerate(group["params"]):
         where = f"param_groups[{index}] params[{j}] (shape {tuple(p.shape)}): "
         if not p.is_floating_point() or p.is_complex():

@@ -14,7 +14,12 @@ from parq.quant.quantizer import Quantizer
 class NMSGDOptimizer(QuantOptimizer):
     """QuantOptimizer whose shrink divisor is ``nm_gamma`` and which feeds the
     last projection's error back: after the base step,
-    ``p -= (lr / nm_gamma) * (latent - p_projected)``."""
+    ``p -= (lr / nm_gamma) * (latent - p_projected)``.
+
+    Positional arguments as in the public release (``nm_gamma`` is the 9th);
+    ``group_quantizer_map`` and the other :class:`QuantOptimizer` extras are
+    keyword-only.
+    """
 
     def __init__(
         self,
@@ -26,8 +31,9 @@ class NMSGDOptimizer(QuantOptimizer):
         quant_per_channel: bool = False,
         quant_shrink: bool = False,
         anneal_wd_frac: float = 0.0,
-        group_quantizer_map: dict[int, Quantizer] | None = None,
         nm_gamma: float = 0.0,
+        *,
+        group_quantizer_map: dict[int, Quantizer] | None = None,
         **kwargs,
     ) -> None:
         if not nm_gamma > 0:

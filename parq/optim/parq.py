@@ -15,14 +15,30 @@ def _sigmoid(z: float) -> float:
     return e / (1.0 + e)
 
 
-def normalized_mirror_sigmoid(f: float, steepness: float, center: float) -> float:
-    """``g(f)``: 1 at ``f = 0``, 0 at ``f = 1``, steepest at ``f = center``.
+def _mirror_sigmoid_at(f: float, steepness: float, center: float) -> float:
+    """``g(f)`` for progress ``f`` in [0, 1]: 1 at ``f = 0``, 0 at ``f = 1``, steepest at
+    ``f = center`` (SPEC.md §4).
 
     (fix) Normalized for every ``center``; the public release only for 0.5.
     """
     s, c = steepness, center
     low = _sigmoid(-s * (1 - c))
     return (_sigmoid(-s * (f - c)) - low) / (_sigmoid(s * c) - low)
+
+
+def normalized_mirror_sigmoid(t: float, t1: float, t2: float, s: float, c: float) -> float:
+    """The public release's schedule: decreases from 1 at step ``t1`` to 0 at ``t2``.
+
+    ``f = (t - t1) / (t2 - t1)`` is the progress, ``s`` the steepness (almost linear
+    for ``s < 1``), ``c`` the progress where it is steepest. Equals the public
+    function wherever that one is defined for ``c = 0.5``; (fix) normalized for
+    every ``c`` (SPEC.md §4). Needs ``t1 < t2`` and ``t1 <= t <= t2``.
+    """
+    if not t1 < t2:
+        raise ValueError(f"normalized_mirror_sigmoid needs t1 < t2, got t1={t1}, t2={t2}")
+    if not t1 <= t <= t2:
+        raise ValueError(f"normalized_mirror_sigmoid needs t1 <= t <= t2, got t={t}, [{t1}, {t2}]")
+    return _mirror_sigmoid_at((t - t1) / (t2 - t1), s, c)
 
 
 class ProxPARQ(AnnealedProxMap):
@@ -50,7 +66,7 @@ class ProxPARQ(AnnealedProxMap):
             return 1.0
         if step_count >= self.anneal_end:
             return 0.0
-        g = normalized_mirror_sigmoid(self.progress(step_count), self.steepness, self.anneal_center)
+        g = _mirror_sigmoid_at(self.progress(step_count), self.steepness, self.anneal_center)
         return max(TINY, g)
 
     def schedule(self, step_count: int) -> tuple[ProxKind, float, float | None]:

@@ -410,3 +410,22 @@ class QuantOptimizer(Optimizer):
     def _layout(self, group: dict, index: int, j: int, p: Tensor) -> RowLayout:
         where = f"param_groups[{index}] params[{j}] (shape {tuple(p.shape)}): "
         return row_layout(p, group.get("quant_block_size"), self.quant_per_channel, where)
+
+    # -- torchao interop (torchao.prototype.parq's surface; parq.export) ---------
+
+    def get_filter_fns(self, model: torch.nn.Module) -> Iterator[Callable[..., bool]]:
+        """One ``filter_fn(module, *args)`` per quantized group, in order: true for a
+        module owning one of the group's parameters (``torchao.quantization.quantize_``)."""
+        from parq.export.torchao_convert import get_filter_fns
+
+        return get_filter_fns(self, model)
+
+    def torchao_convert(
+        self, model: torch.nn.Module, weight_only: bool = False, embed_weight_only: bool = False
+    ) -> None:
+        """Convert ``model`` in place to torchao's quantized tensors, as torchao's PARQ
+        does (needs ``torchao``: ``pip install "parq[torchao]"``); see
+        :mod:`parq.export.torchao_convert`."""
+        from parq.export.torchao_convert import torchao_convert
+
+        torchao_convert(self, model, weight_only=weight_only, embed_weight_only=embed_weight_only)

@@ -1,5 +1,13 @@
-"""Quantizers: map a tensor to its quantized values and level set."""
+"""Quantizers: map a tensor to its quantized values and level set.
 
+The torchao quantizers (``UnifTorchaoQuantizer``, ``StretchedUnifTorchaoQuantizer``,
+``Int4UnifTorchaoQuantizer``) and ``StretchedIntxWeightConfig`` are imported on first
+use and need ``torchao`` (``pip install "parq[torchao]"``).
+"""
+
+from typing import Any
+
+from parq._torchao import lazy_torchao_attribute
 from parq.quant.lsbq import LSBQuantizer
 from parq.quant.quantizer import Quantizer
 from parq.quant.uniform import (
@@ -26,3 +34,14 @@ __all__ = [
     "LSBQuantizer",
     "BUILTIN_QUANTIZERS",
 ]
+
+_TORCHAO_NAMES = {
+    "UnifTorchaoQuantizer": "parq.quant.uniform_torchao",
+    "StretchedUnifTorchaoQuantizer": "parq.quant.uniform_torchao",
+    "Int4UnifTorchaoQuantizer": "parq.quant.uniform_torchao",
+    "StretchedIntxWeightConfig": "parq.quant.config_torchao",
+}
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_torchao_attribute(__name__, name, _TORCHAO_NAMES)

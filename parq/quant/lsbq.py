@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from parq.quant.quantizer import KernelQuantizer
+import math
+import numbers
+
+from parq.quant.quantizer import KernelQuantizer, as_bits
 from parq_kernels.ops import QuantKind
 
 
@@ -18,12 +21,22 @@ class LSBQuantizer(KernelQuantizer):
     def __init__(
         self, center: bool = False, optimal: bool = False, ternary_multiplier: float = 1.1
     ) -> None:
+        real = isinstance(ternary_multiplier, numbers.Real)
+        if isinstance(ternary_multiplier, bool) or not (
+            real and math.isfinite(ternary_multiplier) and ternary_multiplier > 0
+        ):
+            # v = ternary_multiplier * mean|x|: a negative v unsorts [-v, 0, v], NaN poisons it
+            raise ValueError(
+                "LSBQuantizer(ternary_multiplier=...) must be a finite number > 0, "
+                f"got {ternary_multiplier!r}"
+            )
         super().__init__(center)
         self.optimal = optimal
         self.ternary_multiplier = ternary_multiplier
 
     def check_bits(self, b: int) -> None:
         super().check_bits(b)
+        b = as_bits(b)
         if self.optimal and b > 2:
             raise NotImplementedError(
                 f"LSBQuantizer(optimal=True) supports quant_bits in {{0, 1, 2}}, got {b}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 
 import torch
@@ -11,6 +12,17 @@ from parq_kernels import reference
 from parq_kernels.ops import QuantKind, num_levels
 
 MAX_BITS = 8
+
+
+def as_bits(b: object, name: str = "quant_bits") -> int:
+    """``b`` as a Python int: ints, ``numpy`` integers and 0-d integer tensors are
+    accepted (anything with ``__index__``); bools, floats and the rest raise ``TypeError``."""
+    if isinstance(b, bool):
+        raise TypeError(f"{name} must be an int, got {b!r}")
+    try:
+        return operator.index(b)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {b!r} ({type(b).__name__})") from None
 
 
 def rows_view(p: Tensor, dim: int | None) -> Tensor:
@@ -51,9 +63,21 @@ class Quantizer(ABC):
         ``dim is None`` (one group) else ``(groups, K)``. Must not modify ``p``."""
 
     def check_bits(self, b: int) -> None:
-        """Raise ``ValueError`` if this quantizer cannot use ``b`` bits."""
+        """Raise ``ValueError`` if this quantizer cannot use ``b`` bits (``TypeError``
+        if ``b`` is not an int, a ``numpy`` integer or a 0-d integer tensor)."""
+        b = as_bits(b)
         if not 0 <= b <= MAX_BITS:
             raise ValueError(f"quant_bits must be in 0..{MAX_BITS}, got {b}")
+
+    @staticmethod
+    def remove_mean(p: Tensor, dim: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(p - mean, mean)``: the mean over all of ``p`` (``dim=None``, a 0-d
+        tensor) or over ``dim`` (kept as a size-1 dimension, so it broadcasts).
+
+        What ``center=True`` subtracts before quantizing; ``p`` is not modified.
+        """
+        mean = p.mean() if dim is None else p.mean(dim=dim, keepdim=True)
+        return p - mean, mean
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -72,11 +96,13 @@ class KernelQuantizer(Quantizer):
         """``(kind, qargs)`` of the fused op for ``b`` bits (after ``check_bits``)."""
 
     def get_quant_size(self, b: int) -> int:
+        b = as_bits(b)
         self.check_bits(b)
         kind, qargs = self.kernel_spec(b)
         return num_levels(kind, b, qargs)
 
     def quantize(self, p: Tensor, b: int, dim: int | None = None) -> tuple[Tensor, Tensor]:
+        b = as_bits(b)
         self.check_bits(b)
         kind, qargs = self.kernel_spec(b)
         q, Q = reference.quantize_rows(rows_view(p, dim), kind, b, qargs, self.center)
@@ -86,4 +112,4 @@ class KernelQuantizer(Quantizer):
         return q, (Q[0] if dim is None else Q)
 
 
-__all__ = ["Quantizer", "KernelQuantizer", "rows_view", "from_rows", "MAX_BITS"]
+__all__ = ["Quantizer", "KernelQuantizer", "rows_view", "from_rows", "as_bits", "MAX_BITS"]
