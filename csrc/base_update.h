@@ -19,22 +19,31 @@ namespace parq {
 enum OptimKind : int64_t { kSgd = 0, kAdam = 1, kAdamW = 2 };
 
 // The scalars of one update, in kernel form (host doubles rounded once to float,
-// as torch's kernels receive them).
+// as torch's kernels receive them). The options enter the per-element math as
+// multipliers (gsign, l2, decay, nest_g, nest_b, lerp_a, lerp_b), so that a loop
+// over elements has no branch and vectorizes; each multiplier is 0, 1 or torch's
+// scalar, so the values are torch's (up to the sign of a zero).
 struct StepArgs {
   int64_t kind;
   bool maximize;
   bool has_wd;          // weight_decay != 0 (torch skips the decay term otherwise)
-  float weight_decay;   // SGD, Adam: g += weight_decay * w
+  float weight_decay;
+  float gsign;          // -1 with maximize, else 1
+  float l2;             // SGD, Adam: g += l2 * w (weight_decay, or 0 when off / AdamW)
   float neg_lr;         // SGD: w += (-lr) * g
   bool has_momentum;    // SGD: momentum != 0
   float momentum;       // SGD
   float keep_grad;      // SGD: 1 - dampening
   bool nesterov;        // SGD
+  float nest_g;         // SGD: g = nest_g * g + nest_b * buf (nesterov: 1, momentum; else 0, 1)
+  float nest_b;
   bool init_buf;        // SGD: the buffer starts as g (torch's first step)
-  float decay;          // AdamW: w *= 1 - lr * weight_decay
+  float decay;          // AdamW: w *= decay (1 - lr * weight_decay, or 1 when off / Adam)
   float lerp_w;         // Adam: 1 - beta1 (exp_avg.lerp_(g, lerp_w))
   float lerp_w_comp;    // Adam: 1 - lerp_w, in float (torch's lerp for weights >= 0.5)
   bool lerp_small;      // Adam: |lerp_w| < 0.5
+  float lerp_a;         // Adam: 1 / 0 (lerp_small), the weight of torch's small-weight form
+  float lerp_b;         // Adam: 1 - lerp_a
   float beta2;          // Adam
   float one_minus_beta2;
   float eps;
@@ -43,31 +52,30 @@ struct StepArgs {
   bool amsgrad;
 };
 
-// SGD: returns the new w; buf is read (unless init_buf) and written (with momentum).
+// SGD: returns the new w. kMomentum: buf is read (unless kInit: torch's first step,
+// buf = g) and written; without momentum buf is not used.
+template <bool kMomentum, bool kInit>
 PARQ_HD float sgd_update(const StepArgs& s, float w, float g, float& buf) {
-  if (s.maximize) g = -g;
-  if (s.has_wd) g = g + s.weight_decay * w;
-  if (s.has_momentum) {
-    buf = s.init_buf ? g : buf * s.momentum + s.keep_grad * g;
-    g = s.nesterov ? g + s.momentum * buf : buf;
+  g = g * s.gsign;
+  g = g + s.l2 * w;
+  if (kMomentum) {
+    buf = kInit ? g : buf * s.momentum + s.keep_grad * g;
+    g = s.nest_g * g + s.nest_b * buf;
   }
   return w + s.neg_lr * g;
 }
 
-// Adam / AdamW: returns the new w; m, v (and vmax with amsgrad) are read and written.
+// Adam / AdamW: returns the new w; m, v (and vmax with kAmsgrad) are read and written.
+template <bool kAmsgrad>
 PARQ_HD float adam_update(const StepArgs& s, float w, float g, float& m, float& v, float& vmax) {
-  if (s.maximize) g = -g;
-  if (s.has_wd) {
-    if (s.kind == kAdamW) {
-      w = w * s.decay;
-    } else {
-      g = g + s.weight_decay * w;
-    }
-  }
-  m = s.lerp_small ? m + s.lerp_w * (g - m) : g - (g - m) * s.lerp_w_comp;
+  g = g * s.gsign;
+  w = w * s.decay;   // AdamW's decoupled decay (1 for Adam)
+  g = g + s.l2 * w;  // Adam's L2 decay through the gradient (0 for AdamW)
+  // torch's lerp, two forms by the weight
+  m = s.lerp_a * (m + s.lerp_w * (g - m)) + s.lerp_b * (g - (g - m) * s.lerp_w_comp);
   v = v * s.beta2 + s.one_minus_beta2 * g * g;
   float vv = v;
-  if (s.amsgrad) {
+  if (kAmsgrad) {
     vmax = (v > vmax || v != v) ? v : vmax;  // torch.maximum: NaN propagates
     vv = vmax;
   }

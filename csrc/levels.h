@@ -11,7 +11,7 @@
 #ifdef __CUDACC__
 #define PARQ_HD __host__ __device__ __forceinline__
 #else
-#define PARQ_HD inline
+#define PARQ_HD inline __attribute__((always_inline))
 #endif
 
 namespace parq {

@@ -27,6 +27,7 @@
 #include "../quant_prox.h"
 #include "row_stats.h"
 #include "sources.h"
+#include "step_loop.h"
 
 namespace parq {
 namespace {
@@ -208,7 +209,16 @@ struct RowJob {
       for (int j = 0; j + 1 < K; ++j) ws.mid[j] = (Q[j] + Q[j + 1]) / 2;
       near = make_finder(ws.mid.data(), K - 1, uniform);
     }
-    const WriteArgs w{&a, a.update ? &rq : nullptr, Q, K, near, inter, writes};
+    if constexpr (Src::kStep) {  // non-update steps of the fused step: one loop per element
+      if (step_loop_serves(a, *src.s)) {
+        return over_chunks(parallel, nchunks(), [&](int64_t c) {
+                 Partial part;
+                 part.bad = step_loop_row(src, off(c), len(c), Q, a) > 0;
+                 return part;
+               }).bad;
+      }
+    }
+    const WriteArgs w{&a, a.update ? &rq : nullptr, Q, K, near, inter, writes, bad};
     const Partial s = over_chunks(parallel, nchunks(), [&](int64_t c) {
       return write_chunk(src, off(c), len(c), single, w);
     });

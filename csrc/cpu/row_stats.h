@@ -154,6 +154,7 @@ struct WriteArgs {
   Finder near;   // over the midpoints (nearest level, non-update hard / relax)
   Finder inter;  // over Q (interval lookup, soft / PARQ)
   bool writes;   // false: p keeps its value (prox NONE, gamma 1)
+  bool suspect;  // update steps: the row's first pass saw a non-finite value
 };
 
 constexpr int64_t kSub = 1024;  // the write pass works on sub-blocks of this size
@@ -348,9 +349,11 @@ Partial write_chunk(const Src& src, int64_t o, int64_t n, bool first, const Writ
   float keep[kSub];
   for (int64_t b = 0; b < n; b += kSub) {
     const int64_t len = std::min(kSub, n - b);
-    if (src.load(o + b, len, xs, first)) out.bad = true;
+    // only where a non-finite value was seen can an x be non-finite (sources.h)
+    const bool flagged = src.load(o + b, len, xs, first);
+    out.bad |= flagged;
     if (!w.writes) continue;
-    if (all_finite(xs, len)) {
+    if (!(first ? flagged : w.suspect) || all_finite(xs, len)) {
       src.store(o + b, len, prox_block(xs, len, w, hs));
       continue;
     }

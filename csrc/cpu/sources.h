@@ -25,11 +25,23 @@
 
 namespace parq {
 
-// True for finite v (NaN and +-Inf give NaN when subtracted from themselves).
-inline bool finite(float v) { return v - v == 0.0f; }
+// 1 for finite v, 0 for NaN or +-Inf (v - v is NaN exactly then); branch-free, so
+// that the loops below stay straight-line and vectorize.
+inline int finite(float v) { return static_cast<int>(v - v == 0.0f); }
+
+// The end of a first pass: x = value / gamma; returns whether a non-finite value was
+// seen. Where no element kept an old value, every value is a finite new one, and
+// only a shrink by gamma < 1 could overflow: the x are checked only then.
+inline bool finish(bool kept, float* xs, int64_t n, float gamma) {
+  if (gamma != 1.0f) {
+    for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] / gamma;
+  }
+  return kept || (gamma < 1.0f && !all_finite(xs, n));
+}
 
 template <typename T>
 struct ParamSource {
+  static constexpr bool kStep = false;
   static constexpr bool kAlwaysWrites = false;  // prox NONE with gamma 1 leaves p as it is
   T* p;
   T* lat;
@@ -44,18 +56,16 @@ struct ParamSource {
       load_chunk(lat + o, n, gamma, xs);
       return false;
     }
-    bool kept = false;
+    int kept = 0;
     for (int64_t i = 0; i < n; ++i) {
-      const bool ok = finite(static_cast<float>(p[o + i]));
-      kept |= !ok;
-      const T v = ok ? p[o + i] : lat[o + i];
+      const T pv = p[o + i], lv = lat[o + i];  // both loaded: no branch in the loop
+      const int ok = finite(static_cast<float>(pv));
+      kept += 1 - ok;
+      const T v = ok ? pv : lv;
       lat[o + i] = v;
       xs[i] = static_cast<float>(v);
     }
-    if (gamma != 1.0f) {
-      for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] / gamma;
-    }
-    return kept || !all_finite(xs, n);
+    return finish(kept > 0, xs, n, gamma);
   }
 
   void store(int64_t o, int64_t n, const float* ys) const {
@@ -63,8 +73,62 @@ struct ParamSource {
   }
 };
 
+// The base update's memory pattern (which state buffers exist).
+enum class Pattern { kSgd, kSgdMomentum, kAdam, kAdamAmsgrad };
+
+// The base update of element i, in place: reads the latent, the gradient and the state,
+// writes the new latent and state (each in T) and returns the new latent as stored. An
+// element whose new latent or state is not finite keeps its old values (kept |= 1).
+// Every operand is loaded unconditionally and selected branch-free.
+template <Pattern P, bool kInit, typename T>
+inline __attribute__((always_inline)) T update_element(const StepArgs& a, T* L, const T* G,
+                                                       T* B1, T* B2, T* B3, int64_t i,
+                                                       int& kept) {
+  const T l0 = L[i];
+  const float w0 = static_cast<float>(l0), g = static_cast<float>(G[i]);
+  T w;
+  int ok;
+  if constexpr (P == Pattern::kSgd) {
+    float unused = 0.0f;
+    w = static_cast<T>(sgd_update<false, false>(a, w0, g, unused));
+    ok = finite(static_cast<float>(w));
+  } else if constexpr (P == Pattern::kSgdMomentum) {
+    const T b0 = B1[i];
+    float buf = static_cast<float>(b0);
+    w = static_cast<T>(sgd_update<true, kInit>(a, w0, g, buf));
+    const T nb = static_cast<T>(buf);
+    ok = finite(static_cast<float>(w)) & finite(static_cast<float>(nb));
+    B1[i] = ok ? nb : b0;
+  } else {
+    constexpr bool kAms = P == Pattern::kAdamAmsgrad;
+    const T m0 = B1[i], v0 = B2[i];
+    T x0{};
+    float m = static_cast<float>(m0), v = static_cast<float>(v0), vmax = 0.0f;
+    if constexpr (kAms) {
+      x0 = B3[i];
+      vmax = static_cast<float>(x0);
+    }
+    w = static_cast<T>(adam_update<kAms>(a, w0, g, m, v, vmax));
+    const T nm = static_cast<T>(m), nv = static_cast<T>(v);
+    ok = finite(static_cast<float>(w)) & finite(static_cast<float>(nm)) &
+         finite(static_cast<float>(nv));
+    if constexpr (kAms) {
+      const T nx = static_cast<T>(vmax);
+      ok &= finite(static_cast<float>(nx));
+      B3[i] = ok ? nx : x0;
+    }
+    B1[i] = ok ? nm : m0;
+    B2[i] = ok ? nv : v0;
+  }
+  kept |= ok ^ 1;  // an int OR: stays in 32-bit vector lanes
+  const T lt = ok ? w : l0;
+  L[i] = lt;
+  return lt;
+}
+
 template <typename T>
 struct StepSource {
+  static constexpr bool kStep = true;
   static constexpr bool kAlwaysWrites = true;  // p is written, never read
   T* p;
   T* lat;
@@ -87,11 +151,7 @@ struct StepSource {
       load_chunk(lat + o, n, gamma, xs);
       return false;
     }
-    const bool kept = update(o, n, xs);
-    if (gamma != 1.0f) {
-      for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] / gamma;
-    }
-    return kept || !all_finite(xs, n);
+    return finish(update(o, n, xs), xs, n, gamma);
   }
 
   void store(int64_t o, int64_t n, const float* ys) const {
@@ -103,55 +163,37 @@ struct StepSource {
   // new latent or state is not finite (as stored) keeps its old values. Returns whether
   // any element did.
   bool update(int64_t o, int64_t n, float* xs) const {
-    const StepArgs a = *s;
-    T* L = lat + o;
-    const T* G = grad + o;
-    bool kept = false;
+    const StepArgs& a = *s;
+    int kept;
     if (a.kind == kSgd && !a.has_momentum) {
-      for (int64_t i = 0; i < n; ++i) {
-        float unused = 0.0f;
-        const T w = static_cast<T>(sgd_update(a, static_cast<float>(L[i]),
-                                              static_cast<float>(G[i]), unused));
-        const bool ok = finite(static_cast<float>(w));
-        kept |= !ok;
-        const T v = ok ? w : L[i];
-        L[i] = v;
-        xs[i] = static_cast<float>(v);
-      }
+      kept = update_range<Pattern::kSgd, false>(o, n, xs);
     } else if (a.kind == kSgd) {
-      T* B = b1 + o;
-      for (int64_t i = 0; i < n; ++i) {
-        float buf = static_cast<float>(B[i]);  // ignored by sgd_update when init_buf
-        const T w = static_cast<T>(sgd_update(a, static_cast<float>(L[i]),
-                                              static_cast<float>(G[i]), buf));
-        const T nb = static_cast<T>(buf);
-        const bool ok = finite(static_cast<float>(w)) && finite(static_cast<float>(nb));
-        kept |= !ok;
-        B[i] = ok ? nb : B[i];
-        const T v = ok ? w : L[i];
-        L[i] = v;
-        xs[i] = static_cast<float>(v);
-      }
+      kept = a.init_buf ? update_range<Pattern::kSgdMomentum, true>(o, n, xs)
+                        : update_range<Pattern::kSgdMomentum, false>(o, n, xs);
+    } else if (!a.amsgrad) {
+      kept = update_range<Pattern::kAdam, false>(o, n, xs);
     } else {
-      T* M = b1 + o;
-      T* V = b2 + o;
-      T* X = a.amsgrad ? b3 + o : nullptr;
-      for (int64_t i = 0; i < n; ++i) {
-        float m = static_cast<float>(M[i]), v = static_cast<float>(V[i]);
-        float vmax = X != nullptr ? static_cast<float>(X[i]) : 0.0f;
-        const T w = static_cast<T>(adam_update(a, static_cast<float>(L[i]),
-                                               static_cast<float>(G[i]), m, v, vmax));
-        const T nm = static_cast<T>(m), nv = static_cast<T>(v), nx = static_cast<T>(vmax);
-        const bool ok = finite(static_cast<float>(w)) && finite(static_cast<float>(nm)) &&
-                        finite(static_cast<float>(nv)) && finite(static_cast<float>(nx));
-        kept |= !ok;
-        M[i] = ok ? nm : M[i];
-        V[i] = ok ? nv : V[i];
-        if (X != nullptr) X[i] = ok ? nx : X[i];
-        const T lv = ok ? w : L[i];
-        L[i] = lv;
-        xs[i] = static_cast<float>(lv);
-      }
+      kept = update_range<Pattern::kAdamAmsgrad, false>(o, n, xs);
+    }
+    return kept > 0;
+  }
+
+  template <Pattern P, bool kInit>
+  int update_range(int64_t o, int64_t n, float* xs) const {
+    return update_loop<P, kInit>(*s, lat + o, grad + o, b1 ? b1 + o : nullptr,
+                                 b2 ? b2 + o : nullptr, b3 ? b3 + o : nullptr, xs, n);
+  }
+
+  // The loop itself, on restrict pointers (distinct tensors: validated), so that -O3
+  // vectorizes it without run-time aliasing checks.
+  template <Pattern P, bool kInit>
+  static int update_loop(const StepArgs& a, T* __restrict__ L, const T* __restrict__ G,
+                         T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3,
+                         float* __restrict__ xs, int64_t n) {
+    int kept = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const T lt = update_element<P, kInit>(a, L, G, B1, B2, B3, i, kept);
+      xs[i] = static_cast<float>(lt);
     }
     return kept;
   }

@@ -132,7 +132,10 @@ struct StepSource {
     if (s.kind == kSgd) {
       const T b0 = s.has_momentum ? b1[i] : T(0.0f);
       float buf = static_cast<float>(b0);
-      wt = static_cast<T>(sgd_update(s, static_cast<float>(l0), g, buf));
+      const float w0 = static_cast<float>(l0);
+      wt = static_cast<T>(!s.has_momentum ? sgd_update<false, false>(s, w0, g, buf)
+                          : s.init_buf    ? sgd_update<true, true>(s, w0, g, buf)
+                                          : sgd_update<true, false>(s, w0, g, buf));
       const T nb = static_cast<T>(buf);
       ok = isfinite(static_cast<float>(wt)) && isfinite(static_cast<float>(nb));
       if (s.has_momentum) b1[i] = ok ? nb : b0;
@@ -141,7 +144,9 @@ struct StepSource {
       const T x0 = s.amsgrad ? b3[i] : T(0.0f);
       float m = static_cast<float>(m0), v = static_cast<float>(v0);
       float vmax = static_cast<float>(x0);
-      wt = static_cast<T>(adam_update(s, static_cast<float>(l0), g, m, v, vmax));
+      const float w0 = static_cast<float>(l0);
+      wt = static_cast<T>(s.amsgrad ? adam_update<true>(s, w0, g, m, v, vmax)
+                                    : adam_update<false>(s, w0, g, m, v, vmax));
       const T nm = static_cast<T>(m), nv = static_cast<T>(v), nx = static_cast<T>(vmax);
       ok = isfinite(static_cast<float>(wt)) && isfinite(static_cast<float>(nm)) &&
            isfinite(static_cast<float>(nv)) && isfinite(static_cast<float>(nx));
