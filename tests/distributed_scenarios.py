@@ -267,7 +267,8 @@ def equivalence(rank: int, world: int, names: list[str], mesh_shape=None) -> dic
         update = [s >= WARMUP and (s - WARMUP) % PERIOD == 0 for s in range(STEPS)]
         expected = [cfg["collectives"] if u and shards > 1 else 0 for u in update]
         assert counts == expected, (cname, counts, expected)
-        out[cname] = {"counts": counts, "max_rel_diff": max(diffs), "mesh": list(mesh.shape)}
+        out[cname] = {"counts": counts, "max_rel_diff": max(diffs), "mesh": list(mesh.shape),
+                      "paths": [str(path) for path in opt.step_paths]}  # fmt: skip
     return out
 
 

@@ -75,6 +75,17 @@ def test_collectives_per_step(world2):
         assert all(c == 0 for c, u in zip(run["counts"], UPDATE_STEPS, strict=True) if not u)
 
 
+def test_fused_step_on_local_shards(world2):
+    """Shard(0) per-channel / per-block groups take the fused step (SPEC §8) on their local
+    shards, with no collective; per-tensor groups keep the base step + global statistics."""
+    runs = _part(world2, "equivalence")
+    assert runs["channel-only-hard-adamw"]["paths"] == ["fused step", "fused step", "base step"]
+    paths = runs["channel-parq-sgd"]["paths"]
+    assert paths[:2] == ["fused step", "fused step"], paths
+    assert paths[2].startswith("base step + sharded prox (DTensor parameters, quantization "
+                               "groups split across ranks"), paths  # fmt: skip
+
+
 def test_hsdp(world2):
     """(Replicate, Shard(0)) meshes: reductions over the shard dim only (none if it is 1)."""
     _check_run(_part(world2, "hsdp_1x2")["tensor-parq-adamw"], 6)
