@@ -15,9 +15,10 @@ steps (a whole period: one level update and ``quant_period - 1`` steps between):
   latents, torch's base step, then the fused quantize/prox op (the previous design);
 * ``fused:<backend>``: ``QuantOptimizer(..., backend=<backend>)``, the default: the
   base update fused with quantize + prox (SPEC.md §8);
-* ``copy``: ``dst.copy_(src)`` of a buffer whose read + write traffic equals the
-  ``fused`` variant's byte model, in the same round-robin: the copy bandwidth of a
-  working set of the case's size (the ``of copy BW`` column divides by it).
+* ``stream``: ``a.add_(b)`` in place on buffers whose read + write traffic equals one
+  ``fused`` step's byte model, once per step of the period, in the same round-robin:
+  the memory bandwidth of a working set of the case's size, used in place as an
+  optimizer uses it (the ``of stream BW`` column divides by it).
 
 Quick mode leaves out ``fused:reference`` / ``fused-prox:reference`` when a compiled
 backend is available (the op suite compares the backends).
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmarks import shapes
+from benchmarks.op_bench import STREAM, stream_fn
 from benchmarks.shapes import ParamSpec
 from benchmarks.timing import Timing, measure_interleaved
 from parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
@@ -83,7 +85,7 @@ class StepCase:
     def bytes(self, variant: str) -> int:
         """Bytes one timed call (``period`` steps) of ``variant`` moves (module doc)."""
         per_step = BASE_BYTES[self.base] * self.numel
-        if variant.startswith("fused:") or variant == "copy":
+        if variant.startswith("fused:") or variant == STREAM:
             per_step += FUSED_EXTRA_BYTES * shapes.count(list(self.specs), quantized=True)
         elif not variant.startswith("base"):  # generic, fused-prox
             per_step += UNFUSED_EXTRA_BYTES * shapes.count(list(self.specs), quantized=True)
@@ -150,11 +152,14 @@ def build(case: StepCase, device: torch.device, variant: str) -> Callable[[], ob
     """Fresh parameters with gradients, and the callable that runs one period of
     ``variant`` (module doc)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    if variant == "copy":
-        n = max(1, case.bytes("copy") // (2 * case.itemsize))
-        src = torch.randn(n, generator=gen).to(device=device, dtype=case.dtype)
-        dst = torch.empty_like(src)
-        return lambda: dst.copy_(src)
+    if variant == STREAM:  # one step's traffic per call, one call per step of the period
+        one = stream_fn(case.bytes(STREAM) // case.period, device)
+
+        def streams() -> None:
+            for _ in range(case.period):
+                one()
+
+        return streams
     quantized, other = [], []
     for spec in case.specs:
         p = torch.nn.Parameter(
@@ -192,7 +197,7 @@ def variants(case: StepCase, backend_names: list[str], fused_reference: bool) ->
     if case.period == 1:
         out.append("generic")
     out += [f"fused-prox:{b}" for b in fused] + [f"fused:{b}" for b in fused]
-    return [*out, "copy"]
+    return [*out, STREAM]
 
 
 def available_memory(device: torch.device) -> int:

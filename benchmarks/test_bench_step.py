@@ -19,7 +19,7 @@ PARAMS = [
     pytest.param(case, variant, id=f"{case.name}-{variant}")
     for case in step_bench.issue4_cases()
     for variant in step_bench.variants(case, BACKENDS, fused_reference=False)
-    if variant != "copy"
+    if variant != step_bench.STREAM
 ]
 
 

@@ -71,9 +71,9 @@ def test_smoke_reports_every_backend(smoke_run):
     # TRITON_INTERPRET=1 is set by conftest on CPU: the interpreter is never timed
     assert "triton" not in available
     op_variants = {r["variant"] for r in rows if r["suite"] == "op"}
-    assert op_variants == set(available) | {op_bench.COMPILED, op_bench.COPY}
+    assert op_variants == set(available) | {op_bench.COMPILED, op_bench.STREAM}
     step_variants = {r["variant"] for r in rows if r["suite"] == "step"}
-    assert step_variants == {"base", "base(fused=True)", "generic", "copy"} | {
+    assert step_variants == {"base", "base(fused=True)", "generic", "stream"} | {
         f"{path}:{b}" for b in available for path in ("fused", "fused-prox")
     }
 
@@ -92,10 +92,10 @@ def test_smoke_derived_columns_are_ratios_of_measured_medians(smoke_run):
         gbps = int(r["bytes"]) / (med * 1e-3) / 1e9
         assert math.isclose(_f(r["gbps"]), gbps, rel_tol=1e-9)
         peers = by_case[(r["suite"], r["case"])]
-        copy = peers["copy"]  # the case's own working-set copy, timed in its round-robin
-        own_copy = int(copy["bytes"]) / (_f(copy["median_ms"]) * 1e-3) / 1e9
-        assert copy_gbps > 0 and math.isclose(_f(r["frac_copy_bw"]), gbps / own_copy, rel_tol=1e-9)
-        if r["variant"] == "copy":
+        stream = peers["stream"]  # the case's own working-set stream, timed in its round-robin
+        own = int(stream["bytes"]) / (_f(stream["median_ms"]) * 1e-3) / 1e9
+        assert copy_gbps > 0 and math.isclose(_f(r["frac_copy_bw"]), gbps / own, rel_tol=1e-9)
+        if r["variant"] == "stream":
             assert r["speedup_vs_reference"] == "" and _f(r["frac_copy_bw"]) == 1.0
             continue
         if r["suite"] == "op":
@@ -134,7 +134,7 @@ def test_smoke_byte_models(smoke_run):
         base = 5 * (weights + biases) * 4  # SGD with momentum
         if r["variant"].startswith("base"):
             want = base
-        elif r["variant"].startswith("fused:") or r["variant"] == "copy":
+        elif r["variant"].startswith("fused:") or r["variant"] == "stream":
             want = base + 1 * weights * 4  # the fused step also writes the projected weights
         else:
             want = base + 5 * weights * 4  # restore + base step + quantize/prox pass
@@ -153,7 +153,7 @@ def test_compile_failure_is_reported_not_fatal(monkeypatch):
     assert [(v, t is None, note) for v, t, _, note in out] == [
         ("reference", False, ""),
         (op_bench.COMPILED, True, "no compiler here"),
-        (op_bench.COPY, False, ""),
+        (op_bench.STREAM, False, ""),
     ]
     rows = [report.make_row("op", case.name, v, 32, 400, t, note) for v, t, _, note in out]
     report.derive(rows, copy_gbps=10.0)
@@ -174,18 +174,18 @@ def test_derive_exact_ratios():
         report.make_row("step", "d", "base", 10, 2000, T(0.002)),
         report.make_row("step", "d", "base(fused=True)", 10, 2000, T(0.001)),
         report.make_row("step", "d", "fused:cpu", 10, 2400, T(0.0012)),
-        report.make_row("step", "d", "copy", 10, 2400, T(0.0006)),
+        report.make_row("step", "d", "stream", 10, 2400, T(0.0006)),
     ]
     report.derive(rows, copy_gbps=4.0)
     fused = rows[2]
     assert fused["speedup_vs_reference"] == pytest.approx(4.0)
     assert fused["time_vs_base"] == pytest.approx(2.0)  # no fused base row: the plain base
     assert fused["gbps"] == pytest.approx(4000 / 0.002 / 1e9)
-    assert fused["frac_copy_bw"] == pytest.approx(fused["gbps"] / 4.0)  # no copy row: global
+    assert fused["frac_copy_bw"] == pytest.approx(fused["gbps"] / 4.0)  # no stream row: global
     assert rows[0]["speedup_vs_reference"] is None and rows[0]["time_vs_base"] == 1.0
     assert rows[3]["time_vs_base"] == pytest.approx(2.0)  # vs torch's fused=True step
     assert rows[5]["time_vs_base"] == pytest.approx(1.2)
-    assert rows[5]["frac_copy_bw"] == pytest.approx(0.5)  # vs the case's own copy row
+    assert rows[5]["frac_copy_bw"] == pytest.approx(0.5)  # vs the case's own stream row
     assert rows[6]["frac_copy_bw"] == pytest.approx(1.0) and rows[6]["time_vs_base"] is None
 
 
@@ -213,7 +213,7 @@ def test_step_variants_and_memory_skip(monkeypatch):
                                    fused_reference=False))  # fmt: skip
     # fused:reference is kept when it is the only backend
     assert [v for v, t, _ in run if t is not None] == [
-        "base", "base(fused=True)", "generic", "fused-prox:reference", "fused:reference", "copy"
+        "base", "base(fused=True)", "generic", "fused-prox:reference", "fused:reference", "stream"
     ]  # fmt: skip
     period10 = step_bench.StepCase("x", case.specs, period=10)
     assert "generic" not in step_bench.variants(period10, ["cpu"], fused_reference=False)
