@@ -180,3 +180,26 @@ def test_meta_device_parameters_step_without_crashing():
     opt.step()
     opt.step()
     assert opt.state[w]["latent"].device.type == "meta" and opt.num_steps == 2
+
+
+def test_dtype_change_without_restore_keeps_the_latents_on_every_path():
+    """model.to(bfloat16) straight after a step (p holds projected weights): the fused step
+    converts the latents too, as the unfused path does, rather than restarting from p."""
+    runs = []
+    for kw in ({}, {"fuse_base_step": False}):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(6, 8)
+        base = torch.optim.SGD([{"params": [model.weight], "quant_bits": 2},
+                                {"params": [model.bias]}], lr=0.05, momentum=0.9)  # fmt: skip
+        opt = QuantOptimizer(base, LSBQuantizer(), ProxHardQuant(), quant_period=2, **kw)
+        _fixed_grad_steps(opt, 3, seed=4)
+        latent = opt.state[model.weight]["latent"].clone()
+        assert not torch.equal(latent, model.weight)  # p is the projection, not the latent
+        model.to(torch.bfloat16)
+        for p in (model.weight, model.bias):
+            p.grad = torch.zeros_like(p)
+        opt.state[model.weight]["momentum_buffer"].zero_()
+        opt.step()  # zero gradient and momentum: the latent only changes dtype
+        assert torch.equal(opt.state[model.weight]["latent"], latent.to(torch.bfloat16))
+        runs.append(opt.step_paths[0].path)
+    assert runs == ["fused step", "base step + fused prox"]

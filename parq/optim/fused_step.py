@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from parq.optim import sharding
+from parq.optim.prox_paths import latent_of, reusable_levels
 from parq_kernels.kinds import OptimKind
 from parq_kernels.ops import fused_step_, quant_prox_
 
@@ -35,9 +36,6 @@ except ImportError:  # older torch: the step counter is float32
 
     def _get_scalar_dtype(is_fused: bool | None = None) -> torch.dtype:
         return torch.float32
-
-
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -78,13 +76,12 @@ def base_kind(base: Optimizer) -> tuple[OptimKind | None, str]:
     return None, f"{cls.__name__} is not torch.optim.SGD, Adam or AdamW"
 
 
-def group_reason(base: Optimizer, kind: OptimKind | None, group: dict, params: list[Tensor]) -> str:
-    """Why ``group`` cannot take the fused step this time ("" if it can)."""
+def group_reason(group: dict, params: list[Tensor]) -> str:
+    """Why ``group`` cannot take the fused step this time ("" if it can); the dtypes
+    were checked already (:func:`parq.optim.routing.use_fused`)."""
     if group.get("differentiable"):
         return "differentiable=True"
     for p in params:
-        if p.dtype not in _FUSED_DTYPES:
-            return f"{p.dtype} parameters"
         if p.grad is not None and (p.grad.is_sparse or p.grad.layout != torch.strided):
             return "sparse gradients"
     return ""
@@ -146,16 +143,10 @@ def _levels_and_latent(opt, group: dict, index: int, j: int, p: Tensor, K: int, 
             (sharding.quants_buffer(state, plan, fresh)),
         )
     layout = opt._layout(group, index, j, p)
-    latent = state.get("latent")
-    if latent is None or not latent.is_contiguous() or latent.dtype != p.dtype:
-        # warmup just ended, or a parameter added mid-training: the latent starts at p
-        latent = state["latent"] = p.detach().clone(memory_format=torch.contiguous_format)
+    latent = latent_of(state, p)  # warmup just ended or a late parameter: starts at p
     Q = state.get("quants")
     q_shape = (layout.rows, K) if layout.grouped else (K,)
-    if fresh and not (
-        Q is not None and Q.shape == q_shape and Q.dtype == torch.float32
-        and Q.device == p.device and Q.is_contiguous()
-    ):  # fmt: skip
+    if fresh and not reusable_levels(Q, q_shape, p.device):
         Q = state["quants"] = torch.empty(q_shape, dtype=torch.float32, device=p.device)
     return p, (layout.rows, layout.cols), latent, Q
 

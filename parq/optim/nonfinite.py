@@ -16,13 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from parq.optim.sharding import local_tensors
+
 
 class NonFiniteParameterError(FloatingPointError):
     """A quantized parameter got NaN or Inf (raised at a quantization-update step)."""
-
-
-def _local(t: Tensor) -> Tensor:
-    return getattr(t, "_local_tensor", None) if type(t).__name__ == "DTensor" else t
 
 
 class NonFiniteFlags:
@@ -46,7 +44,7 @@ class NonFiniteFlags:
         for _, _, p, _ in bad:  # what torch's own base step may have left in its state
             for key, value in state[p].items():
                 if key not in ("latent", "quants", "step") and torch.is_tensor(value):
-                    torch.nan_to_num_(_local(value), 0.0, 0.0, 0.0)
+                    torch.nan_to_num_(local_tensors([value])[0], 0.0, 0.0, 0.0)
         index, j, p, n = bad[0]
         others = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise NonFiniteParameterError(

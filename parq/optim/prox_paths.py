@@ -25,7 +25,7 @@ from parq.quant.quantizer import Quantizer
 from parq_kernels.ops import quant_prox_
 
 
-def _reusable(Q: Tensor | None, shape: tuple[int, ...], device: torch.device) -> bool:
+def reusable_levels(Q: Tensor | None, shape: tuple[int, ...], device: torch.device) -> bool:
     """Can a stored level tensor be overwritten in place by the fused op?"""
     return (
         Q is not None
@@ -111,7 +111,7 @@ def fused_prox_group(
         Q = state.get("quants")
         fresh = update or Q is None  # a parameter added mid-training has no levels yet
         q_shape = (layout.rows, K) if layout.grouped else (K,)
-        if fresh and not _reusable(Q, q_shape, p.device):
+        if fresh and not reusable_levels(Q, q_shape, p.device):
             Q = state["quants"] = torch.empty(q_shape, dtype=torch.float32, device=p.device)
         rows = p.view(shape2d) if p.is_contiguous() else p.contiguous().view(shape2d)
         buckets.setdefault((p.device, p.dtype, fresh), []).append(

@@ -31,22 +31,26 @@ SHARDED = "base step + sharded prox"
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def builtin(quantizer: Quantizer, prox_map) -> bool:
-    """Are the quantizer and the prox map built-ins that the fused kernels describe?"""
+def builtin_quantizer(quantizer: Quantizer) -> bool:
+    """Is the quantizer a built-in that the fused kernels describe?"""
     return (
         isinstance(quantizer, KernelQuantizer)
         and type(quantizer).quantize is KernelQuantizer.quantize
         and type(quantizer).get_quant_size is KernelQuantizer.get_quant_size
-        and isinstance(prox_map, KernelProxMap)
-        and type(prox_map).apply_ is KernelProxMap.apply_
     )
+
+
+def builtin_prox(prox_map) -> bool:
+    """Is the prox map a built-in that the fused kernels describe?"""
+    return isinstance(prox_map, KernelProxMap) and type(prox_map).apply_ is KernelProxMap.apply_
 
 
 def use_fused(opt, quantizer: Quantizer, params: list[Tensor]) -> bool:
     """Can the fused quantize/prox op serve this group (fp32 / bf16 / fp16, SPEC §6)?"""
     return (
         opt.fused
-        and builtin(quantizer, opt.prox_map)
+        and builtin_quantizer(quantizer)
+        and builtin_prox(opt.prox_map)
         and all(p.dtype in FUSED_DTYPES for p in params)
     )
 
@@ -55,11 +59,9 @@ def generic_reason(opt, quantizer: Quantizer, params: list[Tensor]) -> str:
     """Why a group takes the generic per-parameter path."""
     if not opt.fused:
         return "fused=False"
-    if not (isinstance(quantizer, KernelQuantizer)
-            and type(quantizer).quantize is KernelQuantizer.quantize
-            and type(quantizer).get_quant_size is KernelQuantizer.get_quant_size):  # fmt: skip
+    if not builtin_quantizer(quantizer):
         return f"user quantizer {type(quantizer).__name__}"
-    if not builtin(quantizer, opt.prox_map):
+    if not builtin_prox(opt.prox_map):
         return f"user prox map {type(opt.prox_map).__name__}"
     dtypes = sorted({str(p.dtype) for p in params if p.dtype not in FUSED_DTYPES})
     return f"{', '.join(dtypes)} parameters"
@@ -94,4 +96,4 @@ def fused_step_reason(opt, group: dict, params: list[Tensor]) -> str:
         return "fuse_base_step=False"
     if opt._base_kind is None:
         return opt._base_kind_reason
-    return fused_step.group_reason(opt.base_optimizer, opt._base_kind, group, params)
+    return fused_step.group_reason(group, params)
