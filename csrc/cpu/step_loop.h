@@ -1,63 +1,74 @@
-// The fused step's single loop for non-update steps (the common step: levels are
-// recomputed once per quant_period): per element, the base update of the latent and
-// its state, the projection onto the stored levels and the store of p, in one loop
-// with no intermediate buffer, so that -O3 keeps everything in vector registers.
+// The fused step's loop for non-update steps (the common step: levels are recomputed
+// once per quant_period), over blocks of kStepBlock elements of a row: the base update
+// of the latent and its state (one vectorized loop, into an L1 buffer), the projection
+// onto the stored levels (project4.h) and the store of p (streaming for fp32 with
+// AVX-512): one sweep over memory.
 //
-// Served here: level sets of K <= 4 (compare-select; 1-bit, ternary, 2-bit), prox maps
-// NONE / HARD / PARQ / RELAX, no shrink, not the first step of a momentum buffer. The
-// same float operations in the same order as the general path (sources.h +
-// row_stats.h: update_element, the K <= 4 compare chains, prox_parq). Anything else
-// goes through the general path.
+// Served here: level sets of K <= 4 (1-bit, ternary, 2-bit), prox maps NONE / HARD /
+// PARQ / RELAX, no shrink, not the first step of a momentum buffer. The same float
+// operations as the general path (sources.h + row_stats.h), except that PARQ
+// multiplies by 1 / rho (project4.h). Anything else goes through the general path.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "../base_update.h"
 #include "../levels.h"
+#include "project4.h"
 #include "row_stats.h"
 #include "sources.h"
 
 namespace parq {
 
-// Up to 4 levels, padded with the last level (the lookups give the same values:
-// a padded level is never below x unless Q[K-1] is, and then it equals it).
-struct Levels4 {
-  float Q[4];
-  float M[3];  // midpoints (Q_j + Q_{j+1}) / 2
-};
-
-inline Levels4 pad_levels(const float* Q, int K) {
-  Levels4 l{};
-  for (int j = 0; j < 4; ++j) l.Q[j] = Q[j < K ? j : K - 1];
-  for (int j = 0; j < 3; ++j) l.M[j] = (l.Q[j] + l.Q[j + 1]) / 2;
-  return l;
+// Stores n projected weights: fp32 rows by streaming stores where aligned (p is written,
+// never read: a streaming store saves the read a cached store of a whole line costs).
+template <typename T>
+inline void store_block(T* __restrict__ out, const float* __restrict__ ys, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    int64_t i = 0;
+    for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) out[i] = ys[i];
+    for (; i + 16 <= n; i += 16) _mm512_stream_ps(out + i, _mm512_loadu_ps(ys + i));
+    for (; i < n; ++i) out[i] = ys[i];
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(ys[i]);
 }
 
-// One row range [o, o + n) in one loop (restrict pointers: distinct tensors, validated).
+// One row range [o, o + n) (restrict pointers: distinct tensors, validated).
+constexpr int64_t kStepBlock = 512;
+
 template <Pattern P, int PROX, typename T>
 int step_loop_impl(const StepArgs& s, T* __restrict__ L, const T* __restrict__ G,
-                       T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3,
-                       T* __restrict__ out, int64_t n, const Levels4& lv, const OpArgs& a) {
-  const float rho = a.prox_arg, keep = a.relax_keep, theta = a.prox_arg;
-  float Q[4], M[3];
-  for (int j = 0; j < 4; ++j) Q[j] = lv.Q[j];
-  for (int j = 0; j < 3; ++j) M[j] = lv.M[j];
+                   T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3,
+                   T* __restrict__ out, int64_t n, const Levels4& lv, const OpArgs& a) {
+  const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg};
+  alignas(64) float ys[kStepBlock];
   int kept = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = static_cast<float>(update_element<P, false>(s, L, G, B1, B2, B3, i, kept));
-    float y = x;
-    if constexpr (PROX == kHard || PROX == kRelax) {
-      float h = Q[0];
-      for (int j = 0; j < 3; ++j) h = M[j] < x ? Q[j + 1] : h;
-      y = PROX == kHard ? h : keep * x + theta * h;
-    } else if constexpr (PROX == kParq) {
-      float lo = Q[0], hi = Q[3];
-      for (int j = 0; j < 4; ++j) lo = Q[j] < x ? Q[j] : lo;
-      for (int j = 3; j >= 0; --j) hi = Q[j] < x ? hi : Q[j];
-      y = prox_parq(x, lo, hi, rho);
+  for (int64_t b = 0; b < n; b += kStepBlock) {
+    const int64_t m = std::min(kStepBlock, n - b);
+    T* lb = L + b;
+    const T* gb = G + b;
+    T* b1 = B1 ? B1 + b : nullptr;
+    T* b2 = B2 ? B2 + b : nullptr;
+    T* b3 = B3 ? B3 + b : nullptr;
+    for (int64_t i = 0; i < m; ++i) {
+      ys[i] = static_cast<float>(update_element<P, false>(s, lb, gb, b1, b2, b3, i, kept));
     }
-    out[i] = static_cast<T>(finite(x) ? y : x);  // a non-finite x is written as it is
+    project_block<PROX>(ys, m, lv, pa);
+    store_block(out + b, ys, m);
   }
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) _mm_sfence();  // order the streaming stores
+#endif
   return kept;
 }
 
@@ -73,7 +84,8 @@ int step_loop(const StepSource<T>& src, int64_t o, int64_t n, const Levels4& lv,
 // general path serves the rest (the shrink, the first step of a momentum buffer).
 inline bool step_loop_serves(const OpArgs& a, const StepArgs& s) {
   const int64_t prox = a.prox_kind;
-  return !a.update && !s.init_buf && a.K <= 4 && a.gamma == 1.0f &&
+  const bool parq_ok = prox != kParq || std::isfinite(1.0f / a.prox_arg);  // not a denormal rho
+  return !a.update && !s.init_buf && a.K <= 4 && a.gamma == 1.0f && parq_ok &&
          (prox == kNone || prox == kHard || prox == kParq || prox == kRelax);
 }
 
