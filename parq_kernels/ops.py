@@ -83,6 +83,21 @@ _lib.define(SCHEMA)
 _lib.define(STEP_SCHEMA)
 
 
+def _eager(params: list[Tensor], nonfinite: Tensor) -> bool:
+    """Whether a wrapper may call its implementation directly: eager plain tensors, no
+    compile tracing and no dispatch mode (fake tensors, functionalization), where going
+    through the dispatcher would only add its argument checks (the implementations
+    check their arguments themselves). Saves ~0.1 ms a call on a CPU."""
+    modes = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return (
+        modes is not None
+        and type(nonfinite) is Tensor
+        and all(type(p) is Tensor for p in params)
+        and not torch.compiler.is_compiling()
+        and modes() == 0
+    )
+
+
 def _quant_prox_impl(
     params: list[Tensor],
     latents: list[Tensor],
@@ -134,6 +149,11 @@ def quant_prox_(
     backend: str = "",
 ) -> None:
     """Fused latent copy + quantize + prox over many parameters (module doc)."""
+    if _eager(params, nonfinite):
+        _quant_prox_impl(params, latents, quants, nonfinite, int(quant_kind), int(bits),
+                         [float(a) for a in qargs], bool(center), bool(update), int(prox_kind),
+                         float(prox_arg), float(gamma), backend)  # fmt: skip
+        return
     torch.ops.parq_kernels.quant_prox_(params, latents, quants, nonfinite, int(quant_kind),
                                        int(bits), [float(a) for a in qargs], bool(center),
                                        bool(update), int(prox_kind), float(prox_arg),
@@ -214,6 +234,12 @@ def fused_step_(
     backend: str = "",
 ) -> None:
     """Fused base-optimizer update + quantize + prox over many parameters (module doc)."""
+    if _eager(params, nonfinite):
+        _fused_step_impl(params, latents, grads, bufs1, bufs2, bufs3, quants, nonfinite,
+                         int(optim_kind), [float(h) for h in hparams], int(quant_kind),
+                         int(bits), [float(a) for a in qargs], bool(center), bool(update),
+                         int(prox_kind), float(prox_arg), float(gamma), backend)  # fmt: skip
+        return
     torch.ops.parq_kernels.fused_step_(params, latents, grads, bufs1, bufs2, bufs3, quants,
                                        nonfinite, int(optim_kind), [float(h) for h in hparams],
                                        int(quant_kind), int(bits), [float(a) for a in qargs],

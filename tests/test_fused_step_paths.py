@@ -8,7 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 from foundation_models import one_thread  # noqa: F401  (autouse fixture)
-from test_fused_step import _assert_close, _build, _grads, _params, run_pair
+from test_fused_step import (
+    _assert_close,
+    _assert_projection_close,
+    _build,
+    _grads,
+    _params,
+    run_pair,
+)
 
 from parq.optim import NMSGDOptimizer, ProxHardQuant, ProxPARQ, QuantOptimizer, routing
 from parq.quant import UnifQuantizer
@@ -225,3 +232,54 @@ def test_non_contiguous_parameters():
     _assert_close(ta, tb, "non-contiguous weights", ulps=8)
     _assert_close(opts[0].state[ta]["momentum_buffer"], opts[1].state[tb]["momentum_buffer"],
                   "momentum", ulps=8)  # fmt: skip
+
+
+def _pair_step(pairs, step):
+    for params, opt in pairs:
+        for p, g in zip(params, _grads(step, params), strict=True):
+            p.grad = g
+        opt.step()
+
+
+def _assert_pair(pa, pb, fa, fb, where):
+    for i, (a, b) in enumerate(zip(pa, pb, strict=True)):
+        _assert_projection_close(a, b, 1.0, f"{where} weights {i}")
+        if "latent" in fb.state[b]:
+            _assert_close(fa.state[a]["latent"], fb.state[b]["latent"], f"{where} latent {i}")
+
+
+def test_views_between_level_updates_follow_replaced_state_and_storage():
+    """Between level updates the fused step reuses its views of a parameter; a state
+    buffer or weight storage replaced mid-period is seen at the next step."""
+    pa, pb = _params(), _params()
+    kw = {"quant_period": 5, "warmup_steps": 0}
+    fa = _build(pa, "sgd-mom-wd", UnifQuantizer(), ProxHardQuant(), True, **kw)
+    fb = _build(pb, "sgd-mom-wd", UnifQuantizer(), ProxHardQuant(), False, **kw)
+    pairs = ((pa, fa), (pb, fb))
+    for step in range(3):  # a level update, then steps that reuse the views
+        _pair_step(pairs, step)
+    for params, opt in pairs:  # a new momentum buffer, and new storage for the weights
+        state = opt.state[params[0]]
+        state["momentum_buffer"] = state["momentum_buffer"] * 0.5
+        params[1].data = params[1].data.clone()
+    for step in range(3, 5):  # still between level updates
+        _pair_step(pairs, step)
+        _assert_pair(pa, pb, fa, fb, f"step {step}")
+    assert "fused step" in _paths(fa)[0]
+
+
+def test_fused_step_keeps_no_gradient_alive():
+    import gc
+    import weakref
+
+    params = _params()
+    opt = _build(params, "adamw", UnifQuantizer(), ProxPARQ(0, 100), True, quant_period=5,
+                 warmup_steps=0)  # fmt: skip
+    refs = []
+    for step in range(3):
+        _step(params, opt, step)
+        refs.append(weakref.ref(params[0].grad))
+        for p in params:
+            p.grad = None  # zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(r() is None for r in refs)

@@ -151,9 +151,75 @@ def _levels_and_latent(opt, group: dict, index: int, j: int, p: Tensor, K: int, 
     return p, (layout.rows, layout.cols), latent, Q
 
 
+@dataclass
+class _Cached:
+    """The 2-D views of a parameter's step, kept between level updates: valid while the
+    weights' storage, the latent, the levels and the state buffers are the same objects.
+    The gradient's view is made at every step and dropped after it (never kept alive)."""
+
+    item: _Item
+    ptr: int
+    latent: Tensor
+    Q: Tensor
+    bufs: tuple[Tensor, ...]
+
+
+def _views_cache(opt) -> dict:
+    cache = opt.__dict__.get("_fused_views")
+    if cache is None:
+        cache = opt.__dict__["_fused_views"] = {}
+    return cache
+
+
+def _cached_item(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor):
+    """``(item, tag)`` from the cache (between level updates), or None to rebuild it."""
+    hit = _views_cache(opt).get((index, j))
+    grad = p.grad
+    if hit is None or hit.item.p is not p or grad is None or p.data_ptr() != hit.ptr:
+        return None
+    state = opt.state[p]
+    if state.get("latent") is not hit.latent or state.get("quants") is not hit.Q:
+        return None
+    keys = _state_keys(kind, group)
+    if len(keys) != len(hit.bufs):
+        return None
+    if any(state.get(k) is not b for k, b in zip(keys, hit.bufs, strict=True)):
+        return None
+    if grad.dtype != p.dtype or grad.shape != p.shape:
+        return None
+    hit.item.grad = _rows(grad, tuple(hit.item.out.shape))
+    tag = (False,) if kind == OptimKind.SGD and keys else ()
+    if kind != OptimKind.SGD:
+        tag = (float(state["step"]) + 1,)
+    return hit.item, tag
+
+
+def _state_keys(kind: OptimKind, group: dict) -> list[str]:
+    if kind == OptimKind.SGD:
+        return ["momentum_buffer"] if group["momentum"] != 0 else []
+    return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+
+
 def _prepare(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor, K: int,
              fresh: bool):  # fmt: skip
-    """The :class:`_Item` of ``p`` and its bucket key (also creates missing state)."""
+    """The :class:`_Item` of ``p`` and its bucket key (also creates missing state). Between
+    level updates, a plain tensor's views come from the cache (:class:`_Cached`)."""
+    if not fresh:
+        hit = _cached_item(opt, kind, group, index, j, p)
+        if hit is not None:
+            return hit
+    item, tag = _prepare_views(opt, kind, group, index, j, p, K, fresh)
+    if item.grad is not None and not item.writeback and not sharding.is_dtensor(p):
+        state = opt.state[p]
+        bufs = tuple(state[k] for k in _state_keys(kind, group))
+        _views_cache(opt)[(index, j)] = _Cached(item, p.data_ptr(), state["latent"],
+                                                state["quants"], bufs)  # fmt: skip
+    return item, tag
+
+
+def _prepare_views(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor, K: int,
+                   fresh: bool):  # fmt: skip
+    """:func:`_prepare` without the cache."""
     local, shape2d, latent, Q = _levels_and_latent(opt, group, index, j, p, K, fresh)
     state = opt.state[p]
     writeback = []
@@ -166,19 +232,18 @@ def _prepare(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor, K
         return _Item(j, p, out, latent.view(shape2d), None, [], Q.view(-1, K), writeback), (
             "nograd",
         )
-    keys, tag = [], ()
+    keys, tag = _state_keys(kind, group), ()
     if kind == OptimKind.SGD:
-        if group["momentum"] != 0:
+        if keys:
             init = state.get("momentum_buffer") is None
             if init:  # zeros: what a rejected (non-finite) first update leaves
                 state["momentum_buffer"] = torch.zeros_like(
                     p, memory_format=torch.contiguous_format
                 )
-            keys, tag = ["momentum_buffer"], (init,)
+            tag = (init,)
     else:
         if "step" not in state:
             _init_adam_state(group, p, state)
-        keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
         tag = (float(state["step"]) + 1,)
     for key in keys:  # the model's dtype changed mid-training: the state follows it
         if state[key].dtype != p.dtype:
@@ -244,6 +309,7 @@ def step_group(
         for it in items:
             for original, copy in it.writeback:
                 original.copy_(copy.view(original.shape))
+            it.grad = None  # a cached item must not keep the gradient alive
         opt._note_nonfinite(index, [(it.j, it.p) for it in items], flags, n)
     if stepped:
         torch._foreach_add_(stepped, 1)

@@ -198,6 +198,7 @@ class QuantOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict, start_step: int | None = None) -> None:
         """Load a checkpoint (:mod:`parq.optim.checkpoint`); ``start_step`` overrides
         ``num_steps``, as in the public release."""
+        self.__dict__.pop("_fused_views", None)  # fused_step's views of the old state
         checkpoint.load_state_dict(self, state_dict, start_step)
 
     # -- the public release's latent helpers -----------------------------------
