@@ -1,6 +1,7 @@
 // Projection of a block of values onto a level set of K <= 4 levels (1-bit, ternary,
-// 2-bit) for the fused step's non-update loop (step_loop.h): HARD (nearest level),
-// RELAX and PARQ (SPEC §4), with the stored levels; a non-finite value is kept as it is.
+// 2-bit): HARD (nearest level), RELAX and PARQ (SPEC §4); a non-finite value is kept as
+// it is. The fused step's non-update loop (step_loop.h) and the write pass's PARQ
+// (row_stats.h) use it.
 //
 // Two forms with the same float operations: a scalar one (any ISA; the compiler
 // vectorizes it) and an AVX-512 one, because GCC turns the scalar form's chains of
@@ -14,7 +15,6 @@
 #endif
 
 #include "../levels.h"
-#include "sources.h"
 
 namespace parq {
 
@@ -62,7 +62,7 @@ inline __attribute__((always_inline)) float project4(float x, const Levels4& l,
     const float c = (lo + hi) / 2;
     y = clampf(c + (x - c) * p.inv_rho, lo, hi);
   }
-  return finite(x) ? y : x;
+  return x - x == 0.0f ? y : x;  // finite(x), sources.h
 }
 
 #if defined(__AVX512F__)

@@ -49,6 +49,7 @@ Partial over_chunks(bool parallel, int64_t nchunks, const F& fn) {
   std::vector<Partial> parts(static_cast<size_t>(nchunks));
   at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) parts[c] = fn(c);
+    stream_fence();
   });
   for (const Partial& p : parts) total.add(p);
   return total;
@@ -239,6 +240,7 @@ bool run_param(const OpArgs& a, const Src& src, int64_t rows, int64_t cols, floa
       RowJob<Src> job{a, src.at(r * cols), qp + r * K, cols, true, ws};
       bad |= job.run();
     }
+    stream_fence();
     return bad;
   }
   std::atomic<bool> bad{false};
@@ -250,6 +252,7 @@ bool run_param(const OpArgs& a, const Src& src, int64_t rows, int64_t cols, floa
       RowJob<Src> job{a, src.at(r * cols), qp + r * K, cols, false, ws};
       local |= job.run();
     }
+    stream_fence();
     if (local) bad.store(true, std::memory_order_relaxed);
   });
   return bad.load();

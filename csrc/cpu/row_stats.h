@@ -11,8 +11,13 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "../levels.h"
 #include "../quant_prox.h"
+#include "project4.h"
 
 namespace parq {
 
@@ -68,12 +73,28 @@ inline bool all_finite(const float* xs, int64_t n) {
   return total == 0.0f;
 }
 
-// Sum (in kLanes float partials, then double) and max of f(x) over the chunk.
-template <bool kSum, bool kMax, typename F>
-inline void lane_reduce(const float* xs, int64_t n, F f, Partial& out) {
-  float acc[kLanes] = {};
-  float mx[kLanes] = {};
+// Sum (in kLanes float partials, then double) and max of y = x or |x| (kAbs) over the
+// chunk. The lanes' order is the same in both forms; with AVX-512 the max is written
+// out as vmaxps (a > b ? a : b, b when unordered: the scalar form's select), which GCC
+// does not find in the scalar form.
+template <bool kSum, bool kMax, bool kAbs>
+inline void lane_reduce(const float* xs, int64_t n, Partial& out) {
+  const auto f = [](float x) { return kAbs ? std::fabs(x) : x; };
+  alignas(64) float acc[kLanes] = {};
+  alignas(64) float mx[kLanes] = {};
   int64_t i = 0;
+#if defined(__AVX512F__)
+  static_assert(kLanes == 16, "one AVX-512 vector of lanes");
+  __m512 vacc = _mm512_setzero_ps(), vmx = _mm512_setzero_ps();
+  for (; i + kLanes <= n; i += kLanes) {
+    __m512 y = _mm512_loadu_ps(xs + i);
+    if (kAbs) y = _mm512_abs_ps(y);
+    if (kSum) vacc = _mm512_add_ps(vacc, y);
+    if (kMax) vmx = _mm512_max_ps(vmx, y);
+  }
+  _mm512_store_ps(acc, vacc);
+  _mm512_store_ps(mx, vmx);
+#else
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const float y = f(xs[i + l]);
@@ -81,6 +102,7 @@ inline void lane_reduce(const float* xs, int64_t n, F f, Partial& out) {
       if (kMax) mx[l] = mx[l] > y ? mx[l] : y;
     }
   }
+#endif
   for (int l = 0; i < n; ++i, ++l) {
     const float y = f(xs[i]);
     if (kSum) acc[l] += y;
@@ -108,19 +130,18 @@ Partial stats_chunk(const Src& src, int64_t o, int64_t n, bool first, float m, S
   if (st != Stat::kSum && m != 0.0f) {  // centering (x - 0 would be x: skip the sweep)
     for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] - m;
   }
-  const auto abs_f = [](float x) { return std::fabs(x); };
   switch (st) {
     case Stat::kSum:
-      lane_reduce<true, false>(xs, n, [](float x) { return x; }, out);
+      lane_reduce<true, false, false>(xs, n, out);
       break;
     case Stat::kAbsSumMax:
-      lane_reduce<true, true>(xs, n, abs_f, out);
+      lane_reduce<true, true, true>(xs, n, out);
       break;
     case Stat::kAbsMax:
-      lane_reduce<false, true>(xs, n, abs_f, out);
+      lane_reduce<false, true, true>(xs, n, out);
       break;
     case Stat::kAbsSum:
-      lane_reduce<true, false>(xs, n, abs_f, out);
+      lane_reduce<true, false, true>(xs, n, out);
       break;
     case Stat::kMinMax:
       for (int64_t i = 0; i < n; ++i) {
@@ -133,7 +154,7 @@ Partial stats_chunk(const Src& src, int64_t o, int64_t n, bool first, float m, S
         const float vj = v[j];
         for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] - (xs[i] >= 0.0f ? vj : -vj);
       }
-      lane_reduce<true, false>(xs, n, abs_f, out);
+      lane_reduce<true, false, true>(xs, n, out);
       break;
     case Stat::kGather:
       for (int64_t i = 0; i < n; ++i) {
@@ -205,19 +226,6 @@ inline void nearest_fixed(const float* Qp, const float* Mp, const float* xs, int
     float h = Q[0];
     for (int j = 0; j + 1 < KC; ++j) h = M[j] < x ? Q[j + 1] : h;
     hs[i] = h;
-  }
-}
-
-template <int KC>
-inline void parq_fixed(const float* Qp, float* xs, int64_t n, float rho) {
-  float Q[KC];
-  for (int j = 0; j < KC; ++j) Q[j] = Qp[j];
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = xs[i];
-    float lo = Q[0], hi = Q[KC - 1];
-    for (int j = 0; j < KC; ++j) lo = Q[j] < x ? Q[j] : lo;
-    for (int j = KC - 1; j >= 0; --j) hi = Q[j] < x ? hi : Q[j];
-    xs[i] = prox_parq(x, lo, hi, rho);
   }
 }
 
@@ -308,10 +316,9 @@ inline float* prox_block(float* xs, int64_t n, const WriteArgs& w, float* hs) {
     case kParq: {
       const float* Q = w.Q;
       const int last = w.K - 1;
-      if (a.prox_kind == kParq && w.inter.mode == 0 && w.K >= 2 && w.K <= 4) {
-        if (w.K == 2) parq_fixed<2>(Q, xs, n, a.prox_arg);
-        if (w.K == 3) parq_fixed<3>(Q, xs, n, a.prox_arg);
-        if (w.K == 4) parq_fixed<4>(Q, xs, n, a.prox_arg);
+      const float inv_rho = 1.0f / a.prox_arg;
+      if (a.prox_kind == kParq && w.inter.mode == 0 && w.K <= 4 && std::isfinite(inv_rho)) {
+        project_block<kParq>(xs, n, pad_levels(Q, w.K), ProjectArgs{inv_rho, 0.0f, 0.0f});
         break;
       }
       if (w.inter.mode == 0) {

@@ -27,6 +27,15 @@
 
 namespace parq {
 
+// Orders this thread's streaming stores before what follows (the end of a parallel
+// task, or of the op): called once per task, not per row, since a fence waits for the
+// stores in flight.
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
 // Stores n projected weights: fp32 rows by streaming stores where aligned (p is written,
 // never read: a streaming store saves the read a cached store of a whole line costs).
 template <typename T>
@@ -66,10 +75,7 @@ int step_loop_impl(const StepArgs& s, T* __restrict__ L, const T* __restrict__ G
     project_block<PROX>(ys, m, lv, pa);
     store_block(out + b, ys, m);
   }
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) _mm_sfence();  // order the streaming stores
-#endif
-  return kept;
+  return kept;  // the streaming stores are fenced once per thread (stream_fence)
 }
 
 template <Pattern P, int PROX, typename T>
