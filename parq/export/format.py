@@ -9,7 +9,7 @@ Tensors:
   or block (SPEC.md §2), in the file's ``levels_dtype``, sorted ascending per row;
 * ``"<name>"``: every other parameter and persistent buffer, as it is.
 
-Metadata (safetensors' string map): ``"format": "pt"`` and ``"parq"``, a JSON object
+Metadata (safetensors' string map): one entry, ``"parq"``, a JSON object
 ``{"format": "parq-packed", "version": 1, "levels_dtype": ..., "params": {name: entry},
 "tensors": [plain names]}`` where an entry holds ``shape``, ``dtype``, ``bits``
 (``quant_bits``; 0 = ternary), ``K``, ``w``, ``layout`` (``"tensor"``, ``"channel"`` or
@@ -121,7 +121,8 @@ def metadata(params: list[PackedParam], plain: list[str], levels_dtype: torch.dt
     """The safetensors metadata map of a file."""
     doc = {"format": FORMAT, "version": VERSION, "levels_dtype": dtype_name(levels_dtype),
            "params": {p.name: p.to_json() for p in params}, "tensors": plain}  # fmt: skip
-    return {"format": "pt", "parq": json.dumps(doc, separators=(",", ":"))}
+    # one key: safetensors keeps the metadata in a hash map, whose order varies between runs
+    return {"parq": json.dumps(doc, separators=(",", ":"))}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -195,8 +196,11 @@ def parse_header(head: bytes, file_size: int, where: str) -> Header:
             raise PackedFormatError(f"{where}: {_owner(key)}: {code} {list(shape)} does not "
                                     f"fit data offsets [{begin}, {end})")  # fmt: skip
         tensors[key] = (code, shape, (begin, end))
-    params = {name: PackedParam.from_json(name, entry) for name, entry in
-              doc.get("params", {}).items()}  # fmt: skip
+    try:
+        params = {name: PackedParam.from_json(name, entry) for name, entry in
+                  doc.get("params", {}).items()}  # fmt: skip
+    except PackedFormatError as exc:
+        raise PackedFormatError(f"{where}: {exc}") from None
     levels_dtype = doc.get("levels_dtype")
     if levels_dtype not in LEVEL_DTYPES:
         raise PackedFormatError(f"{where}: unknown levels dtype {levels_dtype!r}")
