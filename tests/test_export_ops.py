@@ -192,3 +192,15 @@ def test_cpu_entry_points_check_arguments():
     with pytest.raises(RuntimeError, match=r"indices\[0\] must be a contiguous uint8"):
         torch.ops.parq_kernels_C.unpack_([torch.zeros(2, dtype=torch.uint8)],
                                          [torch.zeros(5, dtype=torch.int32)], 2)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_dequantize_more_levels_than_codes(backend):
+    """K > 2**w is allowed (only the first 2**w levels are reachable); nothing is flagged."""
+    streams = _random_streams(8, seed=5)
+    g = torch.Generator().manual_seed(5)
+    levels = [torch.randn(r, 300, generator=g).to(DEVICE) for r, _ in SHAPES]
+    ref, ref_bad = dequantize(streams, levels, SHAPES, 8, backend="reference")
+    got, bad = dequantize(streams, levels, SHAPES, 8, backend=backend)
+    assert all(torch.equal(r, o) for r, o in zip(ref, got, strict=True))
+    assert bad.tolist() == ref_bad.tolist() == [0] * len(SHAPES)

@@ -5,9 +5,10 @@
 // bytes: element k of group g sits at bits [k*w, (k+1)*w) of the little-endian word
 // made of bytes [g*w, g*w + w). With BMI2 (x86-64-v3 builds), one pext / pdep moves
 // the 8 indices (one per byte of a 64-bit word) into / out of that word; otherwise a
-// shift loop does. Groups are independent: at::parallel_for over groups (the result
-// does not depend on the thread count); the last, partial group goes through a
-// zero-padded word.
+// shift loop does. Dequantize checks and clamps the 8 indices of a group at once (SSE2)
+// and reads the levels from a per-row table in the output dtype. Groups are independent:
+// at::parallel_for over groups (the result does not depend on the thread count); the
+// last, partial group is read and written byte by byte.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -20,7 +21,7 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__BMI2__)
+#if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
 
@@ -61,15 +62,36 @@ inline uint64_t expand8(uint64_t acc) {
 
 int64_t stream_bytes(int64_t n, int64_t w) { return (n * w + 7) / 8; }
 
+// The w bytes of group g of a stream of nbytes bytes, as a little-endian word: one 8-byte
+// load (masked) where the stream holds 8 bytes from there, else byte by byte. (Filling a
+// zeroed word with a w-byte memcpy goes through the stack and stalls store forwarding.)
+template <int W>
+inline uint64_t load_group(const uint8_t* in, int64_t g, int64_t nbytes) {
+  const int64_t o = W * g;
+  uint64_t v = 0;
+  if (o + 8 <= nbytes) {
+    std::memcpy(&v, in + o, 8);
+    if constexpr (W < 8) v &= (uint64_t{1} << (8 * W)) - 1;
+  } else {
+    const int64_t m = std::min<int64_t>(W, nbytes - o);
+    for (int64_t k = 0; k < m; ++k) v |= uint64_t{in[o + k]} << (8 * k);
+  }
+  return v;
+}
+
+// The tasks copy the pointers into locals: a uint8_t store may alias anything, and the
+// compiler would reload pointers captured by reference after every one.
 template <int W>
 void pack_one(const uint8_t* idx, uint8_t* out, int64_t n) {
   const int64_t full = n / 8, rest = n % 8;
   at::parallel_for(0, full, kGrain, [&](int64_t b, int64_t e) {
+    const uint8_t* const src = idx;
+    uint8_t* const dst = out;
     for (int64_t g = b; g < e; ++g) {
       uint64_t x;
-      std::memcpy(&x, idx + 8 * g, 8);
+      std::memcpy(&x, src + 8 * g, 8);
       const uint64_t acc = compress8<W>(x);
-      std::memcpy(out + W * g, &acc, W);
+      std::memcpy(dst + W * g, &acc, W);
     }
   });
   if (rest) {
@@ -82,61 +104,102 @@ void pack_one(const uint8_t* idx, uint8_t* out, int64_t n) {
 
 template <int W>
 void unpack_one(const uint8_t* in, uint8_t* idx, int64_t n) {
-  const int64_t full = n / 8, rest = n % 8;
+  const int64_t full = n / 8, rest = n % 8, nbytes = stream_bytes(n, W);
   at::parallel_for(0, full, kGrain, [&](int64_t b, int64_t e) {
+    const uint8_t* const src = in;
+    uint8_t* const dst = idx;
     for (int64_t g = b; g < e; ++g) {
-      uint64_t acc = 0;
-      std::memcpy(&acc, in + W * g, W);
-      const uint64_t x = expand8<W>(acc);
-      std::memcpy(idx + 8 * g, &x, 8);
+      const uint64_t x = expand8<W>(load_group<W>(src, g, nbytes));
+      std::memcpy(dst + 8 * g, &x, 8);
     }
   });
   if (rest) {
-    uint64_t acc = 0;
-    std::memcpy(&acc, in + W * full, stream_bytes(rest, W));
-    const uint64_t x = expand8<W>(acc);
+    const uint64_t x = expand8<W>(load_group<W>(in, full, nbytes));
     std::memcpy(idx + 8 * full, &x, rest);
   }
 }
 
-// out (rows, cols) = lev[row, index], converted like Tensor.to (through float32). An
-// index >= K reads level K - 1 and makes the call return true.
+// Clamps the 8 indices of x (one per byte) to top; sets flag if one was above it.
+inline uint64_t clamp8(uint64_t x, uint32_t top, uint32_t& flag) {
+#if defined(__SSE2__)
+  const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(x));
+  const __m128i c = _mm_min_epu8(v, _mm_set1_epi8(static_cast<char>(top)));
+  flag |= static_cast<uint32_t>(_mm_movemask_epi8(_mm_cmpeq_epi8(c, v)) ^ 0xFFFF);
+  return static_cast<uint64_t>(_mm_cvtsi128_si64(c));
+#else
+  uint64_t out = 0;
+  for (int k = 0; k < 8; ++k) {
+    uint64_t b = (x >> (8 * k)) & 0xffu;
+    if (b > top) {
+      flag = 1;
+      b = top;
+    }
+    out |= b << (8 * k);
+  }
+  return out;
+#endif
+}
+
+constexpr int64_t kChunkGroups = 512;  // groups unpacked at a time (4096 indices)
+
+// out (rows, cols) = lev[row, index] over the groups [b, e) of a stream of n = rows * cols
+// elements, converted like Tensor.to (through float32). Chunk by chunk, the indices are
+// unpacked (and, with CLAMP, i.e. K < 2**W, clamped to K - 1, setting the returned flag),
+// then gathered row segment by row segment: from a table of the row's levels already in T
+// when rows are at least K long, else converting each level read.
+template <int W, bool CLAMP, typename L, typename T>
+uint32_t dequantize_groups(const uint8_t* in, const L* lev, T* out, int64_t n, int64_t cols,
+                           int64_t K, int64_t b, int64_t e) {
+  const int64_t nbytes = stream_bytes(n, W);
+  const uint32_t top = static_cast<uint32_t>(K - 1);
+  const int64_t reach = std::min<int64_t>(K, 256);  // levels a uint8 index can reach
+  const bool use_table = cols >= reach;
+  alignas(64) uint8_t buf[8 * kChunkGroups];
+  T table[256];
+  int64_t table_row = -1;
+  uint32_t flag = 0;
+  for (int64_t g0 = b; g0 < e; g0 += kChunkGroups) {
+    const int64_t g1 = std::min(e, g0 + kChunkGroups);
+    for (int64_t g = g0; g < g1; ++g) {
+      uint64_t x = 0;
+      if constexpr (W > 0) x = expand8<W>(load_group<W>(in, g, nbytes));
+      if constexpr (CLAMP) x = clamp8(x, top, flag);
+      std::memcpy(buf + 8 * (g - g0), &x, 8);
+    }
+    const int64_t e0 = 8 * g0, e1 = std::min(n, 8 * g1);
+    for (int64_t s = e0; s < e1;) {
+      const int64_t r = s / cols;
+      const int64_t len = std::min(e1, (r + 1) * cols) - s;
+      const uint8_t* idx = buf + (s - e0);
+      T* o = out + s;
+      if (use_table) {
+        if (r != table_row) {
+          for (int64_t j = 0; j < reach; ++j) {
+            table[j] = static_cast<T>(static_cast<float>(lev[r * K + j]));
+          }
+          table_row = r;
+        }
+        for (int64_t k = 0; k < len; ++k) o[k] = table[idx[k]];
+      } else {
+        const L* row = lev + r * K;
+        for (int64_t k = 0; k < len; ++k) o[k] = static_cast<T>(static_cast<float>(row[idx[k]]));
+      }
+      s += len;
+    }
+  }
+  return flag;
+}
+
 template <int W, typename L, typename T>
 bool dequantize_one(const uint8_t* in, const L* lev, T* out, int64_t rows, int64_t cols,
                     int64_t K) {
-  const int64_t n = rows * cols, full = n / 8, groups = (n + 7) / 8;
-  const uint32_t top = static_cast<uint32_t>(K - 1);
+  const int64_t n = rows * cols;
   std::atomic<bool> bad{false};
-  at::parallel_for(0, groups, kGrain, [&](int64_t b, int64_t e) {
-    int64_t c = (8 * b) % cols;
-    const L* row = lev + ((8 * b) / cols) * K;
-    bool local = false;
-    for (int64_t g = b; g < e; ++g) {
-      uint64_t acc = 0;
-      if constexpr (W > 0) {
-        if (g < full) {
-          std::memcpy(&acc, in + W * g, W);
-        } else {
-          std::memcpy(&acc, in + W * g, stream_bytes(n - 8 * g, W));
-        }
-      }
-      const uint64_t x = expand8<W>(acc);
-      const int m = static_cast<int>(std::min<int64_t>(8, n - 8 * g));
-      T* o = out + 8 * g;
-      for (int k = 0; k < m; ++k) {
-        uint32_t i = static_cast<uint32_t>(x >> (8 * k)) & 0xffu;
-        if (i > top) {
-          local = true;
-          i = top;
-        }
-        o[k] = static_cast<T>(static_cast<float>(row[i]));
-        if (++c == cols) {
-          c = 0;
-          row += K;
-        }
-      }
-    }
-    if (local) bad.store(true, std::memory_order_relaxed);
+  at::parallel_for(0, (n + 7) / 8, kGrain, [&](int64_t b, int64_t e) {
+    const bool clamp = K < (int64_t{1} << W);
+    const uint32_t flag = clamp ? dequantize_groups<W, true>(in, lev, out, n, cols, K, b, e)
+                                : dequantize_groups<W, false>(in, lev, out, n, cols, K, b, e);
+    if (flag) bad.store(true, std::memory_order_relaxed);
   });
   return bad.load();
 }
@@ -266,8 +329,8 @@ void dequantize_cpu(at::TensorList packed, at::TensorList levels, at::TensorList
         using L = decltype(l);
         with_float_type(o.scalar_type(), [&](auto t) {
           using T = decltype(t);
-          flag = dequantize_one<decltype(w)::value, L, T>(src, Q.data_ptr<L>(), o.data_ptr<T>(), o.size(0),
-                                               o.size(1), Q.size(1));
+          flag = dequantize_one<decltype(w)::value, L, T>(src, Q.data_ptr<L>(), o.data_ptr<T>(),
+                                                          o.size(0), o.size(1), Q.size(1));
         });
       });
     });
