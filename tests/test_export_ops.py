@@ -204,3 +204,22 @@ def test_dequantize_more_levels_than_codes(backend):
     got, bad = dequantize(streams, levels, SHAPES, 8, backend=backend)
     assert all(torch.equal(r, o) for r, o in zip(ref, got, strict=True))
     assert bad.tolist() == ref_bad.tolist() == [0] * len(SHAPES)
+
+
+def test_opcheck_schemas_and_fake_impls():
+    """torch.library.opcheck: schema (mutated arguments), fake tensor impls, autograd
+    registration and AOT dispatch of the three ops."""
+    idx = [torch.randint(0, 4, (n,), dtype=torch.uint8) for n in (10, 7)]
+    streams = [torch.empty(3, dtype=torch.uint8), torch.empty(2, dtype=torch.uint8)]
+    levels = [torch.randn(2, 4), torch.randn(1, 4)]
+    out = [torch.empty(2, 5), torch.empty(1, 7)]
+    bad = torch.zeros(2, dtype=torch.int32)
+    ops = torch.ops.parq_kernels
+    cases = [
+        (ops.pack_.default, (idx, streams, 2, "reference")),
+        (ops.unpack_.default, (streams, idx, 2, "reference")),
+        (ops.dequantize_.default, (streams, levels, out, bad, 2, "reference")),
+    ]
+    for op, args in cases:
+        result = torch.library.opcheck(op, args)
+        assert set(result.values()) == {"SUCCESS"}, (op, result)
