@@ -213,3 +213,23 @@ def test_tied_parameters_are_stored_once(tmp_path):
         assert not any(k.startswith("alias.") for k in f.keys())  # noqa: SIM118 (safe_open has no __iter__)
     load_quantized(path, fresh)
     _same_model(model, fresh)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_empty_parameter_round_trip(tmp_path, per_channel):
+    def make():
+        m = nn.Module()
+        m.empty, m.w = nn.Parameter(torch.empty(0, 5)), nn.Parameter(torch.randn(3, 4))
+        return m
+
+    model = make()
+    base = torch.optim.SGD([{"params": [model.empty, model.w], "quant_bits": 2}], lr=0.1)
+    opt = QuantOptimizer(base, UnifQuantizer(), ProxHardQuant(), quant_per_channel=per_channel)
+    model.w.grad, model.empty.grad = torch.randn(3, 4), torch.empty(0, 5)
+    opt.step()
+    path = tmp_path / "m.safetensors"
+    result = save_quantized(path, model, opt, levels_dtype=torch.float32)
+    assert [p.numel for p in result.params] == [0, 12]
+    fresh = make()
+    load_quantized(path, fresh)
+    _same_model(model, fresh)

@@ -153,6 +153,12 @@ def test_save_rejects_levels_that_overflow_half(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_save_needs_the_quant_optimizer(tmp_path):
+    model = Net()
+    with pytest.raises(TypeError, match="QuantOptimizer that holds the model's levels, got SGD"):
+        save_quantized(tmp_path / "m.safetensors", model, torch.optim.SGD(model.parameters()))
+
+
 def test_nan_weights_are_rejected_at_save(tmp_path):
     model, opt = quantized_model("unif", 2, "channel")
     with torch.no_grad():

@@ -107,6 +107,9 @@ def _project(name: str, values: Tensor, Q: Tensor, layout: RowLayout) -> tuple[T
 
 def quantized_params(model: torch.nn.Module, optimizer) -> list[QuantizedParam]:
     """The model's quantized parameters, in the optimizer's order (module doc)."""
+    if not hasattr(optimizer, "regularized_param_groups"):
+        raise TypeError(f"optimizer must be the QuantOptimizer that holds the model's levels, "
+                        f"got {type(optimizer).__name__}")  # fmt: skip
     names = {id(p): n for n, p in model.named_parameters()}
     out, seen = [], set()
     for qi, group in enumerate(optimizer.regularized_param_groups()):
