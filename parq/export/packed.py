@@ -15,7 +15,9 @@ model: a rejected file leaves the model untouched. Only safetensors is read (no 
 FSDP2 / DTensor: ``save_quantized`` gathers each sharded tensor with ``full_tensor()``
 (a collective: call it on every rank) and rank 0 writes the file (then all ranks meet
 at a barrier); ``load_quantized`` reads the whole file on every rank and copies each
-rank's shard into its DTensor parameters (no collective).
+rank's shard into its DTensor parameters (no collective). In any initialized process
+group only rank 0 writes; without DTensor tensors there is no barrier (a plain model is
+the same on every rank, and the call may come from rank 0 alone).
 """
 
 from __future__ import annotations
