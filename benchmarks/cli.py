@@ -1,8 +1,9 @@
 """``python -m benchmarks [--quick|--full|--smoke] [--out DIR]``: the whole suite.
 
-Reports the environment, measures the copy bandwidth, runs the fused-op
-micro-benchmarks and the ``QuantOptimizer.step()`` benchmarks on every available
-backend, then prints the tables and writes ``<device>_<date>_<mode>.{csv,json,md,png}``.
+Reports the environment, measures the copy bandwidth, runs the op micro-benchmarks
+(the fused ops and the packed-export ops) and the ``QuantOptimizer.step()``
+benchmarks on every available backend, then prints the tables and writes
+``<device>_<date>_<mode>.{csv,json,md,png}``.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import argparse
 import datetime
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from benchmarks import environment, op_bench, report, step_bench
+from benchmarks import environment, op_bench, pack_bench, report, step_bench
 from benchmarks.cli_checks import check_device, check_out_dir, optional_module
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -33,6 +34,7 @@ class Mode:
     step_repeats: int
     copy_bytes: int
     fused_reference: bool = True  # time fused:reference steps when a compiled backend exists
+    pack_cases: list = field(default_factory=list)  # packed-export ops (op suite)
 
 
 def mode_config(name: str) -> Mode:
@@ -45,6 +47,7 @@ def mode_config(name: str) -> Mode:
             warmup=1,
             step_repeats=3,
             copy_bytes=1 << 22,
+            pack_cases=pack_bench.smoke_grid(),
         )
     if name == "quick":
         return Mode(
@@ -56,6 +59,7 @@ def mode_config(name: str) -> Mode:
             step_repeats=3,
             copy_bytes=1 << 27,
             fused_reference=False,
+            pack_cases=pack_bench.quick_grid(),
         )
     return Mode(
         op_cases=op_bench.full_grid(),
@@ -65,6 +69,7 @@ def mode_config(name: str) -> Mode:
         warmup=3,
         step_repeats=10,
         copy_bytes=1 << 30,
+        pack_cases=pack_bench.full_grid(),
     )
 
 
@@ -169,12 +174,28 @@ def main(argv: list[str] | None = None) -> int:
     print(report.environment_text(env, copy_gbps), flush=True)
 
     op_cases = mode.op_cases if "op" in args.suites else []
+    pack_cases = mode.pack_cases if "op" in args.suites else []
     step_cases = mode.step_cases if "step" in args.suites else []
-    progress = Progress(len(op_cases) + len(step_cases), tqdm)
+    progress = Progress(len(op_cases) + len(pack_cases) + len(step_cases), tqdm)
     rows: list[dict] = []
     n_tensors, n_rows, n_cols = mode.op_shape
     for case in op_cases:
         for variant, timing, inputs, note in op_bench.run_case(
+            case,
+            device,
+            available,
+            compile_baseline=not args.no_compile,
+            n_tensors=n_tensors,
+            rows=n_rows,
+            cols=n_cols,
+            repeats=repeats,
+            warmup=mode.warmup,
+        ):
+            rows.append(report.make_row("op", case.name, variant, inputs.numel, inputs.bytes,
+                                        timing, note))  # fmt: skip
+        progress.step(case.name)
+    for case in pack_cases:
+        for variant, timing, inputs, note in pack_bench.run_case(
             case,
             device,
             available,
@@ -204,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     report.derive(rows, copy_gbps)
 
     for suite, title in (
-        ("op", "fused ops quant_prox_ and fused_step_"),
+        ("op", "ops: fused quant_prox_ / fused_step_, packed export pack_ / unpack_ / dequantize_"),
         ("step", "QuantOptimizer.step()"),
     ):
         if any(r["suite"] == suite for r in rows):
@@ -223,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "op_shape": {"tensors": n_tensors, "rows": n_rows, "cols": n_cols},
         "byte_models": {
             "op": op_bench.__doc__.split("Byte model")[1].strip(),
+            "pack": pack_bench.__doc__.split("Byte model")[1].strip(),
             "step": step_bench.__doc__.split("Byte model")[1].strip(),
         },
         "rows": rows,

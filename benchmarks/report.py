@@ -160,7 +160,7 @@ def write_json(payload: dict, path: Path) -> None:
 
 
 def write_markdown(rows: list[dict], env: dict, copy_gbps: float, path: Path) -> None:
-    text = ["```", environment_text(env, copy_gbps), "```", "", "### Fused op", ""]
+    text = ["```", environment_text(env, copy_gbps), "```", "", "### Ops", ""]
     text += [table(rows, "op", markdown=True), "", "### QuantOptimizer.step()", ""]
     text += [table(rows, "step", markdown=True), ""]
     path.write_text("\n".join(text))

@@ -1,5 +1,5 @@
-"""pytest-benchmark view of the fused-op micro-benchmarks (``benchmarks/op_bench.py``):
-``quant_prox_`` and ``fused_step_`` cases.
+"""pytest-benchmark view of the op micro-benchmarks (``benchmarks/op_bench.py``,
+``benchmarks/pack_bench.py``): ``quant_prox_``, ``fused_step_`` and the packed-export cases.
 
 Run with ``pytest benchmarks --benchmark-only`` (never part of ``pytest tests``).
 Cases: the quick grid, on every backend that can serve CPU tensors here (and
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks import environment, op_bench
+from benchmarks import environment, op_bench, pack_bench
 from benchmarks.timing import synchronizer
 from parq_kernels.ops import fused_step_, quant_prox_
 
@@ -52,3 +52,27 @@ def test_op_compiled_reference(benchmark, case):
     benchmark.pedantic(
         lambda: inputs.call(case, compiled), setup=inputs.reset, rounds=7, iterations=1
     )
+
+
+PACK_PARAMS = [
+    pytest.param(device, backend, case, id=f"{device}-{backend}-{case.name}")
+    for device in DEVICES
+    for backend in environment.benchmark_backends(torch.device(device))[0]
+    for case in pack_bench.quick_grid()
+]
+
+
+@pytest.mark.parametrize("device, backend, case", PACK_PARAMS)
+def test_pack_op(benchmark, device, backend, case):
+    """The packed-export ops (pack_ / unpack_ / dequantize_)."""
+    dev = torch.device(device)
+    inputs = pack_bench.PackInputs(case, dev, *SHAPE)
+    sync = synchronizer(dev)
+    op = pack_bench.OPS[case.op]
+
+    def run():
+        inputs.call(op, backend=backend)
+        sync()
+
+    benchmark.extra_info.update(bytes=inputs.bytes, numel=inputs.numel, backend=backend)
+    benchmark.pedantic(run, rounds=7, iterations=1, warmup_rounds=1)

@@ -1,8 +1,10 @@
-// Schemas and registrations of parq_kernels_C::quant_prox_ and fused_step_, and the Python module
-// parq_kernels._C (whose only attribute is HAS_CUDA; the op lives in torch.ops).
+// Schemas and registrations of parq_kernels_C::quant_prox_ and fused_step_, of the packed-export
+// ops pack_, unpack_ and dequantize_ (CPU only), and the Python module parq_kernels._C (whose
+// only attribute is HAS_CUDA; the ops live in torch.ops).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "pack.h"
 #include "quant_prox.h"
 
 TORCH_LIBRARY(parq_kernels_C, m) {
@@ -15,11 +17,19 @@ TORCH_LIBRARY(parq_kernels_C, m) {
       "Tensor(c!)[] bufs1, Tensor(d!)[] bufs2, Tensor(e!)[] bufs3, Tensor(f!)[] quants, "
       "Tensor(g!) nonfinite, int optim_kind, float[] hparams, int quant_kind, int bits, "
       "float[] qargs, bool center, bool update, int prox_kind, float prox_arg, float gamma) -> ()");
+  m.def("pack_(Tensor[] indices, Tensor(a!)[] packed, int width) -> ()");
+  m.def("unpack_(Tensor[] packed, Tensor(a!)[] indices, int width) -> ()");
+  m.def(
+      "dequantize_(Tensor[] packed, Tensor[] levels, Tensor(a!)[] out, Tensor(b!) bad, "
+      "int width) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(parq_kernels_C, CPU, m) {
   m.impl("quant_prox_", &parq::quant_prox_cpu);
   m.impl("fused_step_", &parq::fused_step_cpu);
+  m.impl("pack_", &parq::pack_cpu);
+  m.impl("unpack_", &parq::unpack_cpu);
+  m.impl("dequantize_", &parq::dequantize_cpu);
 }
 
 #ifdef PARQ_WITH_CUDA

@@ -18,6 +18,10 @@ weights are hard-quantized; ``--anneal-end`` must not exceed ``--epochs``, so
 the evaluated model is quantized. ``--warmup-steps`` and ``--quant-period``
 are in optimizer steps, as in ``QuantOptimizer``.
 
+Each quantized model is then exported (``examples/export_step.py``): written as a
+packed low-bit file with ``parq.export.save_quantized``, its size report printed,
+and reloaded into a fresh model that is evaluated again (``--no-export`` skips it).
+
 Writes the accuracy table to ``<out>/qat_digits_<model>_<date>.{md,json}``
 (default ``benchmarks/results``).
 
@@ -52,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if str(_ROOT) not in sys.path:  # benchmarks.cli_checks: the checks shared with the benchmarks
     sys.path.append(str(_ROOT))
 
+from export_step import export_and_reload, export_table  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
 
 from benchmarks.cli_checks import (  # noqa: E402
@@ -171,6 +176,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-fp", action="store_true", help="skip the full-precision baseline")
     p.add_argument(
+        "--no-export",
+        action="store_true",
+        help="skip the packed export (save_quantized, size report, reload) of quantized models",
+    )
+    p.add_argument(
+        "--export-dir",
+        type=Path,
+        default=None,
+        help="keep the packed .safetensors files here (default: a temporary directory)",
+    )
+    p.add_argument(
         "--smoke", action="store_true", help="tiny run for tests: 2 epochs on 512 training images"
     )
     p.add_argument(
@@ -245,6 +261,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         except (ValueError, backends.BackendUnavailableError) as exc:
             p.error(f"--backend {args.backend}: {exc}")
     check_out_dir(p, args.out)
+    if args.export_dir is not None:
+        check_out_dir(p, args.export_dir, "--export-dir")
 
 
 def settings(args: argparse.Namespace) -> list[Setting]:
@@ -401,6 +419,9 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace, 
     if s.bits is not None:
         result["backend"] = backends.resolve(args.device, opt.backend)
         result["levels_used"], result["levels"] = max_levels_used(opt)
+        if not args.no_export:  # packed low-bit file, size report, reload (SPEC.md §10)
+            result["export"] = export_and_reload(model, opt, s.label, args, x_test, y_test,
+                                                 result["test_acc"], args.export_dir)  # fmt: skip
     return result
 
 
@@ -434,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     results = [train(s, data, args, tqdm) for s in runs]
     text = table(results)
+    packed = export_table(results)
+    if packed:
+        text += "\n\nPacked export (parq.export.save_quantized, float16 levels):\n\n" + packed
     print("\n" + text)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     stem = args.out / f"qat_digits_{args.model}_{date}{'_smoke' if args.smoke else ''}"

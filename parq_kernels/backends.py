@@ -41,29 +41,41 @@ def _triton_interpret() -> bool:
 
 
 OPS = ("quant_prox_", "fused_step_")
+PACK_OPS = ("pack_", "unpack_", "dequantize_")  # packed export (parq_kernels.pack_ops)
+ALL_OPS = OPS + PACK_OPS
 
 
 @functools.cache
 def _load(name: str) -> tuple[dict[str, Callable] | None, str]:
     """Import a backend once: ``({op name: impl}, "")`` or ``(None, why_not)``."""
     if name == "reference":
-        from parq_kernels import reference, reference_step
+        from parq_kernels import reference, reference_pack, reference_step
 
-        return {"quant_prox_": reference.quant_prox_, "fused_step_": reference_step.fused_step_}, ""
+        impls = {"quant_prox_": reference.quant_prox_, "fused_step_": reference_step.fused_step_}
+        return impls | {op: getattr(reference_pack, op) for op in PACK_OPS}, ""
     if name == "triton":
         try:
             module = importlib.import_module("parq_kernels.triton")
         except Exception as exc:  # ImportError, or triton failing to initialize
             return None, f"triton import failed: {type(exc).__name__}: {exc}"
-        return {op: getattr(module, op) for op in OPS if hasattr(module, op)}, ""
+        return {op: getattr(module, op) for op in ALL_OPS if hasattr(module, op)}, ""
     try:
         ext = importlib.import_module("parq_kernels._C")
     except Exception as exc:
         return None, f"extension parq_kernels._C not built ({exc}); {BUILD_HINT}"
     if name == "cuda" and not getattr(ext, "HAS_CUDA", False):
         return None, "parq_kernels._C was built without CUDA kernels"
-    ops = {op: _op_caller(name, op) for op in OPS if hasattr(torch.ops.parq_kernels_C, op)}
+    ops = {op: _op_caller(name, op) for op in ALL_OPS if _has_kernel(op, name)}
     return ops, ""
+
+
+def _has_kernel(op: str, name: str) -> bool:
+    """Does the extension register ``op`` for the ``name`` ("cpu" / "cuda") dispatch key?
+    (The CUDA kernels of the packed-export ops are not written: the Triton ones serve.)"""
+    if not hasattr(torch.ops.parq_kernels_C, op):
+        return False
+    has = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
+    return has is None or has(f"parq_kernels_C::{op}", name.upper())
 
 
 def _op_caller(name: str, op: str) -> Callable:
@@ -102,8 +114,10 @@ def availability(device: torch.device | str = "cpu") -> dict[str, str]:
     return out
 
 
-def resolve(device: torch.device | str, requested: str | None = None) -> str:
-    """The backend name that will serve tensors on ``device``."""
+def resolve(device: torch.device | str, requested: str | None = None, op: str | None = None) -> str:
+    """The backend name that will serve tensors on ``device``; with ``op``, the automatic
+    choice skips backends that do not implement it (an explicit one raises in
+    :func:`get_impl`)."""
     device = torch.device(device)
     requested = requested or os.environ.get(ENV_VAR) or None
     if requested is not None and requested != "auto":
@@ -116,7 +130,8 @@ def resolve(device: torch.device | str, requested: str | None = None) -> str:
             )
         return requested
     for name in PREFERENCE.get(device.type, ("reference",)):
-        if not (_device_ok(name, device) or _load(name)[1]):
+        ok = not (_device_ok(name, device) or _load(name)[1])
+        if ok and (op is None or op in _load(name)[0]):
             return name
     return "reference"
 
@@ -129,5 +144,7 @@ def get_impl(name: str, op: str = "quant_prox_") -> Callable:
     if op not in impls:
         compiled = name in ("cpu", "cuda")
         hint = f" (an older build of the extension? {BUILD_HINT})" if compiled else ""
+        if name == "cuda" and op in PACK_OPS:
+            hint = " (no CUDA kernels for the packed-export ops: the triton backend serves them)"
         raise BackendUnavailableError(f"parq backend {name!r} does not implement {op}{hint}")
     return impls[op]

@@ -60,6 +60,14 @@ def test_smoke_writes_all_outputs(smoke_run):
     assert "3 * itemsize" in payload["byte_models"]["op"]
 
 
+def test_smoke_times_the_packed_export_ops(smoke_run):
+    _, rows, payload = smoke_run
+    deq = [r for r in rows if r["suite"] == "op" and r["case"].startswith("dequantize/")]
+    assert {r["variant"] for r in deq} >= {"reference", "stream"}
+    assert all(_f(r["gbps"]) > 0 for r in deq)
+    assert "ceil(n*w/8)" in payload["byte_models"]["pack"]
+
+
 def test_smoke_reports_every_backend(smoke_run):
     _, rows, payload = smoke_run
     env = payload["environment"]

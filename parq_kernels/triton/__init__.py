@@ -1,5 +1,5 @@
 """Triton backend of the fused QuantOptimizer ops (``parq_kernels::quant_prox_`` and
-``parq_kernels::fused_step_``).
+``parq_kernels::fused_step_``), and of the packed-export ops (:mod:`.pack`).
 
 Serves CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (set before
 triton is imported) for testing. The math is SPEC.md §3-§4 and §8; the ground
@@ -91,6 +91,7 @@ division and square root (``div_rn``, ``sqrt_rn``) like torch's kernels.
 """
 
 from parq_kernels.triton.launch import quant_prox_
+from parq_kernels.triton.pack import dequantize_, pack_, unpack_
 from parq_kernels.triton.step import fused_step_
 
-__all__ = ["quant_prox_", "fused_step_"]
+__all__ = ["quant_prox_", "fused_step_", "pack_", "unpack_", "dequantize_"]
