@@ -487,7 +487,7 @@ def placements(rank: int, world: int) -> dict:
 
 
 def _expect_error(fn, *needles) -> str:
-    from parq.optim.sharding import UnsupportedPlacementError
+    from parq.optim.shard_plan import UnsupportedPlacementError
 
     try:
         fn()

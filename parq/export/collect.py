@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from parq.optim.layout import RowLayout, row_layout
-from parq.optim.sharding import is_dtensor
+from parq.optim.shard_plan import is_dtensor
 
 MAX_LEVELS = 256  # uint8 indices
 

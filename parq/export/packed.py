@@ -38,7 +38,7 @@ from parq.export.format import (
     metadata,
     read_header,
 )
-from parq.optim.sharding import is_dtensor, local_tensors
+from parq.optim.shard_plan import is_dtensor, local_tensors
 from parq_kernels.pack_ops import dequantize, index_width, pack
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
-from parq.optim import sharding
+from parq.optim import shard_plan, sharding
 from parq.optim.prox_paths import latent_of, reusable_levels
 from parq_kernels.kinds import OptimKind
 from parq_kernels.ops import fused_step_, quant_prox_
@@ -130,7 +130,7 @@ def _levels_and_latent(opt, group: dict, index: int, j: int, p: Tensor, K: int, 
     """``(local weights, (rows, cols), latent, Q)`` of ``p``: local shards and their state
     (created like the sharded path does, SPEC §7) for a DTensor; else the tensors."""
     state = opt.state[p]
-    if sharding.is_dtensor(p):
+    if shard_plan.is_dtensor(p):
         plan = sharding.cached_plan(opt, index, j, p, group.get("quant_block_size"), K)
         before = state.get("latent")
         latent = sharding.latent_buffer(state, p, plan)
@@ -209,7 +209,7 @@ def _prepare(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor, K
         if hit is not None:
             return hit
     item, tag = _prepare_views(opt, kind, group, index, j, p, K, fresh)
-    if item.grad is not None and not item.writeback and not sharding.is_dtensor(p):
+    if item.grad is not None and not item.writeback and not shard_plan.is_dtensor(p):
         state = opt.state[p]
         bufs = tuple(state[k] for k in _state_keys(kind, group))
         _views_cache(opt)[(index, j)] = _Cached(item, p.data_ptr(), state["latent"],
@@ -250,13 +250,13 @@ def _prepare_views(opt, kind: OptimKind, group: dict, index: int, j: int, p: Ten
             state[key] = state[key].to(p.dtype)
     bufs = [state[key] for key in keys]
     views = []
-    for b in sharding.local_tensors(bufs):
+    for b in shard_plan.local_tensors(bufs):
         v = _rows(b, shape2d)
         if v.data_ptr() != b.data_ptr() or not b.is_contiguous():
             writeback.append((b, v))
         views.append(v)
-    item = _Item(j, p, out, latent.view(shape2d), _rows(sharding.local_tensors([grad])[0], shape2d),
-                 views, Q.view(-1, K), writeback)  # fmt: skip
+    grad2d = _rows(shard_plan.local_tensors([grad])[0], shape2d)
+    item = _Item(j, p, out, latent.view(shape2d), grad2d, views, Q.view(-1, K), writeback)
     return item, tag
 
 

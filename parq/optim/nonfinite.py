@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from parq.optim.sharding import local_tensors
+from parq.optim.shard_plan import local_tensors
 
 
 class NonFiniteParameterError(FloatingPointError):

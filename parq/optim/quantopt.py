@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from parq.optim import checkpoint, fused_step, prox_paths, routing, sharding
+from parq.optim import checkpoint, fused_step, prox_paths, routing, shard_plan, sharding
 from parq.optim.fused_step import GroupPath
 from parq.optim.layout import RowLayout, check_quantized_group, group_bits, row_layout
 from parq.optim.nonfinite import NonFiniteFlags, NonFiniteParameterError, split_group_error
@@ -211,7 +211,7 @@ class QuantOptimizer(Optimizer):
             for p in params:
                 latent = self.state[p].get("latent") if p in self.state else None
                 if latent is not None:
-                    sharding.local_tensors([p])[0].copy_(sharding.local_tensors([latent])[0])
+                    shard_plan.local_tensors([p])[0].copy_(shard_plan.local_tensors([latent])[0])
 
     @torch.no_grad()
     def save_latent_params(self) -> None:
@@ -223,7 +223,7 @@ class QuantOptimizer(Optimizer):
                 if latent is None or latent.shape != p.shape or latent.dtype != p.dtype:
                     state["latent"] = p.detach().clone(memory_format=torch.contiguous_format)
                 else:
-                    sharding.local_tensors([latent])[0].copy_(sharding.local_tensors([p])[0])
+                    shard_plan.local_tensors([latent])[0].copy_(shard_plan.local_tensors([p])[0])
 
     @staticmethod
     def quantize_(
@@ -249,7 +249,7 @@ class QuantOptimizer(Optimizer):
             return
         qi = sum(1 for g in self.param_groups[:index] if group_bits(g, -1) is not None)
         check_quantized_group(group, index, bits, self._quantizer_for(qi), self.quant_per_channel)
-        sharding.check_group(group, index, bits, self._quantizer_for(qi), self.quant_per_channel)
+        shard_plan.check_group(group, index, bits, self._quantizer_for(qi), self.quant_per_channel)
         group.setdefault("cumu_lr", 0.0)
         group.setdefault("initial_wd", group.get("weight_decay", 0.0))
 
@@ -373,7 +373,7 @@ class QuantOptimizer(Optimizer):
         return {p: p.detach().clone(memory_format=torch.contiguous_format)
                 for index, _, params in self._quantized_params() if index not in skip
                 for p in params if "latent" not in self.state.get(p, {})
-                and not sharding.is_dtensor(p)}  # fmt: skip
+                and not shard_plan.is_dtensor(p)}  # fmt: skip
 
     def _base_step_without(self, skip: set[int]) -> None:
         """``base_optimizer.step()`` over every group but ``skip`` (its hooks still run)."""
@@ -398,7 +398,9 @@ class QuantOptimizer(Optimizer):
                     latents.append(latent)
         corrections = self._corrections(params, latents)
         if params:  # DTensor has no _foreach_copy_ rule: copy the local shards
-            torch._foreach_copy_(sharding.local_tensors(params), sharding.local_tensors(latents))
+            torch._foreach_copy_(
+                shard_plan.local_tensors(params), shard_plan.local_tensors(latents)
+            )
         return corrections
 
     def _corrections(self, params: list[Tensor], latents: list[Tensor]) -> dict[Tensor, Tensor]:

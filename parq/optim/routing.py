@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from parq.optim import fused_step, sharding
+from parq.optim import fused_step, shard_plan, sharding
 from parq.optim.proxmap import KernelProxMap
 from parq.quant.quantizer import KernelQuantizer, Quantizer
 
@@ -72,8 +72,8 @@ def routes(opt) -> dict[int, tuple[str, str]]:
     out = {}
     for qi, (index, group, params) in enumerate(opt._quantized_params()):
         quantizer = opt._quantizer_for(qi)
-        local = sharding.local_tensors(params)
-        if sharding.has_dtensor(params):
+        local = shard_plan.local_tensors(params)
+        if shard_plan.has_dtensor(params):
             if use_fused(opt, quantizer, local):
                 why = opt._fused_step_reason(group, local)
             else:
