@@ -2,7 +2,8 @@
 // once per quant_period), over blocks of kStepBlock elements of a row: the base update
 // of the latent and its state (one vectorized loop, into an L1 buffer), the projection
 // onto the stored levels (project4.h) and the store of p (streaming for fp32 with
-// AVX-512): one sweep over memory.
+// AVX-512): one sweep over memory. float32 with AVX-512 takes step_avx512.h's loop
+// (the same operations, in registers, without the buffer).
 //
 // Served here: level sets of K <= 4 (1-bit, ternary, 2-bit), prox maps NONE / HARD /
 // PARQ / RELAX, no shrink, not the first step of a momentum buffer. The same float
@@ -24,6 +25,7 @@
 #include "project4.h"
 #include "row_stats.h"
 #include "sources.h"
+#include "step_avx512.h"
 
 namespace parq {
 
@@ -60,6 +62,12 @@ int step_loop_impl(const StepArgs& s, T* __restrict__ L, const T* __restrict__ G
                    T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3,
                    T* __restrict__ out, int64_t n, const Levels4& lv, const OpArgs& a) {
   const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg};
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> &&
+                (PROX == kNone || PROX == kHard || PROX == kParq || PROX == kRelax)) {
+    return avx512::step_loop<P, PROX>(s, L, G, B1, B2, B3, out, n, lv, pa);
+  }
+#endif
   alignas(64) float ys[kStepBlock];
   int kept = 0;
   for (int64_t b = 0; b < n; b += kStepBlock) {
