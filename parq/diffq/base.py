@@ -198,7 +198,7 @@ class BaseQuantizer:
 
     def true_model_size(self) -> float:
         """``model_size(exact=True)`` as a float (MB)."""
-        return float(self.model_size(exact=True))
+        return float(self.model_size(exact=True).detach())
 
     # -- quantized state -------------------------------------------------------------
     def _init_kwargs(self) -> dict:
