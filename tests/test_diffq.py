@@ -138,7 +138,7 @@ def test_eval_uses_true_quantization_and_hooks_clean_up():
     y = model[0](x)  # a submodule on its own: latent weights
     assert torch.equal(y, F.linear(x, w, model[0].bias))
     seen = {}
-    model[0].register_forward_hook(lambda m, i, o: seen.setdefault("w", m.weight))
+    model[0].register_forward_hook(lambda m, i, o: seen.update(w=m.weight))
     with pytest.raises(RuntimeError, match="shapes"):  # Linear(10, 10) after Linear(100, 50)
         model(x)  # raises after the hook: the quantized weights are still removed
     assert torch.equal(seen["w"], expected)
