@@ -82,6 +82,7 @@ class DiffQuantizer(BaseQuantizer):
         self.param, self.noise, self.init_bits = param, noise, init_bits
         self.extra_bits, self.suffix = extra_bits, suffix
         self.generator: torch.Generator | None = None  # noise source (None: torch's default)
+        self.backend = ""  # of the fused ops: "" picks automatically (parq_kernels.backends)
         super().__init__(model, min_size, float16, exclude, detect_bound)
         for qp in self._qparams:
             ng = self._num_groups(qp)
@@ -99,9 +100,9 @@ class DiffQuantizer(BaseQuantizer):
     def _num_groups(self, qp: QParam) -> int:
         return -(-qp.param.numel() // self._group(qp))
 
-    def _config(self, backend: str = "") -> GroupConfig:
+    def _config(self) -> GroupConfig:
         return GroupConfig(tuple(self._group(qp) for qp in self._qparams), self.min_bits,
-                           self.max_bits, self._code, self.extra_bits, backend)  # fmt: skip
+                           self.max_bits, self._code, self.extra_bits, self.backend)  # fmt: skip
 
     def _init_kwargs(self) -> dict:
         return super()._init_kwargs() | {
