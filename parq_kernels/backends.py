@@ -146,7 +146,7 @@ def get_impl(name: str, op: str = "quant_prox_") -> Callable:
     if op not in impls:
         compiled = name in ("cpu", "cuda")
         hint = f" (an older build of the extension? {BUILD_HINT})" if compiled else ""
-        if name == "cuda" and op in PACK_OPS:
-            hint = " (no CUDA kernels for the packed-export ops: the triton backend serves them)"
+        if name == "cuda" and op in PACK_OPS + DIFFQ_OPS:
+            hint = " (no CUDA kernels for the export and DiffQ ops: the triton backend serves them)"
         raise BackendUnavailableError(f"parq backend {name!r} does not implement {op}{hint}")
     return impls[op]

@@ -1,7 +1,7 @@
 """The op contracts of DiffQ (SPEC.md §11): noise injection, its backward, true quantization.
 
 Three multi-tensor, in-place ops with the backend table of ``quant_prox_`` (reference,
-cpu; see :mod:`parq_kernels.backends`). One call serves every quantized parameter of a
+cpu, triton; see :mod:`parq_kernels.backends`). One call serves every quantized parameter of a
 model on one device. Tensor ``i`` is a weight ``w`` of ``n_i`` elements (any shape,
 contiguous, float32 / float16 / bfloat16) cut into groups of ``G_i = group_sizes[i]``
 consecutive elements (``G_i >= 1``; the last group may be short), with one float32 logit

@@ -1,6 +1,9 @@
 """The DiffQ ops (SPEC.md §11, :mod:`parq_kernels.diffq_ops`): noise statistics and
 gradients of the reference, every other backend against the reference over shapes x
-group sizes x dtypes x parametrizations, and the argument checks."""
+group sizes x dtypes x parametrizations, and the argument checks.
+
+Without a GPU the Triton kernels run on CPU tensors under the interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from parq_kernels.reference_diffq import (
     noise_scale_from_logits,
 )
 
-FAST = [b for b in ("cpu",) if not backends.availability("cpu")[b]
+FAST = [b for b in ("cpu", "triton") if not backends.availability("cpu")[b]
         and all(op in backends._load(b)[0] for op in DIFFQ_OPS)]  # fmt: skip
 SHAPES = [(1,), (7,), (3, 1023), (4097,), (2, 3, 5, 7), (0, 5)]
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
