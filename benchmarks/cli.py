@@ -49,7 +49,6 @@ def mode_config(name: str) -> Mode:
             step_repeats=3,
             copy_bytes=1 << 22,
             pack_cases=pack_bench.smoke_grid(),
-            diffq_cases=diffq_bench.smoke_cases(),
         )
     if name == "quick":
         return Mode(
