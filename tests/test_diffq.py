@@ -216,3 +216,16 @@ def test_detach_removes_hooks():
     q.detach()
     model(torch.randn(2, 100))  # no setup_optimizer needed any more
     assert not model._forward_pre_hooks
+
+
+def test_tied_weight_is_replaced_in_every_owner():
+    model = Tied()
+    q = DiffQuantizer(model, min_size=0, group_size=0, init_bits=3)
+    model.eval()
+    seen = []
+    for m in (model.a, model.b):
+        m.register_forward_hook(lambda mod, i, o: seen.append(mod.weight))
+    model(torch.randn(2, 64))
+    assert seen[0] is seen[1]
+    assert len(torch.unique(seen[0])) <= 8 and not isinstance(seen[0], nn.Parameter)
+    assert torch.equal(seen[0], q._eval_weights()[0])

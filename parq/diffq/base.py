@@ -191,7 +191,8 @@ class BaseQuantizer:
     def model_size(self, exact: bool = False) -> Tensor:
         """The model size in MB (``2**23`` bits), differentiable unless ``exact``."""
         per = 16 if self.float16 else 32
-        total = torch.tensor(float(sum(per * p.numel() for _, p in self._others)))
+        device = self._qparams[0].param.device if self._qparams else None
+        total = torch.tensor(float(sum(per * p.numel() for _, p in self._others)), device=device)
         for qp in self._qparams:
             total = total + self._qparam_size(qp, exact).to(total.device)
         return total / 2**23
@@ -255,8 +256,9 @@ class BaseQuantizer:
         """Size of the serialized packed state (``torch.save``), in MB."""
         return len(self._serialized()) / 2**20
 
-    def compressed_model_size(self, compress_level: int = -1) -> float:
-        """zlib size of the serialized packed state, in MB."""
+    def compressed_model_size(self, compress_level: int = -1, num_workers: int = 8) -> float:
+        """zlib size of the serialized packed state, in MB (``num_workers`` is accepted for
+        the public signature; the state is compressed in one piece)."""
         return len(zlib.compress(self._serialized(), compress_level)) / 2**20
 
     def __repr__(self) -> str:
