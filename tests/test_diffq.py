@@ -229,3 +229,14 @@ def test_tied_weight_is_replaced_in_every_owner():
     assert seen[0] is seen[1]
     assert len(torch.unique(seen[0])) <= 8 and not isinstance(seen[0], nn.Parameter)
     assert torch.equal(seen[0], q._eval_weights()[0])
+
+
+def test_integer_like_arguments():
+    import numpy as np
+
+    q = DiffQuantizer(_model(), group_size=np.int64(8), init_bits=np.float64(4.0))
+    assert q.group_size == 8 and isinstance(q.group_size, int)
+    with pytest.raises(TypeError, match="min_bits"):
+        DiffQuantizer(_model(), min_bits="2")
+    with pytest.raises(ValueError, match="group_size"):
+        DiffQuantizer(_model(), group_size=2.5)

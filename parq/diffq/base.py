@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import numbers
 import zlib
 from dataclasses import dataclass, field
 
@@ -35,16 +36,28 @@ class QParam:
 
 
 def _check_float(name: str, value, low: float | None = None) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        and not (isinstance(value, Tensor) and value.numel() == 1)
-    ):
+    """``float(value)`` for a real number (numpy scalars and 1-element tensors too), else
+    ``TypeError``; ``ValueError`` below ``low``."""
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if low is not None and not value >= low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
+
+
+def _check_int(name: str, value, low: int, high: int | None = None) -> int:
+    """``int(value)`` for an integer in ``[low, high]`` (numpy integers too), else
+    ``ValueError`` naming ``name``."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+    return int(value)
 
 
 class BaseQuantizer:

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from parq.diffq.base import BaseQuantizer, QParam, _check_float
+from parq.diffq.base import BaseQuantizer, QParam, _check_float, _check_int
 from parq.diffq.functions import GroupConfig, inject_noise, true_quantize
 from parq.diffq.state import pack_levels, restore_entries
 from parq_kernels.reference_diffq import (
@@ -60,8 +60,7 @@ class DiffQuantizer(BaseQuantizer):
         exclude: list[str] | tuple[str, ...] = (),
         detect_bound: bool = True,
     ) -> None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
-            raise ValueError(f"group_size must be an int >= 0, got {group_size!r}")
+        group_size = _check_int("group_size", group_size, 0)
         min_bits = _check_float("min_bits", min_bits, 1.0)
         max_bits = _check_float("max_bits", max_bits)
         if not min_bits < max_bits <= MAX_QUANT_BITS:

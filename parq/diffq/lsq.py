@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from parq.diffq.base import BaseQuantizer, QParam
+from parq.diffq.base import BaseQuantizer, QParam, _check_int
 from parq.diffq.state import pack_levels, restore_entries
 from parq_kernels.reference_diffq import MAX_QUANT_BITS
 
@@ -45,8 +45,7 @@ class LSQ(BaseQuantizer):
         exclude: list[str] | tuple[str, ...] = (),
         detect_bound: bool = True,
     ) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= MAX_QUANT_BITS:
-            raise ValueError(f"bits must be an int in [2, {MAX_QUANT_BITS}], got {bits!r}")
+        bits = _check_int("bits", bits, 2, MAX_QUANT_BITS)
         if not isinstance(suffix, str) or not suffix:
             raise ValueError(f"suffix must be a non-empty string, got {suffix!r}")
         self.bits, self.suffix = bits, suffix
