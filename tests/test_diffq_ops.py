@@ -131,3 +131,31 @@ def test_bad_arguments_are_named():
         diffq_noise_(w, [torch.zeros(2)], noise, out, torch.empty(2), [8], 2, 15, PARAM_BITS)
     with pytest.raises(ValueError, match="param"):
         diffq_noise_(w, [torch.zeros(2)], noise, out, ranges, [8], 2, 15, 7)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_training_lockstep_with_reference(backend):
+    """A few DiffQ training steps on a backend follow the reference backend's."""
+    from torch import nn
+
+    from parq.diffq import DiffQuantizer
+
+    states = []
+    for name in ("reference", backend):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 4))
+        q = DiffQuantizer(model, min_size=0, group_size=4)
+        q.backend, q.generator = name, torch.Generator().manual_seed(2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        q.setup_optimizer(opt, lr=0.1)
+        x, y = torch.randn(16, 20), torch.randint(0, 4, (16,))
+        for _ in range(5):
+            loss = torch.nn.functional.cross_entropy(model(x), y) + 10 * q.model_size()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        states.append((model(x).detach(), [p.detach().clone() for p in model.parameters()]))
+    for a, b in zip(states[0][1], states[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(states[0][0], states[1][0], rtol=1e-3, atol=1e-4)
