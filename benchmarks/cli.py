@@ -18,7 +18,7 @@ from types import ModuleType
 
 import torch
 
-from benchmarks import environment, op_bench, pack_bench, report, step_bench
+from benchmarks import diffq_bench, environment, op_bench, pack_bench, report, step_bench
 from benchmarks.cli_checks import check_device, check_out_dir, optional_module
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -35,6 +35,7 @@ class Mode:
     copy_bytes: int
     fused_reference: bool = True  # time fused:reference steps when a compiled backend exists
     pack_cases: list = field(default_factory=list)  # packed-export ops (op suite)
+    diffq_cases: list = field(default_factory=list)  # DiffQ training steps (step suite)
 
 
 def mode_config(name: str) -> Mode:
@@ -60,6 +61,7 @@ def mode_config(name: str) -> Mode:
             copy_bytes=1 << 27,
             fused_reference=False,
             pack_cases=pack_bench.quick_grid(),
+            diffq_cases=diffq_bench.quick_cases(),
         )
     return Mode(
         op_cases=op_bench.full_grid(),
@@ -70,6 +72,7 @@ def mode_config(name: str) -> Mode:
         step_repeats=10,
         copy_bytes=1 << 30,
         pack_cases=pack_bench.full_grid(),
+        diffq_cases=diffq_bench.full_cases(),
     )
 
 
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     op_cases = mode.op_cases if "op" in args.suites else []
     pack_cases = mode.pack_cases if "op" in args.suites else []
     step_cases = mode.step_cases if "step" in args.suites else []
-    progress = Progress(len(op_cases) + len(pack_cases) + len(step_cases), tqdm)
+    diffq_cases = mode.diffq_cases if "step" in args.suites else []
+    progress = Progress(len(op_cases) + len(pack_cases) + len(step_cases) + len(diffq_cases), tqdm)
     rows: list[dict] = []
     n_tensors, n_rows, n_cols = mode.op_shape
     for case in op_cases:
@@ -221,6 +225,13 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(report.make_row("step", case.name, variant, case.numel,
                                         case.bytes(variant), timing, note))  # fmt: skip
         progress.step(case.name)
+    for case in diffq_cases:
+        timed = diffq_bench.run_case(case, device, available, repeats=step_repeats,
+                                     warmup=mode.warmup)  # fmt: skip
+        for variant, timing, note in timed:
+            rows.append(report.make_row("step", case.name, variant, case.numel,
+                                        case.bytes(variant), timing, note))  # fmt: skip
+        progress.step(case.name)
     progress.close()
     report.derive(rows, copy_gbps)
 
@@ -246,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             "op": op_bench.__doc__.split("Byte model")[1].strip(),
             "pack": pack_bench.__doc__.split("Byte model")[1].strip(),
             "step": step_bench.__doc__.split("Byte model")[1].strip(),
+            "diffq": diffq_bench.__doc__.split("Byte model")[1].strip(),
         },
         "rows": rows,
     }

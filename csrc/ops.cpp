@@ -1,9 +1,11 @@
 // Schemas and registrations of parq_kernels_C::quant_prox_ and fused_step_, of the packed-export
-// ops pack_, unpack_ and dequantize_ (CPU only), and the Python module parq_kernels._C (whose
-// only attribute is HAS_CUDA; the ops live in torch.ops).
+// ops pack_, unpack_ and dequantize_ and the DiffQ ops diffq_noise_, diffq_noise_backward_ and
+// diffq_quantize_ (CPU only), and the Python module parq_kernels._C (whose only attribute is
+// HAS_CUDA; the ops live in torch.ops).
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "diffq.h"
 #include "pack.h"
 #include "quant_prox.h"
 
@@ -22,6 +24,17 @@ TORCH_LIBRARY(parq_kernels_C, m) {
   m.def(
       "dequantize_(Tensor[] packed, Tensor[] levels, Tensor(a!)[] out, Tensor(b!) bad, "
       "int width) -> ()");
+  m.def(
+      "diffq_noise_(Tensor[] weights, Tensor[] logits, Tensor[] noise, Tensor(a!)[] out, "
+      "Tensor(b!) ranges, int[] group_sizes, float min_bits, float max_bits, int param) -> ()");
+  m.def(
+      "diffq_noise_backward_(Tensor[] grad_out, Tensor[] logits, Tensor[] noise, Tensor ranges, "
+      "Tensor(a!)[] grad_logits, int[] group_sizes, float min_bits, float max_bits, "
+      "int param) -> ()");
+  m.def(
+      "diffq_quantize_(Tensor[] weights, Tensor[] logits, Tensor(a!)[] out, "
+      "Tensor(b!)[] levels, Tensor(c!) minmax, int[] group_sizes, float min_bits, "
+      "float max_bits, int param, float extra_bits) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(parq_kernels_C, CPU, m) {
@@ -30,6 +43,9 @@ TORCH_LIBRARY_IMPL(parq_kernels_C, CPU, m) {
   m.impl("pack_", &parq::pack_cpu);
   m.impl("unpack_", &parq::unpack_cpu);
   m.impl("dequantize_", &parq::dequantize_cpu);
+  m.impl("diffq_noise_", &parq::diffq_noise_cpu);
+  m.impl("diffq_noise_backward_", &parq::diffq_noise_backward_cpu);
+  m.impl("diffq_quantize_", &parq::diffq_quantize_cpu);
 }
 
 #ifdef PARQ_WITH_CUDA

@@ -42,16 +42,18 @@ def _triton_interpret() -> bool:
 
 OPS = ("quant_prox_", "fused_step_")
 PACK_OPS = ("pack_", "unpack_", "dequantize_")  # packed export (parq_kernels.pack_ops)
-ALL_OPS = OPS + PACK_OPS
+DIFFQ_OPS = ("diffq_noise_", "diffq_noise_backward_", "diffq_quantize_")  # SPEC.md §11
+ALL_OPS = OPS + PACK_OPS + DIFFQ_OPS
 
 
 @functools.cache
 def _load(name: str) -> tuple[dict[str, Callable] | None, str]:
     """Import a backend once: ``({op name: impl}, "")`` or ``(None, why_not)``."""
     if name == "reference":
-        from parq_kernels import reference, reference_pack, reference_step
+        from parq_kernels import reference, reference_diffq, reference_pack, reference_step
 
         impls = {"quant_prox_": reference.quant_prox_, "fused_step_": reference_step.fused_step_}
+        impls |= {op: getattr(reference_diffq, op) for op in DIFFQ_OPS}
         return impls | {op: getattr(reference_pack, op) for op in PACK_OPS}, ""
     if name == "triton":
         try:
@@ -144,7 +146,7 @@ def get_impl(name: str, op: str = "quant_prox_") -> Callable:
     if op not in impls:
         compiled = name in ("cpu", "cuda")
         hint = f" (an older build of the extension? {BUILD_HINT})" if compiled else ""
-        if name == "cuda" and op in PACK_OPS:
-            hint = " (no CUDA kernels for the packed-export ops: the triton backend serves them)"
+        if name == "cuda" and op in PACK_OPS + DIFFQ_OPS:
+            hint = " (no CUDA kernels for the export and DiffQ ops: the triton backend serves them)"
         raise BackendUnavailableError(f"parq backend {name!r} does not implement {op}{hint}")
     return impls[op]

@@ -1,5 +1,6 @@
 """Triton backend of the fused QuantOptimizer ops (``parq_kernels::quant_prox_`` and
-``parq_kernels::fused_step_``), and of the packed-export ops (:mod:`.pack`).
+``parq_kernels::fused_step_``), of the packed-export ops (:mod:`.pack`) and of the DiffQ
+ops (:mod:`.diffq`).
 
 Serves CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1`` (set before
 triton is imported) for testing. The math is SPEC.md §3-§4 and §8; the ground
@@ -90,8 +91,10 @@ torch does; option flags are one ``OPT`` constexpr. The update uses IEEE
 division and square root (``div_rn``, ``sqrt_rn``) like torch's kernels.
 """
 
+from parq_kernels.triton.diffq import diffq_noise_, diffq_noise_backward_, diffq_quantize_
 from parq_kernels.triton.launch import quant_prox_
 from parq_kernels.triton.pack import dequantize_, pack_, unpack_
 from parq_kernels.triton.step import fused_step_
 
-__all__ = ["quant_prox_", "fused_step_", "pack_", "unpack_", "dequantize_"]
+__all__ = ["quant_prox_", "fused_step_", "pack_", "unpack_", "dequantize_", "diffq_noise_",
+           "diffq_noise_backward_", "diffq_quantize_"]  # fmt: skip
