@@ -59,6 +59,7 @@ bench: build
 
 demo: build
 	$(PY) examples/qat_digits.py
+	$(PY) examples/diffq_digits.py
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
