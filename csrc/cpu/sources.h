@@ -19,6 +19,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "../base_update.h"
 #include "row_stats.h"
@@ -37,6 +42,31 @@ inline bool finish(bool kept, float* xs, int64_t n, float gamma) {
     for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] / gamma;
   }
   return kept || (gamma < 1.0f && !all_finite(xs, n));
+}
+
+// Orders this thread's streaming stores before what follows (the end of a parallel
+// task, or of the op): called once per task, not per row, since a fence waits for the
+// stores in flight.
+inline void stream_fence() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
+
+// Stores n projected weights: fp32 rows by streaming stores where aligned (p is written,
+// never read: a streaming store saves the read a cached store of a whole line costs).
+template <typename T>
+inline void store_block(T* __restrict__ out, const float* __restrict__ ys, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    int64_t i = 0;
+    for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) out[i] = ys[i];
+    for (; i + 16 <= n; i += 16) _mm512_stream_ps(out + i, _mm512_loadu_ps(ys + i));
+    for (; i < n; ++i) out[i] = ys[i];
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(ys[i]);
 }
 
 template <typename T>
@@ -154,9 +184,7 @@ struct StepSource {
     return finish(update(o, n, xs), xs, n, gamma);
   }
 
-  void store(int64_t o, int64_t n, const float* ys) const {
-    for (int64_t i = 0; i < n; ++i) p[o + i] = static_cast<T>(ys[i]);
-  }
+  void store(int64_t o, int64_t n, const float* ys) const { store_block(p + o, ys, n); }
 
   // The base update of [o, o + n): writes the latent and the state; xs = the new latent
   // as stored (rounded to T), which is what the unfused path quantizes. An element whose

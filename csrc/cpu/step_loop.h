@@ -29,31 +29,6 @@
 
 namespace parq {
 
-// Orders this thread's streaming stores before what follows (the end of a parallel
-// task, or of the op): called once per task, not per row, since a fence waits for the
-// stores in flight.
-inline void stream_fence() {
-#if defined(__AVX512F__)
-  _mm_sfence();
-#endif
-}
-
-// Stores n projected weights: fp32 rows by streaming stores where aligned (p is written,
-// never read: a streaming store saves the read a cached store of a whole line costs).
-template <typename T>
-inline void store_block(T* __restrict__ out, const float* __restrict__ ys, int64_t n) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    int64_t i = 0;
-    for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) out[i] = ys[i];
-    for (; i + 16 <= n; i += 16) _mm512_stream_ps(out + i, _mm512_loadu_ps(ys + i));
-    for (; i < n; ++i) out[i] = ys[i];
-    return;
-  }
-#endif
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(ys[i]);
-}
-
 // One row range [o, o + n) (restrict pointers: distinct tensors, validated).
 constexpr int64_t kStepBlock = 512;
 
