@@ -26,6 +26,8 @@ from collections.abc import Callable
 
 import torch
 
+from parq_kernels.latent_clamp import serve_binaryconnect
+
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 ENV_VAR = "PARQ_KERNELS_BACKEND"
@@ -55,7 +57,8 @@ def _load(name: str) -> tuple[dict[str, Callable] | None, str]:
             module = importlib.import_module("parq_kernels.triton")
         except Exception as exc:  # ImportError, or triton failing to initialize
             return None, f"triton import failed: {type(exc).__name__}: {exc}"
-        return {op: getattr(module, op) for op in OPS if hasattr(module, op)}, ""
+        ops = {op: getattr(module, op) for op in OPS if hasattr(module, op)}
+        return {op: serve_binaryconnect(op, fn) for op, fn in ops.items()}, ""
     try:
         ext = importlib.import_module("parq_kernels._C")
     except Exception as exc:
@@ -63,7 +66,7 @@ def _load(name: str) -> tuple[dict[str, Callable] | None, str]:
     if name == "cuda" and not getattr(ext, "HAS_CUDA", False):
         return None, "parq_kernels._C was built without CUDA kernels"
     ops = {op: _op_caller(name, op) for op in OPS if hasattr(torch.ops.parq_kernels_C, op)}
-    return ops, ""
+    return {op: serve_binaryconnect(op, fn) for op, fn in ops.items()}, ""
 
 
 def _op_caller(name: str, op: str) -> Callable:

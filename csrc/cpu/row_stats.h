@@ -312,6 +312,18 @@ inline float* prox_block(float* xs, int64_t n, const WriteArgs& w, float* hs) {
       for (int64_t i = 0; i < n; ++i) xs[i] = keep * xs[i] + theta * hs[i];
       break;
     }
+    case kProxQuantL1: {
+      hard_block(xs, n, w, hs, idx);
+      const float lam = a.prox_arg;
+      for (int64_t i = 0; i < n; ++i) xs[i] = prox_quant_l1(xs[i], hs[i], lam);
+      break;
+    }
+    case kProxQuantL2: {
+      hard_block(xs, n, w, hs, idx);
+      const float lam = a.prox_arg, denom = a.l2_denom;
+      for (int64_t i = 0; i < n; ++i) xs[i] = prox_quant_l2(xs[i], hs[i], lam, denom);
+      break;
+    }
     case kSoft:
     case kParq: {
       const float* Q = w.Q;

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from parq.quant.quantizer import Quantizer
 from parq_kernels.ops import quant_prox_
+from parq_kernels.reference import clamp_latents_
 
 
 def reusable_levels(Q: Tensor | None, shape: tuple[int, ...], device: torch.device) -> bool:
@@ -83,6 +84,10 @@ def generic_group(
         rho = opt.prox_map.apply_(view, q, state["quants"], step_count=n, dim=layout.dim)
         if view is not p and not p.is_contiguous():  # reshape copied: write back
             p.copy_(view.reshape(p.shape))
+        if getattr(opt.prox_map, "clamps_latent", False) and latent.numel():  # BinaryConnect
+            Q = state["quants"]
+            clamp_latents_([latent.view(layout.rows, layout.cols)], [Q.view(-1, Q.size(-1))],
+                           gamma)  # fmt: skip
         if p is not param:
             param.copy_(p)
     if flags:

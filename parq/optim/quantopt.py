@@ -321,6 +321,7 @@ class QuantOptimizer(Optimizer):
             quantizer = self._quantizer_for(qi)
             gamma = self._shrink_gamma(group) if self.quant_shrink else 1.0
             args = (index, group, params, quantizer, gamma, update, n)
+            self.prox_map.begin_group(group)
             path = routes[index][0]
             if path == routing.FUSED_STEP:
                 rho = fused_step.step_group(self, self._base_kind, *args)

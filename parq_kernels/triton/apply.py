@@ -38,6 +38,8 @@ HARD = tl.constexpr(1)
 SOFT = tl.constexpr(2)
 PARQ = tl.constexpr(3)
 RELAX = tl.constexpr(4)
+PQ_L1 = tl.constexpr(5)  # ProxQuant, l1 penalty
+PQ_L2 = tl.constexpr(6)  # ProxQuant, l2 penalty (BINARYCONNECT reaches the kernels as HARD)
 
 
 @triton.jit
@@ -199,7 +201,7 @@ def flag_and_project(
 
     if PROX == NONE:
         y = x
-    elif PROX == HARD or PROX == RELAX:  # noqa: SIM109 (constexpr compare in triton)
+    elif PROX == HARD or PROX == RELAX or PROX == PQ_L1 or PROX == PQ_L2:  # noqa: SIM109
         if UPDATE:
             st = STATS + (row0 + r) * NST
             if CENTER:
@@ -209,10 +211,16 @@ def flag_and_project(
                 hard = quantizer_q(x, st, rmask, qa0, qa2, KIND, BITS, K)
         else:
             hard = nearest(x, qrow, mask, rmask, K, KP, LOGKP)
-        if PROX == HARD:  # noqa: SIM108
+        if PROX == HARD:
             y = hard
-        else:
+        elif PROX == RELAX:
             y = arg2 * x + arg * hard
+        elif PROX == PQ_L1:  # h + sgn(x - h) max(|x - h| - lam, 0)
+            d = x - hard
+            mag = tl.maximum(tl.abs(d) - arg, 0.0)
+            y = hard + tl.where(d >= 0, mag, -mag)
+        else:  # PQ_L2: (x + lam h) / (1 + lam), arg2 = 1 + lam
+            y = (x + arg * hard) / arg2
     else:
         lo, hi = interval(x, qrow, mask, rmask, K, KP, LOGKP)
         mid = (lo + hi) / 2
