@@ -432,6 +432,9 @@ def _split_update(opt, index, bits, quantizer, prox, builtin_prox, fused, gamma,
         if builtin_prox:
             y = reference.apply_prox(x, q, Q, prox_kind, prox_arg)
             plan.local.copy_(y.reshape(plan.local.shape))
+            if prox_kind == ProxKind.BINARYCONNECT:  # clipped latent (SPEC §9), global levels
+                lat = _rows(latent_buffer(opt.state[p], p, plan), plan)
+                reference.clamp_latents_([lat], [Q.reshape(lat.size(0), -1)], float(gamma))
         else:
             dim = None if not plan.layout.grouped else -1
             view = x if dim is not None else x.reshape(-1)
