@@ -33,6 +33,8 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def builtin_quantizer(quantizer: Quantizer) -> bool:
     """Is the quantizer a built-in that the fused kernels describe?"""
+    if getattr(quantizer, "generic_path_reason", ""):  # a built-in without a fused kernel
+        return False
     return (
         isinstance(quantizer, KernelQuantizer)
         and type(quantizer).quantize is KernelQuantizer.quantize
@@ -59,6 +61,8 @@ def generic_reason(opt, quantizer: Quantizer, params: list[Tensor]) -> str:
     """Why a group takes the generic per-parameter path."""
     if not opt.fused:
         return "fused=False"
+    if getattr(quantizer, "generic_path_reason", ""):
+        return quantizer.generic_path_reason
     if not builtin_quantizer(quantizer):
         return f"user quantizer {type(quantizer).__name__}"
     if not builtin_prox(opt.prox_map):

@@ -395,14 +395,18 @@ def _split_update(opt, index, bits, quantizer, prox, builtin_prox, fused, gamma,
     Returns ``(rho, handoff)``: the items whose prox does not use the quantizer's ``q``
     (PARQ, soft, none) are handed to the fused op with the fresh levels instead.
     """
-    if not isinstance(quantizer, KernelQuantizer) or (
-        type(quantizer).quantize is not KernelQuantizer.quantize
+    if (
+        not isinstance(quantizer, KernelQuantizer)
+        or type(quantizer).quantize is not KernelQuantizer.quantize
+        or getattr(quantizer, "generic_path_reason", "")
     ):
         j, p, _ = items[0]
         raise UnsupportedPlacementError(
             f"{_where(index, j, p)}: quantization groups split across ranks need global "
-            f"statistics, which only the built-in quantizers compute; {type(quantizer).__name__} "
-            "is a user quantizer (use quant_per_channel with Shard(0), or Replicate)"
+            f"statistics, which only the built-in quantizers with fused kernels compute; "
+            f"{type(quantizer).__name__}: "
+            f"{getattr(quantizer, 'generic_path_reason', '') or 'a user quantizer'} "
+            "(use quant_per_channel with Shard(0), or Replicate)"
         )
     kind, qargs = quantizer.kernel_spec(bits)
     prox_kind, prox_arg, rho = prox.schedule(n) if builtin_prox else (None, None, None)
