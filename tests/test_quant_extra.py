@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
+from parq.optim import ProxPARQ, QuantOptimizer
 from parq.quant import LSBQuantizer, TernaryThresholdQuantizer
 from parq.quant.lsbq_refine import quantize_lsbq_refined
 
@@ -101,7 +101,9 @@ def test_refine_rounds_zero_is_greedy_and_fused():
     q0, Q0 = LSBQuantizer(refine_rounds=0).quantize(x, 3, -1)
     q1, Q1 = LSBQuantizer().quantize(x, 3, -1)
     assert torch.equal(q0, q1) and torch.equal(Q0, Q1)
-    assert LSBQuantizer(refine_rounds=0).generic_path_reason == ""
+    assert not LSBQuantizer(refine_rounds=0).host_levels(3) and LSBQuantizer(
+        refine_rounds=1
+    ).host_levels(3)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
@@ -155,21 +157,16 @@ def test_ternary_threshold_arguments():
         TernaryThresholdQuantizer().quantize(torch.ones(3), 2)
 
 
-# -- through QuantOptimizer: the generic path, with its reason recorded ----------------
+# -- through QuantOptimizer -----------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "quantizer, bits",
-    [(LSBQuantizer(refine_rounds=2), 2), (TernaryThresholdQuantizer(), 0)],
-    ids=["lsbq-refined", "ternary-threshold"],
-)
-@pytest.mark.parametrize("prox", [ProxHardQuant(), ProxPARQ(0, 6)], ids=["hard", "parq"])
-def test_optimizer_generic_path(quantizer, bits, prox):
+def test_ternary_threshold_generic_path():
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 6)
-    base = torch.optim.SGD([{"params": [model.weight], "quant_bits": bits},
+    base = torch.optim.SGD([{"params": [model.weight], "quant_bits": 0},
                             {"params": [model.bias]}], lr=0.1, momentum=0.9)  # fmt: skip
-    opt = QuantOptimizer(base, quantizer, prox, quant_period=2, quant_per_channel=True)
+    quantizer = TernaryThresholdQuantizer()
+    opt = QuantOptimizer(base, quantizer, ProxPARQ(0, 6), quant_period=2, quant_per_channel=True)
     for _ in range(8):
         opt.zero_grad()
         model(torch.randn(4, 16)).square().mean().backward()
@@ -178,7 +175,67 @@ def test_optimizer_generic_path(quantizer, bits, prox):
     assert path.path == "base step + generic prox"
     assert path.reason == quantizer.generic_path_reason and path.reason
     Q = opt.state[model.weight]["quants"]
-    _, want = quantizer.quantize(opt.state[model.weight]["latent"], bits, dim=-1)
-    assert Q.shape == want.shape
+    assert Q.shape == (6, 3)
     w = model.weight.detach()
     assert bool((w[..., None] == Q[:, None, :]).any(-1).all())  # hard at the end
+
+
+def _refined_run(steps=9, base="sgd", **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 5))
+    weights = [model[0].weight, model[2].weight]
+    groups = [{"params": weights, "quant_bits": 3},
+              {"params": [model[0].bias, model[2].bias]}]  # fmt: skip
+    if base == "sgd":
+        opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    else:
+        opt = torch.optim.AdamW(groups, lr=0.01)
+    qopt = QuantOptimizer(opt, LSBQuantizer(refine_rounds=2), ProxPARQ(0, 8), quant_period=3,
+                          quant_per_channel=kwargs.pop("per_channel", True), **kwargs)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    paths = []
+    for _ in range(steps):
+        qopt.zero_grad()
+        model(torch.randn(8, 16, generator=g)).square().mean().backward()
+        qopt.step()
+        paths.append(qopt.step_paths[0])
+    return model, qopt, weights, paths
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_refined_lsbq_fused_matches_generic(base, per_channel):
+    """Refined LSBQ on the fused path (levels by torch ops on update steps, stored levels
+    in the fused op) against the generic path (quantize + apply_ per parameter)."""
+    fused_model, fused, weights, paths = _refined_run(base=base, per_channel=per_channel)
+    plain_model, plain, plain_weights, plain_paths = _refined_run(
+        base=base, per_channel=per_channel, fused=False
+    )
+    assert [p.path for p in paths[:4]] == ["base step + fused prox", "fused step", "fused step",
+                                           "base step + fused prox"]  # fmt: skip
+    assert "refined LSBQ" in paths[0].reason
+    assert plain_paths[-1].path == "base step + generic prox"
+    for w, pw in zip(weights, plain_weights, strict=True):
+        Qf, Qp = fused.state[w]["quants"], plain.state[pw]["quants"]
+        assert torch.allclose(Qf, Qp, rtol=1e-5, atol=1e-7)
+    for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_refined_lsbq_fused_levels_are_the_quantizers():
+    _, opt, weights, _ = _refined_run(steps=7, freeze_step=6)  # step 6: fresh levels, hard
+    for w in weights:
+        assert torch.equal(opt.state[w]["latent"], w.detach())
+        Q = opt.state[w]["quants"]
+        assert bool((w[..., None] == Q[:, None, :]).any(-1).all())
+
+
+def test_refined_lsbq_cpu_backend_matches_reference():
+    from parq_kernels import backends
+
+    if backends.availability("cpu")["cpu"]:
+        pytest.skip("compiled extension unavailable")
+    a_model, *_ = _refined_run(backend="cpu")
+    b_model, *_ = _refined_run(backend="reference")
+    for a, b in zip(a_model.parameters(), b_model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -279,6 +279,7 @@ def step_group(
     bits = group["quant_bits"]
     K = quantizer.get_quant_size(bits)
     fused = opt._use_fused(quantizer, local_tensors(params))  # also checks the local dtypes
+    fused = fused and not _host_levels(quantizer, bits)  # refined LSBQ: per-shard quantize
     prox = opt.prox_map
     builtin_prox = isinstance(prox, KernelProxMap) and type(prox).apply_ is KernelProxMap.apply_
     local_items, split_items = [], []
@@ -389,6 +390,17 @@ def _local_generic(opt, index, bits, quantizer, gamma, n, items) -> float | None
     return rho
 
 
+def _host_levels(quantizer, bits: int) -> bool:
+    host = getattr(quantizer, "host_levels", None)
+    return host is not None and host(bits)
+
+
+def _no_global_reason(quantizer, bits: int) -> str:
+    if _host_levels(quantizer, bits):
+        return "refined LSBQ has no global-statistics form"
+    return getattr(quantizer, "generic_path_reason", "") or "a user quantizer"
+
+
 def _split_update(opt, index, bits, quantizer, prox, builtin_prox, fused, gamma, n, items):
     """Groups split across ranks on an update step: global statistics, local prox.
 
@@ -399,13 +411,14 @@ def _split_update(opt, index, bits, quantizer, prox, builtin_prox, fused, gamma,
         not isinstance(quantizer, KernelQuantizer)
         or type(quantizer).quantize is not KernelQuantizer.quantize
         or getattr(quantizer, "generic_path_reason", "")
+        or _host_levels(quantizer, bits)
     ):
         j, p, _ = items[0]
         raise UnsupportedPlacementError(
             f"{_where(index, j, p)}: quantization groups split across ranks need global "
             f"statistics, which only the built-in quantizers with fused kernels compute; "
             f"{type(quantizer).__name__}: "
-            f"{getattr(quantizer, 'generic_path_reason', '') or 'a user quantizer'} "
+            f"{_no_global_reason(quantizer, bits)} "
             "(use quant_per_channel with Shard(0), or Replicate)"
         )
     kind, qargs = quantizer.kernel_spec(bits)

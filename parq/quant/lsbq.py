@@ -22,7 +22,8 @@ class LSBQuantizer(KernelQuantizer):
     * ``refine_rounds=r > 0`` (greedy, ``b >= 1``): ``r`` rounds of least-squares refits
       of the coefficients and nearest-level reassignment after the greedy pass
       (:mod:`parq.quant.lsbq_refine`, SPEC.md §9); the squared error never increases.
-      Served by the generic path (no fused kernel computes the refit).
+      The fused path computes these levels with batched torch ops on update steps and
+      hands them to the fused op as stored levels (``q`` is the nearest level).
     """
 
     def __init__(
@@ -58,12 +59,10 @@ class LSBQuantizer(KernelQuantizer):
         self.ternary_multiplier = ternary_multiplier
         self.refine_rounds = int(refine_rounds)
 
-    @property
-    def generic_path_reason(self) -> str:
-        """Why the fused ops do not serve this quantizer ("" when they do)."""
-        if self.refine_rounds:
-            return f"refined LSBQ (refine_rounds={self.refine_rounds}): no fused kernel"
-        return ""
+    def host_levels(self, b: int) -> bool:
+        """Are the levels computed by :meth:`quantize_rows` (batched torch ops) and handed
+        to the fused op as stored levels? (Refined LSBQ: its ``q`` is the nearest level.)"""
+        return bool(self.refine_rounds) and b >= 1
 
     def quantize_rows(self, x: Tensor, b: int) -> tuple[Tensor, Tensor]:
         if not self.refine_rounds or b == 0:

@@ -6,7 +6,8 @@ group), each round solves ``v = argmin ||x - B v||^2`` (keeping the old ``v`` wh
 of ``B`` flip and move with it), and assigns every element the nearest of the ``2^b``
 levels (ties to the lower level), which gives the new ``B``. A round whose squared error
 would exceed the previous one (float rounding in an already optimal group) is not
-taken, so the error never increases. Batched over the groups: one ``b x b`` solve per
+taken, so the error never increases; ``q`` is the nearest level of the final ``Q``
+(never farther than the kept assignment). Batched over the groups: one ``b x b`` solve per
 group per round, in float64.
 """
 
@@ -80,4 +81,6 @@ def quantize_lsbq_refined(x: Tensor, b: int, rounds: int) -> tuple[Tensor, Tenso
         Q = torch.where(take[:, None], Q_new, Q)
         B = torch.where(take[:, None, None], B_new, B)
         err = torch.where(take, err_new, err)
-    return q, Q
+    # q is the nearest level (no farther than the kept q): what the fused path computes
+    # from the stored levels
+    return reference.nearest_level(x, Q), Q
