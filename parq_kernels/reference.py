@@ -271,7 +271,10 @@ def clamp_latents_(latents: list[Tensor], quants: list[Tensor], gamma: float) ->
             continue
         lo = Q[:, :1].float() * gamma
         hi = Q[:, -1:].float() * gamma
-        latent.copy_(torch.minimum(torch.maximum(latent.float(), lo), hi))
+        if latent.dtype == torch.float32:  # in place: one pass (min(max(x, lo), hi) too)
+            latent.clamp_(lo, hi)
+        else:
+            latent.copy_(torch.minimum(torch.maximum(latent.float(), lo), hi))
 
 
 # ---------------------------------------------------------------------------
