@@ -258,7 +258,7 @@ def test_binaryconnect_op_matches_reference(backend, qname):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pc", [*PQ_CONFIGS, BC], ids=lambda c: c.name)
-@pytest.mark.parametrize("oc", ["sgd-mom-wd", "adamw"])
+@pytest.mark.parametrize("oc", ["sgd", "sgd-mom-wd", "adam-amsgrad", "adamw"])
 def test_fused_step_op_matches_reference(backend, pc, oc):
     params = make_rows(_shapes(backend), zero_row=True)
     for qname in ("unif-b2", "lsbq-b3"):
