@@ -255,7 +255,7 @@ PARQ_HD float prox_soft(float x, float lo, float hi, float T, float denom) {
 // ProxQuant, l1 penalty: h + sgn(x - h) max(|x - h| - lam, 0) (SPEC.md §9).
 PARQ_HD float prox_quant_l1(float x, float h, float lam) {
   const float d = x - h;
-  const float m = maxf(std::fabs(d) - lam, 0.0f);
+  const float m = maxf((d >= 0.0f ? d : -d) - lam, 0.0f);  // |d| (plain compare: host and device)
   return h + (d >= 0.0f ? m : -m);
 }
 
