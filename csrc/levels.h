@@ -25,8 +25,9 @@ enum QuantKind : int64_t {
   kLsbqTernary = 4,
   kLsbqOptimal = 5,
 };
-// BINARYCONNECT (7) never reaches the kernels: parq_kernels.latent_clamp serves it as
-// HARD plus a clamp of the latents.
+// BINARYCONNECT (7): p = hard(x) and the latent clamped to the row's [gamma Q_0,
+// gamma Q_{K-1}]; the CPU kernels clamp inside their write pass, the CUDA and Triton
+// backends are served by parq_kernels.latent_clamp (HARD, then a clamp of the latents).
 enum ProxKind : int64_t {
   kNone = 0,
   kHard = 1,
@@ -35,11 +36,13 @@ enum ProxKind : int64_t {
   kRelax = 4,
   kProxQuantL1 = 5,
   kProxQuantL2 = 6,
+  kBinaryConnect = 7,
 };
 
 // Prox kinds whose projection needs hard(x).
 PARQ_HD bool needs_hard(int64_t kind) {
-  return kind == kHard || kind == kRelax || kind == kProxQuantL1 || kind == kProxQuantL2;
+  return kind == kHard || kind == kRelax || kind == kProxQuantL1 || kind == kProxQuantL2 ||
+         kind == kBinaryConnect;
 }
 
 constexpr float kTiny = 1.17549435082228750797e-38f;  // torch.finfo(float32).tiny

@@ -62,9 +62,8 @@ void check_quantizer(OpArgs& a, c10::ArrayRef<double> qargs) {
 
 void check_prox(OpArgs& a, double prox_arg) {
   const int64_t kind = a.prox_kind;
-  TORCH_CHECK(kind >= kNone && kind <= kProxQuantL2,
-              "quant_prox_: prox_kind must be a ProxKind in 0..6 (BINARYCONNECT is served as HARD "
-              "by parq_kernels.latent_clamp), got ", kind);
+  TORCH_CHECK(kind >= kNone && kind <= kBinaryConnect,
+              "quant_prox_: prox_kind must be a ProxKind in 0..7, got ", kind);
   TORCH_CHECK(std::isfinite(prox_arg), "quant_prox_: prox_arg must be finite, got ", prox_arg);
   if (kind == kSoft) {
     TORCH_CHECK(prox_arg > 0.0, "quant_prox_: prox_arg (temperature T) of SOFT must be > 0, got ",

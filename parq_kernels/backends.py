@@ -66,7 +66,9 @@ def _load(name: str) -> tuple[dict[str, Callable] | None, str]:
     if name == "cuda" and not getattr(ext, "HAS_CUDA", False):
         return None, "parq_kernels._C was built without CUDA kernels"
     ops = {op: _op_caller(name, op) for op in OPS if hasattr(torch.ops.parq_kernels_C, op)}
-    return {op: serve_binaryconnect(op, fn) for op, fn in ops.items()}, ""
+    if name == "cuda":  # the CPU kernels clamp BinaryConnect's latents in their write pass
+        ops = {op: serve_binaryconnect(op, fn) for op, fn in ops.items()}
+    return ops, ""
 
 
 def _op_caller(name: str, op: str) -> Callable:

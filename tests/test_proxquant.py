@@ -294,3 +294,30 @@ def test_kernels_reject_bad_lambda():
     params = make_rows([(2, 5)])
     with pytest.raises((RuntimeError, ValueError), match="lambda"):
         run_op("cpu", params, QC["unif-b2"], ProxConfig("bad", ProxKind.PROXQUANT_L1, -1.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_binaryconnect_clamp_nonfinite_and_half(backend, dtype):
+    """The clamp of a latent that keeps its previous value (NaN/Inf input), of a latent
+    that never was finite, and of bf16 latents: as the reference's float32 clamp."""
+    x = make_rows([(3, 40)], seed=7)[0] * 3
+    x[0, 3], x[1, 5] = float("nan"), float("inf")
+    params = [x.to(dtype)]
+    Q = [torch.tensor([[-1.0, -0.5, 0.5, 1.0]] * 3)]
+    for update in (False, True):
+        quants = None if update else Q
+        out = run_op(backend, params, QC["unif-b2"], BC, update, 1.0, quants)
+        ref = run_op("reference", params, QC["unif-b2"], BC, update, 1.0, quants)
+        assert torch.equal(out.flags, ref.flags) and bool(out.flags[0])
+        assert torch.allclose(out.latents[0].float(), ref.latents[0].float(), rtol=1e-5,
+                              equal_nan=True)  # fmt: skip
+        assert torch.equal(out.params[0].isnan(), ref.params[0].isnan())
+    # a latent that never was finite stays NaN (torch.clamp propagates NaN)
+    lat = torch.full((1, 4), float("nan"), dtype=dtype)
+    ps = [torch.full((1, 4), float("nan"), dtype=dtype)]
+    flags = torch.zeros(1, dtype=torch.int32)
+    backends.get_impl(backend)(ps, [lat], [Q[0][:1].clone()], flags, int(QC["unif-b2"].kind), 2,
+                               QC["unif-b2"].qargs, False, False, int(ProxKind.BINARYCONNECT), 0.0,
+                               1.0)  # fmt: skip
+    assert bool(lat.isnan().all()) and bool(flags[0])

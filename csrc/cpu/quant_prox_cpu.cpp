@@ -219,7 +219,12 @@ struct RowJob {
                }).bad;
       }
     }
-    const WriteArgs w{&a, a.update ? &rq : nullptr, Q, K, near, inter, writes, bad};
+    WriteArgs w{&a, a.update ? &rq : nullptr, Q, K, near, inter, writes, bad};
+    if (a.prox_kind == kBinaryConnect && K > 0) {  // the reference's float32 gamma * Q
+      w.clamp = true;
+      w.lo = Q[0] * a.gamma;
+      w.hi = Q[K - 1] * a.gamma;
+    }
     const Partial s = over_chunks(parallel, nchunks(), [&](int64_t c) {
       return write_chunk(src, off(c), len(c), single, w);
     });

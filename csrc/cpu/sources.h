@@ -39,6 +39,17 @@ inline bool finish(bool kept, float* xs, int64_t n, float gamma) {
   return kept || (gamma < 1.0f && !all_finite(xs, n));
 }
 
+// BinaryConnect's clipped latent, lat[0, n) in place: clamp in float32, stored as T (the
+// reference's float32 clamp); a NaN stays NaN (torch.clamp propagates it).
+template <typename T>
+inline void clamp_range(T* __restrict__ lat, int64_t n, float lo, float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T l = lat[i];
+    const float v = static_cast<float>(l);
+    lat[i] = v != v ? l : static_cast<T>(clampf(v, lo, hi));
+  }
+}
+
 template <typename T>
 struct ParamSource {
   static constexpr bool kStep = false;
@@ -70,6 +81,10 @@ struct ParamSource {
 
   void store(int64_t o, int64_t n, const float* ys) const {
     for (int64_t i = 0; i < n; ++i) p[o + i] = static_cast<T>(ys[i]);
+  }
+
+  void clamp_latent(int64_t o, int64_t n, float lo, float hi) const {
+    clamp_range(lat + o, n, lo, hi);
   }
 };
 
@@ -156,6 +171,10 @@ struct StepSource {
 
   void store(int64_t o, int64_t n, const float* ys) const {
     for (int64_t i = 0; i < n; ++i) p[o + i] = static_cast<T>(ys[i]);
+  }
+
+  void clamp_latent(int64_t o, int64_t n, float lo, float hi) const {
+    clamp_range(lat + o, n, lo, hi);
   }
 
   // The base update of [o, o + n): writes the latent and the state; xs = the new latent

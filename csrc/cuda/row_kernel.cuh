@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads)
         } else {
           h = sQ[count_less(near, x)];
         }
-        if (a.prox_kind == kHard) {
+        if (a.prox_kind == kHard || a.prox_kind == kBinaryConnect) {
           y = h;
         } else if (a.prox_kind == kRelax) {
           y = a.relax_keep * x + a.prox_arg * h;
@@ -229,6 +229,9 @@ inline void check_rows_supported(const char* op, const OpArgs& a, at::TensorList
               " (cuda): optimal LSBQ with bits 0 or 2 is not implemented in the CUDA kernels; "
               "use the triton or reference backend");
   TORCH_CHECK(a.K <= kMaxK, op, " (cuda): at most ", kMaxK, " levels per row, got K=", a.K);
+  TORCH_CHECK(a.prox_kind != kBinaryConnect, op,
+              " (cuda): BINARYCONNECT's latent clamp is not in the CUDA kernels; the cuda "
+              "backend serves it as HARD plus parq_kernels.latent_clamp");
 }
 
 // The descriptor of parameter i (step pointers null; the caller adds them).
