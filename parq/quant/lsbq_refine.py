@@ -39,15 +39,17 @@ def _greedy_codes(x: Tensor, b: int) -> tuple[Tensor, Tensor]:
     return torch.cat(vs, dim=1), torch.stack(codes, dim=2)
 
 
-def _assign(x: Tensor, v: Tensor, signs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Nearest of the levels of ``v`` (ties low): ``(q, Q sorted, B codes of q)``."""
-    unsorted = v @ signs.T  # (rows, 2**b), summed as _binary_levels does below
+def _assign(x: Tensor, v: Tensor, signs: Tensor, codes: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest of the levels of ``v`` (ties low, ``reference.nearest_level``'s lookup):
+    ``(q, Q sorted, B codes of q)`` (``B`` only if ``codes``, else None)."""
     Q = reference._binary_levels(v)
-    order = unsorted.argsort(dim=1, stable=True)
-    q = reference.nearest_level(x, Q)
     M = ((Q[:, :-1] + Q[:, 1:]) / 2).contiguous()
     idx = torch.searchsorted(M, x.contiguous(), right=False)  # index of q in Q
-    B = signs[order.gather(1, idx)]  # (rows, n, b)
+    q = Q.gather(1, idx)
+    B = None
+    if codes:
+        order = (v @ signs.T).argsort(dim=1, stable=True)  # sorted position -> sign code
+        B = signs[order.gather(1, idx)]  # (rows, n, b)
     return q, Q, B
 
 
@@ -64,7 +66,7 @@ def quantize_lsbq_refined(x: Tensor, b: int, rounds: int) -> tuple[Tensor, Tenso
     signs = _sign_table(b, x.device)
     err = _sq_err(x, q)
     eye = torch.eye(b, dtype=torch.float64, device=x.device)
-    for _ in range(rounds):
+    for r in range(rounds):
         Bd = B.double()
         G = Bd.transpose(1, 2) @ Bd  # (rows, b, b), exact integers
         rhs = (Bd.transpose(1, 2) @ x.double().unsqueeze(2)).squeeze(2)
@@ -73,13 +75,15 @@ def quantize_lsbq_refined(x: Tensor, b: int, rounds: int) -> tuple[Tensor, Tenso
         v_new = torch.linalg.solve(G, rhs).float()
         v_new = v_new.abs().sort(dim=1, descending=True).values  # flips and moves B too
         v_new = torch.where(singular[:, None], v, v_new)
-        q_new, Q_new, B_new = _assign(x, v_new, signs)
+        last = r == rounds - 1
+        q_new, Q_new, B_new = _assign(x, v_new, signs, codes=not last)
         err_new = _sq_err(x, q_new)
         take = err_new <= err
         v = torch.where(take[:, None], v_new, v)
         q = torch.where(take[:, None], q_new, q)
         Q = torch.where(take[:, None], Q_new, Q)
-        B = torch.where(take[:, None, None], B_new, B)
+        if not last:
+            B = torch.where(take[:, None, None], B_new, B)
         err = torch.where(take, err_new, err)
     # q is the nearest level (no farther than the kept q): what the fused path computes
     # from the stored levels
