@@ -26,8 +26,8 @@ enum QuantKind : int64_t {
   kLsbqOptimal = 5,
 };
 // BINARYCONNECT (7): p = hard(x) and the latent clamped to the row's [gamma Q_0,
-// gamma Q_{K-1}]; the CPU kernels clamp inside their write pass, the CUDA and Triton
-// backends are served by parq_kernels.latent_clamp (HARD, then a clamp of the latents).
+// gamma Q_{K-1}]; the CPU and Triton kernels clamp inside their write pass, the CUDA
+// backend is served by parq_kernels.latent_clamp (HARD, then a clamp of the latents).
 enum ProxKind : int64_t {
   kNone = 0,
   kHard = 1,

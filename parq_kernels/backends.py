@@ -57,8 +57,7 @@ def _load(name: str) -> tuple[dict[str, Callable] | None, str]:
             module = importlib.import_module("parq_kernels.triton")
         except Exception as exc:  # ImportError, or triton failing to initialize
             return None, f"triton import failed: {type(exc).__name__}: {exc}"
-        ops = {op: getattr(module, op) for op in OPS if hasattr(module, op)}
-        return {op: serve_binaryconnect(op, fn) for op, fn in ops.items()}, ""
+        return {op: getattr(module, op) for op in OPS if hasattr(module, op)}, ""
     try:
         ext = importlib.import_module("parq_kernels._C")
     except Exception as exc:

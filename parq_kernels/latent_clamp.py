@@ -1,14 +1,14 @@
-"""BinaryConnect on the Triton and CUDA backends: their pass with HARD, then the clamp.
+"""BinaryConnect on the CUDA backend: its pass with HARD, then the clamp.
 
 ``ProxKind.BINARYCONNECT`` is ``hard(x)`` for the weights plus BinaryConnect's clipped
 latent (SPEC.md §9): ``latent = clamp(latent, Q_0, Q_{K-1})`` per row after the base
-update (``gamma Q`` with the shrink, the latent being unshrunk). The CPU kernels clamp
-inside their write pass (``csrc/cpu/sources.h``). The Triton and CUDA kernels project
-with HARD; :func:`serve_binaryconnect` wraps their ops so that a BINARYCONNECT call runs
-the kernel with HARD and then :func:`reference.clamp_latents_` over the latents and the
-(fresh or stored) levels: one extra read and write of the latent, the same float32
-clamp as the reference. (On update steps the row kernels write the latent before the
-row's levels exist, so folding the clamp in needs a second latent write there anyway.)
+update (``gamma Q`` with the shrink, the latent being unshrunk). The CPU and Triton
+kernels clamp inside their write pass (``csrc/cpu/sources.h``,
+``parq_kernels/triton/apply.py``). The CUDA kernel (which could not be built or run
+here) projects with HARD; :func:`serve_binaryconnect` wraps its ops so that a
+BINARYCONNECT call runs the kernel with HARD and then :func:`reference.clamp_latents_`
+over the latents and the (fresh or stored) levels: one extra read and write of the
+latent, the same float32 clamp as the reference.
 """
 
 from __future__ import annotations

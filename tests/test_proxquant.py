@@ -310,7 +310,9 @@ def test_binaryconnect_clamp_nonfinite_and_half(backend, dtype):
         out = run_op(backend, params, QC["unif-b2"], BC, update, 1.0, quants)
         ref = run_op("reference", params, QC["unif-b2"], BC, update, 1.0, quants)
         assert torch.equal(out.flags, ref.flags) and bool(out.flags[0])
-        assert torch.allclose(out.latents[0].float(), ref.latents[0].float(), rtol=1e-5,
+        # levels agree to a few float32 ulp; the clamped latent then to 2 ulp of its dtype
+        rtol = 1e-5 + 2 * torch.finfo(dtype).eps
+        assert torch.allclose(out.latents[0].float(), ref.latents[0].float(), rtol=rtol,
                               equal_nan=True)  # fmt: skip
         assert torch.equal(out.params[0].isnan(), ref.params[0].isnan())
     # a latent that never was finite stays NaN (torch.clamp propagates NaN)
