@@ -17,6 +17,12 @@ Byte model (minimal traffic of one call, what a one-pass kernel must move):
 ``3 * itemsize``; ``fused_step_``: read latent, grad and state, write latent, state
 and ``p``: ``6 * itemsize`` (SGD with momentum), ``8 * itemsize`` (AdamW); plus the
 level sets, ``rows * K * 4`` bytes (written on update, read otherwise).
+
+SPEC.md §9 cases: the prox maps ``proxquant`` (l1, a lambda mid-schedule),
+``proxquant_l2`` and ``binaryconnect`` (the kernels' HARD pass plus the latent clamp),
+and ``lsbq_refined`` (refined LSBQ, 3 rounds): as on the optimizer's fused path, its
+update calls compute the levels with batched torch ops (timed, part of the call) and
+run the op with them as stored levels.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.timing import Timing, measure_interleaved
+from parq.quant.lsbq_refine import quantize_lsbq_refined
 from parq_kernels import reference, reference_step
 from parq_kernels.kinds import OptimKind
 from parq_kernels.ops import ProxKind, QuantKind, fused_step_, num_levels, quant_prox_
@@ -43,8 +50,17 @@ QUANTIZERS: dict[str, dict[int, tuple[QuantKind, tuple[float, ...]]]] = {
     | {b: (QuantKind.LSBQ_GREEDY, ()) for b in (1, 2, 4, 8)},
     "lsbq_opt": {b: (QuantKind.LSBQ_OPTIMAL, ()) for b in (0, 1, 2)},
     "ternary": {0: (QuantKind.TERNARY_UNIF, ())},
+    "lsbq_refined": {b: (QuantKind.LSBQ_GREEDY, ()) for b in (2, 3, 4)},
 }
-PROX = {"hard": (ProxKind.HARD, 0.0), "parq": (ProxKind.PARQ, 0.5)}  # rho = 0.5 mid-anneal
+REFINE_ROUNDS = 3  # lsbq_refined
+PROX = {
+    "hard": (ProxKind.HARD, 0.0),
+    "parq": (ProxKind.PARQ, 0.5),  # rho = 0.5 mid-anneal
+    "proxquant": (ProxKind.PROXQUANT_L1, 1e-3),  # lambda of the order of the weights' 2e-2
+    "proxquant_l2": (ProxKind.PROXQUANT_L2, 0.5),
+    "binaryconnect": (ProxKind.BINARYCONNECT, 0.0),
+}
+GRID_PROX = ("hard", "parq")  # the full cross product; the others in extra_grid()
 GRANULARITIES = ("tensor", "channel", "block32", "block128")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # base optimizer of fused_step_ cases: (kind, hparams without the trailing step/init, buffers)
@@ -82,12 +98,30 @@ def full_grid() -> list[OpCase]:
     torch.compile baseline on the fp32 per-channel update cases (one compile each)."""
     cases = []
     for qname, by_bits in QUANTIZERS.items():
+        if qname == "lsbq_refined":
+            continue
         for bits, prox, gran, dtype, update in itertools.product(
-            sorted(by_bits), PROX, GRANULARITIES, DTYPES, (True, False)
+            sorted(by_bits), GRID_PROX, GRANULARITIES, DTYPES, (True, False)
         ):
             compile_it = dtype == "fp32" and update and gran == "channel"
             cases.append(OpCase(qname, bits, prox, gran, dtype, update, compile_it))
-    return cases + step_grid()
+    return cases + step_grid() + extra_grid()
+
+
+def extra_grid() -> list[OpCase]:
+    """SPEC.md §9: the ProxQuant / BinaryConnect prox maps and refined LSBQ."""
+    cases = []
+    for prox, update, gran in itertools.product(
+        ("proxquant", "proxquant_l2", "binaryconnect"), (True, False), ("channel", "tensor")
+    ):
+        cases.append(OpCase("uniform", 2, prox, gran, update=update, compile=False))
+        cases.append(OpCase("lsbq", 2, prox, gran, update=update, compile=False))
+    for bits, gran in itertools.product((2, 3, 4), ("channel", "tensor")):
+        cases.append(OpCase("lsbq_refined", bits, "parq", gran, compile=False))
+    for prox in ("proxquant", "binaryconnect"):
+        cases.append(OpCase("uniform", 2, prox, "channel", update=False, optim="sgd",
+                            compile=False))  # fmt: skip
+    return cases
 
 
 def quick_grid() -> list[OpCase]:
@@ -107,7 +141,13 @@ def quick_grid() -> list[OpCase]:
         OpCase("lsbq_opt", 2, "parq", "channel", compile=False),
         OpCase("lsbq_opt", 0, "parq", "tensor", compile=False),
         OpCase("ternary", 0, "parq", "channel", compile=False),
+        OpCase("uniform", 2, "proxquant", "channel", compile=False),
+        OpCase("lsbq", 2, "binaryconnect", "channel", update=False, compile=False),
+        OpCase("lsbq_refined", 3, "parq", "channel", compile=False),
         *step_grid(),
+        OpCase(
+            "uniform", 2, "binaryconnect", "channel", update=False, optim="sgd", compile=False
+        ),  # fmt: skip
     ]
 
 
@@ -190,8 +230,13 @@ class OpInputs:
         kind, qargs = case.kind
         prox_kind, prox_arg = PROX[case.prox]
         public = fn in (quant_prox_, fused_step_)
+        update = case.update
+        if case.quantizer == "lsbq_refined" and update and case.optim is None:
+            for p, Q in zip(self.params, self.quants, strict=True):  # the fused path's levels
+                Q.copy_(quantize_lsbq_refined(p.float(), case.bits, REFINE_ROUNDS)[1])
+            update = False
         tail = (int(kind), case.bits, list(qargs) if public else tuple(qargs), False,
-                case.update, int(prox_kind), prox_arg, 1.0)  # fmt: skip
+                update, int(prox_kind), prox_arg, 1.0)  # fmt: skip
         if case.optim is None:
             fn(self.params, self.latents, self.quants, self.nonfinite, *tail, **kw)
             return

@@ -25,7 +25,25 @@ enum QuantKind : int64_t {
   kLsbqTernary = 4,
   kLsbqOptimal = 5,
 };
-enum ProxKind : int64_t { kNone = 0, kHard = 1, kSoft = 2, kParq = 3, kRelax = 4 };
+// BINARYCONNECT (7): p = hard(x) and the latent clamped to the row's [gamma Q_0,
+// gamma Q_{K-1}]; the CPU and Triton kernels clamp inside their write pass, the CUDA
+// backend is served by parq_kernels.latent_clamp (HARD, then a clamp of the latents).
+enum ProxKind : int64_t {
+  kNone = 0,
+  kHard = 1,
+  kSoft = 2,
+  kParq = 3,
+  kRelax = 4,
+  kProxQuantL1 = 5,
+  kProxQuantL2 = 6,
+  kBinaryConnect = 7,
+};
+
+// Prox kinds whose projection needs hard(x).
+PARQ_HD bool needs_hard(int64_t kind) {
+  return kind == kHard || kind == kRelax || kind == kProxQuantL1 || kind == kProxQuantL2 ||
+         kind == kBinaryConnect;
+}
 
 constexpr float kTiny = 1.17549435082228750797e-38f;  // torch.finfo(float32).tiny
 constexpr int kMaxGreedyBits = 16;
@@ -235,6 +253,18 @@ PARQ_HD float prox_soft(float x, float lo, float hi, float T, float denom) {
   const float u = (clampf(x, lo, hi) - lo) / (hi - lo + 1e-12f);
   const float sig = 1.0f / (1.0f + expf(-(T * (u - 0.5f))));
   return c + d * (sig - 0.5f) / denom;
+}
+
+// ProxQuant, l1 penalty: h + sgn(x - h) max(|x - h| - lam, 0) (SPEC.md §9).
+PARQ_HD float prox_quant_l1(float x, float h, float lam) {
+  const float d = x - h;
+  const float m = maxf((d >= 0.0f ? d : -d) - lam, 0.0f);  // |d| (plain compare: host and device)
+  return h + (d >= 0.0f ? m : -m);
+}
+
+// ProxQuant, l2 penalty: (x + lam h) / (1 + lam), with denom = 1 + lam rounded once.
+PARQ_HD float prox_quant_l2(float x, float h, float lam, float denom) {
+  return (x + lam * h) / denom;
 }
 
 // PARQ: clamp(c + (x - c) / rho, lo, hi) with c the interval's midpoint.

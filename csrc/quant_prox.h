@@ -22,7 +22,8 @@ struct OpArgs {
   bool center;
   bool update;
   int64_t prox_kind;
-  float prox_arg;    // T (SOFT), rho (PARQ), theta (RELAX)
+  float prox_arg;    // T (SOFT), rho (PARQ), theta (RELAX), lam (PROXQUANT_L1 / L2)
+  float l2_denom;    // PROXQUANT_L2: 1 + lam (computed in double, then rounded)
   float relax_keep;  // RELAX: 1 - theta (computed in double, then rounded)
   float soft_denom;  // sigmoid(T/2) - 1/2, computed in double then rounded (SOFT)
   float gamma;

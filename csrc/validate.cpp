@@ -62,8 +62,8 @@ void check_quantizer(OpArgs& a, c10::ArrayRef<double> qargs) {
 
 void check_prox(OpArgs& a, double prox_arg) {
   const int64_t kind = a.prox_kind;
-  TORCH_CHECK(kind >= kNone && kind <= kRelax,
-              "quant_prox_: prox_kind must be a ProxKind in 0..4, got ", kind);
+  TORCH_CHECK(kind >= kNone && kind <= kBinaryConnect,
+              "quant_prox_: prox_kind must be a ProxKind in 0..7, got ", kind);
   TORCH_CHECK(std::isfinite(prox_arg), "quant_prox_: prox_arg must be finite, got ", prox_arg);
   if (kind == kSoft) {
     TORCH_CHECK(prox_arg > 0.0, "quant_prox_: prox_arg (temperature T) of SOFT must be > 0, got ",
@@ -74,6 +74,11 @@ void check_prox(OpArgs& a, double prox_arg) {
     TORCH_CHECK(prox_arg > 0.0, "quant_prox_: prox_arg (inverse slope rho) of PARQ must be > 0, got ",
                 prox_arg);
   }
+  if (kind == kProxQuantL1 || kind == kProxQuantL2) {
+    TORCH_CHECK(prox_arg >= 0.0, "quant_prox_: prox_arg (lambda) of PROXQUANT must be >= 0, got ",
+                prox_arg);
+  }
+  a.l2_denom = static_cast<float>(1.0 + prox_arg);
   a.prox_arg = static_cast<float>(prox_arg);
   a.relax_keep = static_cast<float>(1.0 - prox_arg);
 }

@@ -30,6 +30,11 @@ Examples::
     python examples/qat_digits.py
     python examples/qat_digits.py --quant-bits 1 2 4 --quant-method uniform lsbq
     python examples/qat_digits.py --quant-bits 2 --quant-lsbq-optimal --quant-proxmap parq hard
+    python examples/qat_digits.py --quant-bits 2 --quant-proxmap proxquant --reg-rate 0.5
+    python examples/qat_digits.py --compare --quant-bits 1   # every method, table + chart
+
+``--compare`` (:mod:`qat_compare`) trains FP, STE (hard), BinaryRelax, PARQ, ProxQuant and
+BinaryConnect at the first ``--quant-bits`` value and writes the accuracy table and a chart.
 """
 
 from __future__ import annotations
@@ -66,17 +71,25 @@ from benchmarks.cli_checks import (  # noqa: E402
     optional_module,
 )
 from parq.optim import (  # noqa: E402
+    ProxBinaryConnect,
     ProxBinaryRelax,
     ProxHardQuant,
     ProxPARQ,
+    ProxQuant,
     ProxSoftQuant,
     QuantOptimizer,
 )
-from parq.quant import LSBQuantizer, TernaryUnifQuantizer, UnifQuantizer  # noqa: E402
+from parq.quant import (  # noqa: E402
+    LSBQuantizer,
+    TernaryThresholdQuantizer,
+    TernaryUnifQuantizer,
+    UnifQuantizer,
+)
 from parq_kernels import backends  # noqa: E402
 
-PROXMAPS = ("hard", "soft", "parq", "binaryrelax")
-METHODS = ("lsbq", "uniform")
+PROXMAPS = ("hard", "soft", "parq", "binaryrelax", "proxquant", "binaryconnect")
+METHODS = ("lsbq", "uniform", "lsbq-refined", "ternary-threshold")
+REFINE_ROUNDS = 3  # --quant-method lsbq-refined
 DIGITS_IMAGES = 1797  # sklearn.datasets.load_digits (shipped with scikit-learn)
 TEST_FRACTION = 0.2
 SMOKE_TRAIN_IMAGES = 512
@@ -155,6 +168,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="epoch where weights become hard-quantized (default 70%% of --epochs)",
     )
     p.add_argument("--anneal-steepness", type=finite_float, default=10.0, help="PARQ steepness")
+    p.add_argument(
+        "--reg-rate",
+        type=finite_float,
+        default=2.0,
+        help="ProxQuant: lambda grows by this much per epoch after --anneal-start (times lr)",
+    )
+    p.add_argument(
+        "--freeze-epoch",
+        type=finite_float,
+        default=None,
+        help="hard-quantize and freeze the quantized weights at this epoch (freeze_step)",
+    )
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="train every method (FP, STE, BinaryRelax, PARQ, ProxQuant, BinaryConnect) at the "
+        "first --quant-bits value; write the table and a chart",
+    )
     p.add_argument(
         "--warmup-steps",
         type=int,
@@ -254,6 +285,12 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         )
     if args.anneal_steepness <= 0:
         p.error(f"--anneal-steepness must be > 0, got {args.anneal_steepness}")
+    if args.reg_rate < 0:
+        p.error(f"--reg-rate must be >= 0, got {args.reg_rate}")
+    if args.freeze_epoch is not None and not 0 <= args.freeze_epoch < args.epochs:
+        p.error(f"--freeze-epoch must be in [0, --epochs), got {args.freeze_epoch}")
+    if "ternary-threshold" in args.quant_method and any(b != 0 for b in args.quant_bits):
+        p.error("--quant-method ternary-threshold needs --quant-bits 0")
     args.device = str(check_device(p, args.device))
     if args.backend != "auto":
         try:
@@ -295,12 +332,21 @@ def load_data(seed: int, smoke: bool) -> tuple[torch.Tensor, ...]:
 def make_quantizer(s: Setting, optimal: bool):
     if s.method == "lsbq":
         return LSBQuantizer(optimal=optimal)
+    if s.method == "lsbq-refined":
+        return LSBQuantizer(refine_rounds=REFINE_ROUNDS)
+    if s.method == "ternary-threshold":
+        return TernaryThresholdQuantizer()
     return TernaryUnifQuantizer() if s.bits == 0 else UnifQuantizer()
 
 
-def make_proxmap(s: Setting, start: int, end: int, steepness: float):
+def make_proxmap(s: Setting, start: int, end: int, steepness: float, args=None, epoch_steps=1):
     if s.proxmap == "hard":
         return ProxHardQuant()
+    if s.proxmap == "binaryconnect":
+        return ProxBinaryConnect()
+    if s.proxmap == "proxquant":
+        reg = 2.0 if args is None else args.reg_rate
+        return ProxQuant(reg, anneal_start=start, anneal_end=end, steps_per_epoch=epoch_steps)
     if s.proxmap == "soft":
         return ProxSoftQuant(start, end)
     if s.proxmap == "binaryrelax":
@@ -326,6 +372,13 @@ def param_groups(model: torch.nn.Module, s: Setting, args: argparse.Namespace) -
     if blocked:
         groups.append({"params": blocked, "quant_bits": s.bits, "quant_block_size": block})
     return groups
+
+
+def freeze_step(args: argparse.Namespace, steps_per_epoch: int) -> int | None:
+    """``--freeze-epoch`` in optimizer steps (at least ``--warmup-steps``), or None."""
+    if getattr(args, "freeze_epoch", None) is None:
+        return None
+    return max(args.warmup_steps, round(args.freeze_epoch * steps_per_epoch))
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -367,11 +420,12 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace, 
         opt = QuantOptimizer(
             base,
             make_quantizer(s, args.quant_lsbq_optimal),
-            make_proxmap(s, start, end, args.anneal_steepness),
+            make_proxmap(s, start, end, args.anneal_steepness, args, steps_per_epoch),
             warmup_steps=args.warmup_steps,
             quant_period=args.quant_period,
             quant_per_channel=args.quant_per_channel,
             backend=None if args.backend == "auto" else args.backend,
+            freeze_step=freeze_step(args, steps_per_epoch),
         )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=total)
     gen = torch.Generator().manual_seed(args.seed)
@@ -379,6 +433,7 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace, 
     if tqdm is not None and not args.no_progress:
         bar = tqdm.tqdm(total=args.epochs, desc=f"{s.label:>24}", unit="epoch", file=sys.stderr)
     t0 = time.perf_counter()
+    history = []
     for epoch in range(args.epochs):
         order = torch.randperm(len(y_train), generator=gen).to(args.device)
         for i in range(0, len(order), args.batch_size):
@@ -388,12 +443,13 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace, 
             loss.backward()
             opt.step()
             sched.step()
+        history.append(evaluate(model, x_test, y_test))
         if bar is not None:
-            acc = evaluate(model, x_test, y_test)
+            acc = history[-1]
             bar.set_postfix(loss=f"{loss.item():.3f}", test_acc=f"{acc:.3f}")
             bar.update(1)
         elif not args.no_progress:
-            acc = evaluate(model, x_test, y_test)
+            acc = history[-1]
             print(
                 f"{s.label:>24} epoch {epoch + 1}/{args.epochs} loss {loss.item():.3f} "
                 f"test_acc {acc:.3f}",
@@ -415,6 +471,7 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace, 
         "backend": None,
         "levels_used": None,
         "levels": None,
+        "epoch_test_acc": history,
     }
     if s.bits is not None:
         result["backend"] = backends.resolve(args.device, opt.backend)
@@ -446,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tqdm = None if args.no_progress else optional_module("tqdm", "plain progress lines")
     torch.set_num_threads(args.threads)
+    if args.compare:
+        import qat_compare
+
+        return qat_compare.run(args, argv, tqdm, sys.modules[__name__])
     data = load_data(args.seed, args.smoke)
     runs = settings(args)
     print(

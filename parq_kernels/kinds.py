@@ -33,6 +33,14 @@ class ProxKind(IntEnum):
     SOFT = 2  # prox_arg = temperature T
     PARQ = 3  # prox_arg = inverse slope rho in (0, 1]
     RELAX = 4  # prox_arg = theta in [0, 1): p = (1 - theta) p + theta hard(p)
+    PROXQUANT_L1 = 5  # prox_arg = lam >= 0: soft-threshold toward hard(p) (SPEC.md §9)
+    PROXQUANT_L2 = 6  # prox_arg = lam >= 0: p = (p + lam hard(p)) / (1 + lam)
+    BINARYCONNECT = 7  # p = hard(p), latent clamped to [gamma Q_0, gamma Q_{K-1}] per row
+
+
+#: Prox kinds whose projection needs ``hard(x)`` (the quantizer's q or the nearest level).
+HARD_KINDS = frozenset({ProxKind.HARD, ProxKind.RELAX, ProxKind.PROXQUANT_L1,
+                        ProxKind.PROXQUANT_L2, ProxKind.BINARYCONNECT})  # fmt: skip
 
 
 class OptimKind(IntEnum):

@@ -45,7 +45,9 @@ Scalars (host-side, the same for every parameter of the call):
   ``hard(x)``); otherwise reuse ``quants`` and ``hard(x)`` is the nearest level.
 * ``prox_kind`` (:class:`ProxKind`) and ``prox_arg``: the schedule scalar the
   front end computed for this step (temperature ``T``, inverse slope ``rho``,
-  or relaxation weight ``theta``).
+  relaxation weight ``theta``, or ProxQuant's ``lambda``). BINARYCONNECT projects
+  like HARD and also clamps ``latents[i]`` per row to ``[gamma Q_0, gamma Q_{K-1}]``
+  (in float32, after the latent is written; :func:`reference.clamp_latents_`).
 * ``gamma``: the shrink divisor (``x = p / gamma`` before quantizing; 1.0 = off).
 * ``backend``: ``""`` picks automatically (see :mod:`parq_kernels.backends`),
   otherwise ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.

@@ -229,8 +229,21 @@ def prox_parq(x: Tensor, Q: Tensor, rho: float) -> Tensor:
     return torch.clamp(c + (x - c) / rho, lo, hi)
 
 
+def prox_quant_l1(x: Tensor, hard: Tensor, lam: float) -> Tensor:
+    """ProxQuant, l1 penalty: soft-threshold ``x`` toward ``hard`` by ``lam`` (SPEC.md §9)."""
+    d = x - hard
+    return hard + _sgn(d) * torch.clamp_min(d.abs() - lam, 0.0)
+
+
+def prox_quant_l2(x: Tensor, hard: Tensor, lam: float) -> Tensor:
+    """ProxQuant, l2 penalty: ``(x + lam hard) / (1 + lam)`` (SPEC.md §9)."""
+    return (x + lam * hard) / (1.0 + lam)
+
+
 def apply_prox(x: Tensor, q: Tensor | None, Q: Tensor, kind: int, arg: float) -> Tensor:
-    """The projected value of x; ``q`` is the quantizer's output on update steps."""
+    """The projected value of x; ``q`` is the quantizer's output on update steps.
+
+    BINARYCONNECT projects like HARD here; its latent clamp is :func:`clamp_latents_`."""
     kind = ProxKind(kind)
     if kind == ProxKind.NONE:
         return x
@@ -239,9 +252,29 @@ def apply_prox(x: Tensor, q: Tensor | None, Q: Tensor, kind: int, arg: float) ->
     if kind == ProxKind.PARQ:
         return prox_parq(x, Q, arg)
     hard = q if q is not None else nearest_level(x, Q)
-    if kind == ProxKind.HARD:
+    if kind in (ProxKind.HARD, ProxKind.BINARYCONNECT):
         return hard
+    if kind == ProxKind.PROXQUANT_L1:
+        return prox_quant_l1(x, hard, arg)
+    if kind == ProxKind.PROXQUANT_L2:
+        return prox_quant_l2(x, hard, arg)
     return (1 - arg) * x + arg * hard  # RELAX
+
+
+def clamp_latents_(latents: list[Tensor], quants: list[Tensor], gamma: float) -> None:
+    """BinaryConnect's clipped latents (SPEC.md §9): each row of ``latents[i]`` (2-D,
+    any float dtype) is clamped in float32 to ``[gamma Q_0, gamma Q_{K-1}]`` of its row of
+    ``quants[i]`` (``(rows, K)``), the level range in the latent's (unshrunk) scale. Every
+    backend calls this same function after its pass, so the clamp is bitwise identical."""
+    for latent, Q in zip(latents, quants, strict=True):
+        if latent.numel() == 0:
+            continue
+        lo = Q[:, :1].float() * gamma
+        hi = Q[:, -1:].float() * gamma
+        if latent.dtype == torch.float32:  # in place: one pass (min(max(x, lo), hi) too)
+            latent.clamp_(lo, hi)
+        else:
+            latent.copy_(torch.minimum(torch.maximum(latent.float(), lo), hi))
 
 
 # ---------------------------------------------------------------------------
@@ -277,3 +310,5 @@ def quant_prox_(
             q, Q_new = quantize_rows(x, quant_kind, bits, qargs, center)
             Q.copy_(Q_new)
         p.copy_(torch.where(fine, apply_prox(x, q, Q, prox_kind, prox_arg), x))
+    if prox_kind == ProxKind.BINARYCONNECT:
+        clamp_latents_(latents, quants, gamma)

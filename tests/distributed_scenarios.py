@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
+from parq.optim import ProxBinaryConnect, ProxHardQuant, ProxPARQ, QuantOptimizer
 from parq.quant import (
     AsymUnifQuantizer,
     LSBQuantizer,
@@ -419,6 +419,22 @@ PLACEMENT_CASES = {
     "shard0-tensor-unfused": _case("S0", False, None, lambda: LSBQuantizer(), 2, 2, fused=False),
     "shard0-channel-unfused": _case("S0", True, None, lambda: UnifQuantizer(), 2, 1, fused=False),
     "shard1-channel-userprox": _case("S1", True, None, lambda: LSBQuantizer(), 2, 2, prox=UserPARQ),
+    # SPEC §9: BinaryConnect's latent clamp with global and local levels; refined LSBQ
+    "shard1-tensor-binaryconnect": _case(
+        "S1",
+        False,
+        None,
+        lambda: UnifQuantizer(center=True),
+        2,
+        2,
+        prox=lambda *_: ProxBinaryConnect(),
+    ),
+    "shard0-channel-binaryconnect": _case(
+        "S0", True, None, lambda: UnifQuantizer(), 2, 1, prox=lambda *_: ProxBinaryConnect()
+    ),
+    "replicate-channel-refined": _case(
+        "R", True, None, lambda: LSBQuantizer(refine_rounds=2), 2, 0
+    ),
 }
 
 

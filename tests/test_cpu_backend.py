@@ -180,7 +180,7 @@ BAD_INPUTS = {
     "bits": ({"bits": 0}, "bits of LSBQ_GREEDY"),
     "optimal bits": ({"quant_kind": int(QuantKind.LSBQ_OPTIMAL), "bits": 3}, "LSBQ_OPTIMAL"),
     "qargs": ({"quant_kind": int(QuantKind.UNIFORM), "qargs": [0.0]}, "qargs of UNIFORM"),
-    "prox kind": ({"prox_kind": 7}, "prox_kind"),
+    "prox kind": ({"prox_kind": 8}, "prox_kind"),
     "rho": ({"prox_kind": int(ProxKind.PARQ), "prox_arg": 0.0}, "rho"),
     "temperature": ({"prox_kind": int(ProxKind.SOFT), "prox_arg": -1.0}, "temperature"),
     "gamma": ({"gamma": 0.0}, "gamma"),

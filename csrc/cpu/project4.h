@@ -1,5 +1,6 @@
 // Projection of a block of values onto a level set of K <= 4 levels (1-bit, ternary,
-// 2-bit): HARD (nearest level), RELAX and PARQ (SPEC §4); a non-finite value is kept as
+// 2-bit): HARD (nearest level), RELAX, PARQ (SPEC §4) and ProxQuant l1 / l2 (SPEC §9,
+// scalar form only: the compiler vectorizes it); a non-finite value is kept as
 // it is. The fused step's non-update loop (step_loop.h) and the write pass's PARQ
 // (row_stats.h) use it.
 //
@@ -38,7 +39,13 @@ struct ProjectArgs {
   float inv_rho;
   float keep;
   float theta;
+  float lam = 0.0f;       // ProxQuant lambda
+  float l2_denom = 1.0f;  // ProxQuant l2: 1 + lambda
 };
+
+template <int PROX>
+constexpr bool kNeedsHard4 =
+    PROX == kHard || PROX == kRelax || PROX == kProxQuantL1 || PROX == kProxQuantL2;
 
 // One value. The interval [lo, hi] of SPEC §4: lo = the largest level below x (Q_0 if
 // none), hi = the smallest level not below x (Q_3 if none); a_j = Q_j < x is monotone.
@@ -46,11 +53,17 @@ template <int PROX>
 inline __attribute__((always_inline)) float project4(float x, const Levels4& l,
                                                      const ProjectArgs& p) {
   float y = x;
-  if constexpr (PROX == kHard || PROX == kRelax) {
+  if constexpr (kNeedsHard4<PROX>) {
     float h = l.M[0] < x ? l.Q[1] : l.Q[0];
     h = l.M[1] < x ? l.Q[2] : h;
     h = l.M[2] < x ? l.Q[3] : h;
-    y = PROX == kHard ? h : p.keep * x + p.theta * h;
+    if constexpr (PROX == kProxQuantL1) {
+      y = prox_quant_l1(x, h, p.lam);
+    } else if constexpr (PROX == kProxQuantL2) {
+      y = prox_quant_l2(x, h, p.lam, p.l2_denom);
+    } else {
+      y = PROX == kHard ? h : p.keep * x + p.theta * h;
+    }
   } else if constexpr (PROX == kParq) {
     const bool a0 = l.Q[0] < x, a1 = l.Q[1] < x, a2 = l.Q[2] < x, a3 = l.Q[3] < x;
     float lo = a1 ? l.Q[1] : l.Q[0];
@@ -106,7 +119,11 @@ inline void project_block(float* __restrict__ ys, int64_t n, const Levels4& l,
   if constexpr (PROX == kNone) return;
   int64_t i = 0;
 #if defined(__AVX512F__)
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(ys + i, project16<PROX>(_mm512_loadu_ps(ys + i), l, p));
+  if constexpr (PROX != kProxQuantL1 && PROX != kProxQuantL2) {
+    for (; i + 16 <= n; i += 16) {
+      _mm512_storeu_ps(ys + i, project16<PROX>(_mm512_loadu_ps(ys + i), l, p));
+    }
+  }
 #endif
   for (; i < n; ++i) ys[i] = project4<PROX>(ys[i], l, p);
 }

@@ -205,7 +205,7 @@ struct RowJob {
     if (!single && !writes) return bad;
     Finder near{}, inter{};
     if (a.prox_kind == kSoft || a.prox_kind == kParq) inter = make_finder(Q, K, uniform);
-    if (!a.update && (a.prox_kind == kHard || a.prox_kind == kRelax)) {
+    if (!a.update && needs_hard(a.prox_kind)) {
       ws.mid.resize(static_cast<size_t>(std::max(K - 1, 0)));
       for (int j = 0; j + 1 < K; ++j) ws.mid[j] = (Q[j] + Q[j + 1]) / 2;
       near = make_finder(ws.mid.data(), K - 1, uniform);
@@ -219,7 +219,12 @@ struct RowJob {
                }).bad;
       }
     }
-    const WriteArgs w{&a, a.update ? &rq : nullptr, Q, K, near, inter, writes, bad};
+    WriteArgs w{&a, a.update ? &rq : nullptr, Q, K, near, inter, writes, bad};
+    if (a.prox_kind == kBinaryConnect && K > 0) {  // the reference's float32 gamma * Q
+      w.clamp = true;
+      w.lo = Q[0] * a.gamma;
+      w.hi = Q[K - 1] * a.gamma;
+    }
     const Partial s = over_chunks(parallel, nchunks(), [&](int64_t c) {
       return write_chunk(src, off(c), len(c), single, w);
     });

@@ -176,6 +176,9 @@ struct WriteArgs {
   Finder inter;  // over Q (interval lookup, soft / PARQ)
   bool writes;   // false: p keeps its value (prox NONE, gamma 1)
   bool suspect;  // update steps: the row's first pass saw a non-finite value
+  bool clamp = false;  // BINARYCONNECT: latent = clamp(latent, lo, hi) in the write pass
+  float lo = 0.0f;     // gamma Q_0
+  float hi = 0.0f;     // gamma Q_{K-1}
 };
 
 constexpr int64_t kSub = 1024;  // the write pass works on sub-blocks of this size
@@ -304,12 +307,25 @@ inline float* prox_block(float* xs, int64_t n, const WriteArgs& w, float* hs) {
   int32_t idx[kSub];
   switch (a.prox_kind) {
     case kHard:
+    case kBinaryConnect:
       hard_block(xs, n, w, hs, idx);
       return hs;
     case kRelax: {
       hard_block(xs, n, w, hs, idx);
       const float keep = a.relax_keep, theta = a.prox_arg;
       for (int64_t i = 0; i < n; ++i) xs[i] = keep * xs[i] + theta * hs[i];
+      break;
+    }
+    case kProxQuantL1: {
+      hard_block(xs, n, w, hs, idx);
+      const float lam = a.prox_arg;
+      for (int64_t i = 0; i < n; ++i) xs[i] = prox_quant_l1(xs[i], hs[i], lam);
+      break;
+    }
+    case kProxQuantL2: {
+      hard_block(xs, n, w, hs, idx);
+      const float lam = a.prox_arg, denom = a.l2_denom;
+      for (int64_t i = 0; i < n; ++i) xs[i] = prox_quant_l2(xs[i], hs[i], lam, denom);
       break;
     }
     case kSoft:
@@ -359,6 +375,7 @@ Partial write_chunk(const Src& src, int64_t o, int64_t n, bool first, const Writ
     // only where a non-finite value was seen can an x be non-finite (sources.h)
     const bool flagged = src.load(o + b, len, xs, first);
     out.bad |= flagged;
+    if (w.clamp) src.clamp_latent(o + b, len, w.lo, w.hi);  // xs keep the unclamped x
     if (!w.writes) continue;
     if (!(first ? flagged : w.suspect) || all_finite(xs, len)) {
       src.store(o + b, len, prox_block(xs, len, w, hs));

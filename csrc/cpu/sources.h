@@ -69,6 +69,17 @@ inline void store_block(T* __restrict__ out, const float* __restrict__ ys, int64
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(ys[i]);
 }
 
+// BinaryConnect's clipped latent, lat[0, n) in place: clamp in float32, stored as T (the
+// reference's float32 clamp); a NaN stays NaN (torch.clamp propagates it).
+template <typename T>
+inline void clamp_range(T* __restrict__ lat, int64_t n, float lo, float hi) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T l = lat[i];
+    const float v = static_cast<float>(l);
+    lat[i] = v != v ? l : static_cast<T>(clampf(v, lo, hi));
+  }
+}
+
 template <typename T>
 struct ParamSource {
   static constexpr bool kStep = false;
@@ -100,6 +111,10 @@ struct ParamSource {
 
   void store(int64_t o, int64_t n, const float* ys) const {
     for (int64_t i = 0; i < n; ++i) p[o + i] = static_cast<T>(ys[i]);
+  }
+
+  void clamp_latent(int64_t o, int64_t n, float lo, float hi) const {
+    clamp_range(lat + o, n, lo, hi);
   }
 };
 
@@ -185,6 +200,10 @@ struct StepSource {
   }
 
   void store(int64_t o, int64_t n, const float* ys) const { store_block(p + o, ys, n); }
+
+  void clamp_latent(int64_t o, int64_t n, float lo, float hi) const {
+    clamp_range(lat + o, n, lo, hi);
+  }
 
   // The base update of [o, o + n): writes the latent and the state; xs = the new latent
   // as stored (rounded to T), which is what the unfused path quantizes. An element whose

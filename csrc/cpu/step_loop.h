@@ -6,7 +6,8 @@
 // (the same operations, in registers, without the buffer).
 //
 // Served here: level sets of K <= 4 (1-bit, ternary, 2-bit), prox maps NONE / HARD /
-// PARQ / RELAX, no shrink, not the first step of a momentum buffer. The same float
+// PARQ / RELAX / PROXQUANT_L1 / PROXQUANT_L2, no shrink, not the first step of a
+// momentum buffer (ProxQuant on the buffered loop only). The same float
 // operations as the general path (sources.h + row_stats.h), except that PARQ
 // multiplies by 1 / rho (project4.h). Anything else goes through the general path.
 #pragma once
@@ -36,7 +37,7 @@ template <Pattern P, int PROX, typename T>
 int step_loop_impl(const StepArgs& s, T* __restrict__ L, const T* __restrict__ G,
                    T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3,
                    T* __restrict__ out, int64_t n, const Levels4& lv, const OpArgs& a) {
-  const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg};
+  const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg, a.prox_arg, a.l2_denom};
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float> &&
                 (PROX == kNone || PROX == kHard || PROX == kParq || PROX == kRelax)) {
@@ -75,7 +76,8 @@ inline bool step_loop_serves(const OpArgs& a, const StepArgs& s) {
   const int64_t prox = a.prox_kind;
   const bool parq_ok = prox != kParq || std::isfinite(1.0f / a.prox_arg);  // not a denormal rho
   return !a.update && !s.init_buf && a.K <= 4 && a.gamma == 1.0f && parq_ok &&
-         (prox == kNone || prox == kHard || prox == kParq || prox == kRelax);
+         (prox == kNone || prox == kHard || prox == kParq || prox == kRelax ||
+          prox == kProxQuantL1 || prox == kProxQuantL2);
 }
 
 // The single loop over [o, o + n) of a row whose levels are Qrow; returns nonzero when an
@@ -96,6 +98,10 @@ int step_loop_row(const StepSource<T>& src, int64_t o, int64_t n, const float* Q
       return step_loop<PAT, kHard>(src, o, n, lv, a);                    \
     case kParq:                                                          \
       return step_loop<PAT, kParq>(src, o, n, lv, a);                    \
+    case kProxQuantL1:                                                   \
+      return step_loop<PAT, kProxQuantL1>(src, o, n, lv, a);             \
+    case kProxQuantL2:                                                   \
+      return step_loop<PAT, kProxQuantL2>(src, o, n, lv, a);             \
     default:                                                             \
       return step_loop<PAT, kRelax>(src, o, n, lv, a);                   \
   }

@@ -191,14 +191,22 @@ __global__ void __launch_bounds__(kThreads)
       if (!a.update && (kept || !isfinite(x))) bad = 1;
       if (!writes) continue;
       float y = x;
-      if (a.prox_kind == kHard || a.prox_kind == kRelax) {
+      if (needs_hard(a.prox_kind)) {
         float h;
         if (a.update) {
           h = a.center ? quant_q(rq, x - rq.m) + rq.m : quant_q(rq, x);
         } else {
           h = sQ[count_less(near, x)];
         }
-        y = a.prox_kind == kHard ? h : a.relax_keep * x + a.prox_arg * h;
+        if (a.prox_kind == kHard || a.prox_kind == kBinaryConnect) {
+          y = h;
+        } else if (a.prox_kind == kRelax) {
+          y = a.relax_keep * x + a.prox_arg * h;
+        } else if (a.prox_kind == kProxQuantL1) {
+          y = prox_quant_l1(x, h, a.prox_arg);
+        } else {
+          y = prox_quant_l2(x, h, a.prox_arg, a.l2_denom);
+        }
       } else if (a.prox_kind == kSoft || a.prox_kind == kParq) {
         const int j = count_less(inter, x);
         const float lo = sQ[j > 0 ? j - 1 : 0];
@@ -221,6 +229,9 @@ inline void check_rows_supported(const char* op, const OpArgs& a, at::TensorList
               " (cuda): optimal LSBQ with bits 0 or 2 is not implemented in the CUDA kernels; "
               "use the triton or reference backend");
   TORCH_CHECK(a.K <= kMaxK, op, " (cuda): at most ", kMaxK, " levels per row, got K=", a.K);
+  TORCH_CHECK(a.prox_kind != kBinaryConnect, op,
+              " (cuda): BINARYCONNECT's latent clamp is not in the CUDA kernels; the cuda "
+              "backend serves it as HARD plus parq_kernels.latent_clamp");
 }
 
 // The descriptor of parameter i (step pointers null; the caller adds them).

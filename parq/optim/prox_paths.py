@@ -23,6 +23,7 @@ from torch import Tensor
 
 from parq.quant.quantizer import Quantizer
 from parq_kernels.ops import quant_prox_
+from parq_kernels.reference import clamp_latents_
 
 
 def reusable_levels(Q: Tensor | None, shape: tuple[int, ...], device: torch.device) -> bool:
@@ -83,6 +84,10 @@ def generic_group(
         rho = opt.prox_map.apply_(view, q, state["quants"], step_count=n, dim=layout.dim)
         if view is not p and not p.is_contiguous():  # reshape copied: write back
             p.copy_(view.reshape(p.shape))
+        if getattr(opt.prox_map, "clamps_latent", False) and latent.numel():  # BinaryConnect
+            Q = state["quants"]
+            clamp_latents_([latent.view(layout.rows, layout.cols)], [Q.view(-1, Q.size(-1))],
+                           gamma)  # fmt: skip
         if p is not param:
             param.copy_(p)
     if flags:
@@ -117,6 +122,9 @@ def fused_prox_group(
         buckets.setdefault((p.device, p.dtype, fresh), []).append(
             (j, p, rows, latent.view(shape2d), Q.view(-1, K))
         )
+    host = getattr(quantizer, "host_levels", None)
+    if host is not None and host(bits):  # refined LSBQ: levels by torch ops, then stored
+        buckets = _store_host_levels(quantizer, bits, gamma, buckets)
     for (device, _dtype, fresh), items in buckets.items():
         flags = torch.zeros(len(items), dtype=torch.int32, device=device)
         quant_prox_([it[2] for it in items], [it[3] for it in items], [it[4] for it in items],
@@ -127,3 +135,20 @@ def fused_prox_group(
                 p.copy_(rows.view(p.shape))
         opt._note_nonfinite(index, [(it[0], it[1]) for it in items], flags, n)
     return rho
+
+
+def _store_host_levels(quantizer: Quantizer, bits: int, gamma: float, buckets: dict) -> dict:
+    """Fresh levels of a quantizer whose ``q`` is the nearest level (``host_levels``):
+    computed by ``quantize_rows`` from ``x = p / gamma`` (where ``p`` is not finite: the
+    kept latent, as the op does), written to the stored levels, and the op called with
+    ``update=False`` (``hard(x)`` = the nearest stored level = the quantizer's ``q``)."""
+    out: dict = {}
+    for (device, dtype, fresh), items in buckets.items():
+        if fresh:
+            for _, _, rows, latent, Q in items:
+                x = torch.where(torch.isfinite(rows), rows, latent).float()
+                if gamma != 1.0:
+                    x = x / gamma
+                Q.copy_(quantizer.quantize_rows(x, bits)[1].expand_as(Q))
+        out.setdefault((device, dtype, False), []).extend(items)
+    return out

@@ -30,6 +30,11 @@ class ProxMap(ABC):
     ) -> float | None:
         """Modify ``p`` in place."""
 
+    def begin_group(self, group: dict) -> None:  # noqa: B027 (an optional hook)
+        """Called by the optimizer before it projects a parameter group (``group`` is its
+        ``param_groups`` entry); maps whose schedule depends on the group (ProxQuant's
+        lr scaling) read it here. No-op by default."""
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from parq.optim import checkpoint, fused_step, prox_paths, routing, shard_plan, sharding
+from parq.optim import checkpoint, freeze, fused_step, prox_paths, routing, shard_plan, sharding
 from parq.optim.fused_step import GroupPath
 from parq.optim.layout import RowLayout, check_quantized_group, group_bits, row_layout
 from parq.optim.nonfinite import NonFiniteFlags, NonFiniteParameterError, split_group_error
@@ -87,6 +87,9 @@ class QuantOptimizer(Optimizer):
             computes in float32).
         check_finite: raise :class:`NonFiniteParameterError` when a quantized
             parameter is NaN/Inf at a quantization-update step.
+        freeze_step: at this step (counted like ``num_steps``) hard-quantize every quantized
+            parameter with fresh levels, then keep them frozen (SPEC.md §9,
+            :mod:`parq.optim.freeze`); ``None``: never.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class QuantOptimizer(Optimizer):
         fused: bool = True,
         fuse_base_step: bool = True,
         check_finite: bool = True,
+        freeze_step: int | None = None,
     ) -> None:
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError(
@@ -120,6 +124,7 @@ class QuantOptimizer(Optimizer):
             raise ValueError(f"quant_period must be an int >= 1, got {quant_period!r}")
         if not 0.0 <= anneal_wd_frac <= 1.0:
             raise ValueError(f"anneal_wd_frac must be in [0, 1], got {anneal_wd_frac}")
+        freeze_step = freeze.check_freeze_step(freeze_step, warmup_steps)
         for key, qz in (group_quantizer_map or {}).items():
             if not isinstance(qz, Quantizer):
                 raise TypeError(f"group_quantizer_map[{key!r}] must be a Quantizer, got {type(qz)}")
@@ -137,6 +142,7 @@ class QuantOptimizer(Optimizer):
         self.fused = fused
         self.fuse_base_step = fuse_base_step
         self.check_finite = check_finite
+        self.freeze_step = freeze_step
         self._num_steps_unquantized = 0  # used only while no group is quantized
         self._base_kind, self._base_kind_reason = fused_step.base_kind(base_optimizer)
         self._nonfinite = NonFiniteFlags()
@@ -291,6 +297,14 @@ class QuantOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         n = self.num_steps
+        if freeze.is_frozen(self, n):
+            return freeze.frozen_step(self, closure, n)
+        if n == self.freeze_step:
+            with freeze.hard_projection(self):
+                return self._step(closure, n, freezing=True)
+        return self._step(closure, n)
+
+    def _step(self, closure: Callable[[], float] | None, n: int, freezing: bool = False):
         if n < self.warmup_steps:
             loss = self.base_optimizer.step(closure)
             warm = GroupPath("base step", "warmup")
@@ -314,13 +328,14 @@ class QuantOptimizer(Optimizer):
             loss = self.base_optimizer.step(closure)
         for p, latent in first.items():
             self.state[p].setdefault("latent", latent)
-        update = (n - self.warmup_steps) % self.quant_period == 0
+        update = freezing or (n - self.warmup_steps) % self.quant_period == 0
         for qi, (index, group, params) in enumerate(self._quantized_params()):
             group["cumu_lr"] += float(group["lr"])
             self._apply_corrections(group, params, corrections)
             quantizer = self._quantizer_for(qi)
             gamma = self._shrink_gamma(group) if self.quant_shrink else 1.0
             args = (index, group, params, quantizer, gamma, update, n)
+            self.prox_map.begin_group(group)
             path = routes[index][0]
             if path == routing.FUSED_STEP:
                 rho = fused_step.step_group(self, self._base_kind, *args)

@@ -33,6 +33,8 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def builtin_quantizer(quantizer: Quantizer) -> bool:
     """Is the quantizer a built-in that the fused kernels describe?"""
+    if getattr(quantizer, "generic_path_reason", ""):  # a built-in without a fused kernel
+        return False
     return (
         isinstance(quantizer, KernelQuantizer)
         and type(quantizer).quantize is KernelQuantizer.quantize
@@ -59,6 +61,8 @@ def generic_reason(opt, quantizer: Quantizer, params: list[Tensor]) -> str:
     """Why a group takes the generic per-parameter path."""
     if not opt.fused:
         return "fused=False"
+    if getattr(quantizer, "generic_path_reason", ""):
+        return quantizer.generic_path_reason
     if not builtin_quantizer(quantizer):
         return f"user quantizer {type(quantizer).__name__}"
     if not builtin_prox(opt.prox_map):
@@ -67,13 +71,33 @@ def generic_reason(opt, quantizer: Quantizer, params: list[Tensor]) -> str:
     return f"{', '.join(dtypes)} parameters"
 
 
+def host_levels(quantizer: Quantizer, bits: int) -> bool:
+    """Does the fused path take this quantizer's levels from torch ops (refined LSBQ)?"""
+    host = getattr(quantizer, "host_levels", None)
+    return host is not None and host(bits)
+
+
+def host_levels_reason(opt, group: dict, params: list[Tensor]) -> str:
+    """Why a host-levels group cannot take the fused step at this step ("" if it can): its
+    levels come from the updated latent, which exists only after the base step."""
+    n = opt.num_steps
+    update = (n - opt.warmup_steps) % opt.quant_period == 0 or n == opt.freeze_step
+    if update or any("quants" not in opt.state.get(p, {}) for p in params):
+        return "level update of refined LSBQ: levels from torch ops after the base step"
+    return ""
+
+
 def routes(opt) -> dict[int, tuple[str, str]]:
     """``{index: (path, reason)}`` of the quantized groups for this step (module doc)."""
     out = {}
     for qi, (index, group, params) in enumerate(opt._quantized_params()):
         quantizer = opt._quantizer_for(qi)
         local = shard_plan.local_tensors(params)
-        if shard_plan.has_dtensor(params):
+        host = host_levels(quantizer, group["quant_bits"])
+        if shard_plan.has_dtensor(params) and host:
+            why = "refined LSBQ on DTensor parameters: levels per parameter"
+            out[index] = (SHARDED, f"DTensor parameters, {why}")
+        elif shard_plan.has_dtensor(params):
             if use_fused(opt, quantizer, local):
                 why = opt._fused_step_reason(group, local)
             else:
@@ -86,6 +110,8 @@ def routes(opt) -> dict[int, tuple[str, str]]:
             out[index] = (GENERIC, generic_reason(opt, quantizer, params))
         else:
             why = opt._fused_step_reason(group, params)
+            if not why and host:
+                why = host_levels_reason(opt, group, params)
             out[index] = (FUSED_PROX, why) if why else (FUSED_STEP, "")
     return out
 

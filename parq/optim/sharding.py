@@ -126,6 +126,7 @@ def step_group(
     bits = group["quant_bits"]
     K = quantizer.get_quant_size(bits)
     fused = opt._use_fused(quantizer, local_tensors(params))  # also checks the local dtypes
+    fused = fused and not _host_levels(quantizer, bits)  # refined LSBQ: per-shard quantize
     prox = opt.prox_map
     builtin_prox = isinstance(prox, KernelProxMap) and type(prox).apply_ is KernelProxMap.apply_
     local_items, split_items = [], []
@@ -236,20 +237,36 @@ def _local_generic(opt, index, bits, quantizer, gamma, n, items) -> float | None
     return rho
 
 
+def _host_levels(quantizer, bits: int) -> bool:
+    host = getattr(quantizer, "host_levels", None)
+    return host is not None and host(bits)
+
+
+def _no_global_reason(quantizer, bits: int) -> str:
+    if _host_levels(quantizer, bits):
+        return "refined LSBQ has no global-statistics form"
+    return getattr(quantizer, "generic_path_reason", "") or "a user quantizer"
+
+
 def _split_update(opt, index, bits, quantizer, prox, builtin_prox, fused, gamma, n, items):
     """Groups split across ranks on an update step: global statistics, local prox.
 
     Returns ``(rho, handoff)``: the items whose prox does not use the quantizer's ``q``
     (PARQ, soft, none) are handed to the fused op with the fresh levels instead.
     """
-    if not isinstance(quantizer, KernelQuantizer) or (
-        type(quantizer).quantize is not KernelQuantizer.quantize
+    if (
+        not isinstance(quantizer, KernelQuantizer)
+        or type(quantizer).quantize is not KernelQuantizer.quantize
+        or getattr(quantizer, "generic_path_reason", "")
+        or _host_levels(quantizer, bits)
     ):
         j, p, _ = items[0]
         raise UnsupportedPlacementError(
             f"{_where(index, j, p)}: quantization groups split across ranks need global "
-            f"statistics, which only the built-in quantizers compute; {type(quantizer).__name__} "
-            "is a user quantizer (use quant_per_channel with Shard(0), or Replicate)"
+            f"statistics, which only the built-in quantizers with fused kernels compute; "
+            f"{type(quantizer).__name__}: "
+            f"{_no_global_reason(quantizer, bits)} "
+            "(use quant_per_channel with Shard(0), or Replicate)"
         )
     kind, qargs = quantizer.kernel_spec(bits)
     prox_kind, prox_arg, rho = prox.schedule(n) if builtin_prox else (None, None, None)
@@ -279,6 +296,9 @@ def _split_update(opt, index, bits, quantizer, prox, builtin_prox, fused, gamma,
         if builtin_prox:
             y = reference.apply_prox(x, q, Q, prox_kind, prox_arg)
             plan.local.copy_(y.reshape(plan.local.shape))
+            if prox_kind == ProxKind.BINARYCONNECT:  # clipped latent (SPEC §9), global levels
+                lat = _rows(latent_buffer(opt.state[p], p, plan), plan)
+                reference.clamp_latents_([lat], [Q.reshape(lat.size(0), -1)], float(gamma))
         else:
             dim = None if not plan.layout.grouped else -1
             view = x if dim is not None else x.reshape(-1)

@@ -10,6 +10,7 @@ from typing import Any
 from parq._torchao import lazy_torchao_attribute
 from parq.quant.lsbq import LSBQuantizer
 from parq.quant.quantizer import Quantizer
+from parq.quant.ternary import TernaryThresholdQuantizer
 from parq.quant.uniform import (
     AsymUnifQuantizer,
     MaxUnifQuantizer,
@@ -32,6 +33,7 @@ __all__ = [
     "TernaryUnifQuantizer",
     "AsymUnifQuantizer",
     "LSBQuantizer",
+    "TernaryThresholdQuantizer",
     "BUILTIN_QUANTIZERS",
 ]
 

@@ -104,12 +104,18 @@ class KernelQuantizer(Quantizer):
     def quantize(self, p: Tensor, b: int, dim: int | None = None) -> tuple[Tensor, Tensor]:
         b = as_bits(b)
         self.check_bits(b)
-        kind, qargs = self.kernel_spec(b)
-        q, Q = reference.quantize_rows(rows_view(p, dim), kind, b, qargs, self.center)
+        q, Q = self.quantize_rows(rows_view(p, dim), b)
         # q keeps float32 for half-precision p, so that it is exactly one of the
         # float32 levels Q (rounding it to bf16/fp16 would leave Q; SPEC.md §3, §6)
         q = from_rows(q, p, dim).to(torch.promote_types(p.dtype, torch.float32))
         return q, (Q[0] if dim is None else Q)
+
+    def quantize_rows(self, x: Tensor, b: int) -> tuple[Tensor, Tensor]:
+        """``(q, Q)`` for the rows of ``x`` (float32 ``(rows, n)``, ``Q`` ``(rows, K)``):
+        the reference math of ``kernel_spec``. A built-in whose math no kernel computes
+        overrides it (and says why in ``generic_path_reason``)."""
+        kind, qargs = self.kernel_spec(b)
+        return reference.quantize_rows(x, kind, b, qargs, self.center)
 
 
 __all__ = ["Quantizer", "KernelQuantizer", "rows_view", "from_rows", "as_bits", "MAX_BITS"]

@@ -38,6 +38,9 @@ HARD = tl.constexpr(1)
 SOFT = tl.constexpr(2)
 PARQ = tl.constexpr(3)
 RELAX = tl.constexpr(4)
+PQ_L1 = tl.constexpr(5)  # ProxQuant, l1 penalty
+PQ_L2 = tl.constexpr(6)  # ProxQuant, l2 penalty
+BC = tl.constexpr(7)  # BinaryConnect: HARD, and the latent clamped to the row's level range
 
 
 @triton.jit
@@ -152,12 +155,31 @@ def _apply_kernel(
     # a NaN/Inf input keeps the old latent (read only there: no traffic for finite tiles)
     old = tl.load(L + l_off + offs, mask=mask & (fine == 0), other=0.0)
     kept = tl.where(fine, raw, old)
-    tl.store(L + l_off + offs, kept, mask=mask)
+    if PROX == BC:  # the latent clipped to the row's level range (x keeps the unclipped one)
+        tl.store(L + l_off + offs, clamp_latent(kept.to(tl.float32), r, rmask, t, QS, QWS, gamma,
+                                                K, UPDATE).to(kept.dtype), mask=mask)  # fmt: skip
+    else:
+        tl.store(L + l_off + offs, kept, mask=mask)
     x = kept.to(tl.float32) / gamma
     y = flag_and_project(x, mask & (fine == 0), r, rmask, mask, t, QS, QWS, STATS, FLAGS, arg,
                          arg2, qa0, qa2, KIND, BITS, K, KP, LOGKP, CENTER, UPDATE,
                          PROX)  # fmt: skip
     tl.store(P + p_off + offs, y.to(P.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def clamp_latent(w, r, rmask, t, QS, QWS, gamma, K: tl.constexpr, UPDATE: tl.constexpr):
+    """BinaryConnect: ``w`` (float32 latents of the tile) clamped to its rows'
+    ``[gamma Q_0, gamma Q_{K-1}]`` (fresh levels on update steps, else the stored ones);
+    a NaN stays NaN (the reference's float32 clamp)."""
+    if UPDATE:  # noqa: SIM108 (constexpr branch in triton)
+        qrow = QWS + (tl.load(t + 3) + r) * K
+    else:
+        qrow = QS + tl.load(t + 2) + r * K
+    lo = tl.load(qrow, mask=rmask, other=0.0) * gamma
+    hi = tl.load(qrow + (K - 1), mask=rmask, other=0.0) * gamma
+    c = tl.minimum(tl.maximum(w, lo), hi)
+    return tl.where(w == w, c, w)
 
 
 @triton.jit
@@ -199,7 +221,7 @@ def flag_and_project(
 
     if PROX == NONE:
         y = x
-    elif PROX == HARD or PROX == RELAX:  # noqa: SIM109 (constexpr compare in triton)
+    elif PROX == HARD or PROX == RELAX or PROX == PQ_L1 or PROX == PQ_L2 or PROX == BC:  # noqa: SIM109
         if UPDATE:
             st = STATS + (row0 + r) * NST
             if CENTER:
@@ -209,10 +231,16 @@ def flag_and_project(
                 hard = quantizer_q(x, st, rmask, qa0, qa2, KIND, BITS, K)
         else:
             hard = nearest(x, qrow, mask, rmask, K, KP, LOGKP)
-        if PROX == HARD:  # noqa: SIM108
+        if PROX == HARD or PROX == BC:  # noqa: SIM109
             y = hard
-        else:
+        elif PROX == RELAX:
             y = arg2 * x + arg * hard
+        elif PROX == PQ_L1:  # h + sgn(x - h) max(|x - h| - lam, 0)
+            d = x - hard
+            mag = tl.maximum(tl.abs(d) - arg, 0.0)
+            y = hard + tl.where(d >= 0, mag, -mag)
+        else:  # PQ_L2: (x + lam h) / (1 + lam), arg2 = 1 + lam
+            y = (x + arg * hard) / arg2
     else:
         lo, hi = interval(x, qrow, mask, rmask, K, KP, LOGKP)
         mid = (lo + hi) / 2

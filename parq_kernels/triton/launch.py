@@ -79,7 +79,11 @@ def _prox_args(prox_kind: int, prox_arg: float) -> tuple[float, float]:
         return prox_arg, 1.0
     if prox_kind == ProxKind.RELAX:
         return prox_arg, 1.0 - prox_arg
-    if prox_kind in (ProxKind.NONE, ProxKind.HARD):
+    if prox_kind in (ProxKind.PROXQUANT_L1, ProxKind.PROXQUANT_L2):
+        if not prox_arg >= 0:
+            raise ValueError(f"prox_arg (ProxQuant lambda) must be >= 0, got {prox_arg}")
+        return prox_arg, 1.0 + prox_arg
+    if prox_kind in (ProxKind.NONE, ProxKind.HARD, ProxKind.BINARYCONNECT):
         return 0.0, 1.0
     raise ValueError(f"unknown prox_kind {prox_kind}")
 

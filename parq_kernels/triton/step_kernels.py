@@ -28,7 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from parq_kernels.triton.apply import flag_and_project, flag_kept
+from parq_kernels.triton.apply import BC, clamp_latent, flag_and_project, flag_kept
 from parq_kernels.triton.base_update import update_tile
 from parq_kernels.triton.stats import partial_stats, whole_rows_stats
 
@@ -87,6 +87,10 @@ def _step_apply_kernel(
         ROWS, BLOCK, ALIGN)  # fmt: skip
     y = flag_and_project(w / gamma, kept, r, rmask, mask, t, QS, QWS, STATS, FLAGS, arg, arg2, qa0,
                          qa2, KIND, BITS, K, KP, LOGKP, CENTER, UPDATE, PROX)  # fmt: skip
+    if PROX == BC:  # BinaryConnect: the (updated) latent clipped to the row's level range
+        l_off = (tl.load(t + 1) // ALIGN) * ALIGN
+        wc = clamp_latent(w, r, rmask, t, QS, QWS, gamma, K, UPDATE)
+        tl.store(L + l_off + offs, wc.to(L.dtype.element_ty), mask=mask)
     p_off = (tl.load(t + 0) // ALIGN) * ALIGN
     tl.store(P + p_off + offs, y.to(P.dtype.element_ty), mask=mask)
 
