@@ -5,7 +5,9 @@
 // weight w, in float32, with the operations in torch's order (and the scalars
 // that torch computes in double on the host, computed the same way by
 // make_step_args), so that a fused step agrees with the unfused path to
-// float32 rounding. The ground truth is parq_kernels/reference_step.py.
+// float32 rounding; one departure: Adam multiplies by 1 / sqrt(bias_correction2)
+// where torch divides (an ulp at most; a division less per element). The ground
+// truth is parq_kernels/reference_step.py.
 #pragma once
 
 #include <cmath>
@@ -48,7 +50,7 @@ struct StepArgs {
   float one_minus_beta2;
   float eps;
   float neg_step_size;  // Adam: -lr / (1 - beta1^step)
-  float bc2_sqrt;       // Adam: sqrt(1 - beta2^step)
+  float inv_bc2_sqrt;   // Adam: 1 / sqrt(1 - beta2^step)
   bool amsgrad;
 };
 
@@ -79,7 +81,7 @@ PARQ_HD float adam_update(const StepArgs& s, float w, float g, float& m, float& 
     vmax = (v > vmax || v != v) ? v : vmax;  // torch.maximum: NaN propagates
     vv = vmax;
   }
-  const float denom = sqrtf(vv) / s.bc2_sqrt + s.eps;  // addcdiv: w + (value * m) / denom
+  const float denom = sqrtf(vv) * s.inv_bc2_sqrt + s.eps;  // addcdiv: w + (value * m) / denom
   return w + s.neg_step_size * m / denom;
 }
 

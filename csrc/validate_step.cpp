@@ -107,7 +107,9 @@ StepArgs validate_step_args(at::TensorList params, at::TensorList grads, at::Ten
   TORCH_CHECK(bc1 != 0.0 && bc2 > 0.0, "fused_step_: bias corrections of beta1=", beta1,
               ", beta2=", beta2, " at step ", step, " are zero");
   s.neg_step_size = static_cast<float>(-(lr / bc1));
-  s.bc2_sqrt = static_cast<float>(std::pow(bc2, 0.5));  // torch: bias_correction2**0.5
+  // torch divides by bias_correction2**0.5; a multiply by its inverse (rounded once from
+  // double) differs by at most an ulp and spares the kernels one of Adam's two divisions
+  s.inv_bc2_sqrt = static_cast<float>(1.0 / std::pow(bc2, 0.5));
   s.kind = optim_kind;
   check_count(bufs1, n, "bufs1 (exp_avg)", "(one per param)");
   check_count(bufs2, n, "bufs2 (exp_avg_sq)", "(one per param)");

@@ -73,7 +73,7 @@ inline __attribute__((always_inline)) __m512 update16(const StepArgs& s, float* 
       vmax = _mm512_mask_blend_ps(take, x0, v);
       vv = vmax;
     }
-    const __m512 denom = add(_mm512_div_ps(_mm512_sqrt_ps(vv), bc(s.bc2_sqrt)), bc(s.eps));
+    const __m512 denom = add(mul(_mm512_sqrt_ps(vv), bc(s.inv_bc2_sqrt)), bc(s.eps));
     w = add(wd, _mm512_div_ps(mul(bc(s.neg_step_size), m), denom));
     fine = finite16(w) & finite16(m) & finite16(v);
     if constexpr (kAms) {
