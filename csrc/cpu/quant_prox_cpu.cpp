@@ -248,12 +248,21 @@ bool run_param(const OpArgs& a, const Src& src, int64_t rows, int64_t cols, floa
     stream_fence();
     return bad;
   }
+  // non-update fused steps: the rows go straight to the one loop (no per-row job)
+  bool one_loop = false;
+  if constexpr (Src::kStep) one_loop = step_loop_serves(a, *src.s);
   std::atomic<bool> bad{false};
   const int64_t grain = std::max<int64_t>(1, (16 * kChunk) / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
     Workspace ws;
     bool local = false;
     for (int64_t r = b; r < e; ++r) {
+      if constexpr (Src::kStep) {
+        if (one_loop) {
+          local |= step_loop_row(src, r * cols, cols, qp + r * K, a) > 0;
+          continue;
+        }
+      }
       RowJob<Src> job{a, src.at(r * cols), qp + r * K, cols, false, ws};
       local |= job.run();
     }
