@@ -283,3 +283,34 @@ def test_fused_step_keeps_no_gradient_alive():
             p.grad = None  # zero_grad(set_to_none=True)
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+_AFTER_COMPILE = """
+import torch
+from parq.optim import ProxPARQ, QuantOptimizer
+from parq.quant import UnifQuantizer
+
+def paths(make):
+    p = torch.nn.Parameter(torch.randn(4, 8))
+    p.grad = torch.randn(4, 8)
+    opt = QuantOptimizer(make([{"params": [p], "quant_bits": 2}]), UnifQuantizer(), ProxPARQ(0, 9))
+    opt.step()
+    return str(opt.step_paths[0])
+
+makers = [lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9), lambda g: torch.optim.Adam(g),
+          lambda g: torch.optim.AdamW(g)]
+before = [paths(m) for m in makers]
+torch.compile(lambda x: x.sin() * 2)(torch.randn(8))  # dynamo wraps the optimizers' methods
+print(before + [paths(m) for m in makers])
+"""
+
+
+def test_fused_step_after_torch_compile_was_used():
+    """torch.compile, once used in a process, wraps the optimizer classes' ``step`` and
+    ``_init_group``: AdamW (a subclass of Adam) must still be recognized."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _AFTER_COMPILE], capture_output=True, text=True,
+                         timeout=300, check=True)  # fmt: skip
+    assert out.stdout.strip().splitlines()[-1] == str(["fused step"] * 6)

@@ -58,19 +58,25 @@ class GroupPath:
 
 
 def _unwrapped(fn):
+    """``fn`` without its wrappers (torch's profiling hooks; torch.compile wraps the
+    optimizers' ``step`` and ``_init_group`` per class, once it has been used)."""
     return inspect.unwrap(fn)
+
+
+def _same(cls, root, name: str) -> bool:
+    return _unwrapped(getattr(cls, name)) is _unwrapped(getattr(root, name))
 
 
 def base_kind(base: Optimizer) -> tuple[OptimKind | None, str]:
     """``(kind, "")`` if the fused kernels serve ``base``'s update, else ``(None, why)``."""
     cls = type(base)
     if isinstance(base, SGD):
-        if _unwrapped(cls.step) is _unwrapped(SGD.step) and cls._init_group is SGD._init_group:
+        if _same(cls, SGD, "step") and _same(cls, SGD, "_init_group"):
             return OptimKind.SGD, ""
         return None, f"{cls.__name__} overrides torch.optim.SGD's step"
     if isinstance(base, (Adam, AdamW)):
         root = Adam if isinstance(base, Adam) else AdamW  # AdamW subclasses Adam in torch >= 2.6
-        if _unwrapped(cls.step) is _unwrapped(root.step) and cls._init_group is root._init_group:
+        if _same(cls, root, "step") and _same(cls, root, "_init_group"):
             return OptimKind.ADAM, ""  # ADAM or ADAMW: decided per group (decoupled_weight_decay)
         return None, f"{cls.__name__} overrides torch.optim.{root.__name__}'s step"
     return None, f"{cls.__name__} is not torch.optim.SGD, Adam or AdamW"
