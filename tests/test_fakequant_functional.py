@@ -80,13 +80,19 @@ def test_torch_kernel_is_exact_for_power_of_two_deltas():
     x = torch.randn(64, 4096) * 3
     for k in (-3, 0, 4, 7, 20):
         d = torch.tensor(2.0**-k)
-        kernel = fake_quantize(x, d, torch.tensor(0.0), -128, 127, pow2=True)
-        composed = fake_quantize(x, d, torch.tensor(0.0), -128, 127, pow2=False)
+        kernel = fake_quantize(x, d, torch.tensor(0.0), -128, 127, pow2=True, kernel=True)
+        composed = fake_quantize(x, d, torch.tensor(0.0), -128, 127, pow2=True, kernel=False)
         assert torch.equal(kernel, composed), k
     d = torch.exp2(-torch.randint(-2, 10, (64,)).float())
     z = torch.zeros(64)
-    kernel = fake_quantize(x, d, z, 0, 15, pow2=True, axis=0)
-    assert torch.equal(kernel, fake_quantize(x, d, z, 0, 15, pow2=False, axis=0))
+    kernel = fake_quantize(x, d, z, 0, 15, pow2=True, axis=0, kernel=True)
+    assert torch.equal(kernel, fake_quantize(x, d, z, 0, 15, pow2=True, axis=0, kernel=False))
+    # and through the straight-through function: the identity gradient, not the kernel's mask
+    xg = x.clone().requires_grad_()
+    fake_quantize(xg, d, z, 0, 15, pow2=True, axis=0, kernel=True).sum().backward()
+    assert torch.equal(xg.grad, torch.ones_like(x))
+    with pytest.raises(ValueError, match="kernel=True needs pow2=True"):
+        fake_quantize(x, d, z, 0, 15, axis=0, kernel=True)
 
 
 def test_torch_kernel_differs_for_general_deltas_so_affine_composes():

@@ -230,7 +230,7 @@ def test_qfmt_zero_and_tiny_ranges_stay_finite():
     assert torch.equal(q(x), torch.tensor([0.0, 0.0, -128 * 2.0**-126]))
 
 
-def test_qfmt_per_channel_uses_the_per_channel_kernel():
+def test_qfmt_per_channel_hand_values():
     q = QfmtQuantizer(4, True, BatchMinMax(per_channel=True))
     w = t(0.9, -0.2, 3.0, 1.0).reshape(2, 2)  # A = 0.9 -> delta 1/8; A = 3 -> delta 1/2
     q.pre_observe(w)

@@ -18,10 +18,15 @@ Where torch's fused kernels are used, and where not (checked against torch 2.13)
   within an ulp of a half-integer). With a power-of-two scale the reciprocal is exact
   and the kernels compute SPEC's formula bit for bit, so they serve the Q-format
   quantizer (``delta = 2^-frac``) and ``qfmt_quantize`` with a power-of-two float
-  ``delta``; the affine quantizer, whose ``delta = range / (2^n - 1)`` is not a power
-  of two, composes ``div, round, clamp, mul`` (``clamp(round(x / delta), qmin - z,
-  qmax - z) * delta``, equal to SPEC's form for an integer ``z``: adding and removing
-  an integer is exact below 2^24, and beyond that the clamp gives the same bound).
+  ``delta`` -- on CUDA tensors, where one fused pass beats five. On the CPU, torch 2.13's
+  kernel is about 10x slower than the composed ops below (a scalar ``nearbyint`` per
+  element plus a mask; ``python -m benchmarks --suites fakequant`` times both), so CPU
+  tensors take the composed ops (``kernel=True`` forces the kernel, as the tests do).
+* Everywhere else (the affine quantizer, whose ``delta = range / (2^n - 1)`` is not a
+  power of two, any tensor ``delta``, CPU tensors): ``div, round, clamp, mul`` composed,
+  in place on one temporary: ``clamp(round(x / delta), qmin - z, qmax - z) * delta``,
+  equal to SPEC's form for an integer ``z`` (adding and removing an integer is exact
+  below 2^24; beyond that the clamp gives the same bound).
 * Their gradient is masked to the elements whose *rounded* code is inside
   ``[qmin, qmax]`` (half a step wider than the clamp range in ``x``), while SPEC's is
   the identity, or the clamp range in ``x`` with ``gradient_clip``. So the values come
@@ -66,7 +71,13 @@ def _values(
     if axis == 0:
         shape = (-1,) + (1,) * (x.dim() - 1)
         delta, zero_point = delta.reshape(shape), zero_point.reshape(shape)
-    return torch.clamp(torch.round(x / delta), qmin - zero_point, qmax - zero_point) * delta
+    # clamp(round(x / delta), qmin - z, qmax - z) * delta, in place on one temporary
+    # (torch.clamp with tensor bounds is ~3x slower on CPU than clamp_min_ / clamp_max_)
+    q = torch.div(x, delta)
+    q.round_()
+    q.clamp_min_(qmin - zero_point)
+    q.clamp_max_(qmax - zero_point)
+    return q.mul_(delta)
 
 
 class _FakeQuantSTE(torch.autograd.Function):
@@ -105,6 +116,9 @@ class _GradientClip(torch.autograd.Function):
         return grad * ((x >= lo) & (x <= hi)), None, None
 
 
+KERNEL_DEVICE_TYPES = ("cuda",)  # where torch's fake-quantize kernels beat the composed ops
+
+
 def fake_quantize(
     x: Tensor,
     delta: Tensor,
@@ -115,6 +129,7 @@ def fake_quantize(
     clip: bool = False,
     pow2: bool = False,
     axis: int = -1,
+    kernel: bool | None = None,
 ) -> Tensor:
     """``(clamp(round(x / delta) + z, qmin, qmax) - z) * delta`` with a straight-through
     gradient (masked to ``[(qmin - z) delta, (qmax - z) delta]`` when ``clip``).
@@ -122,10 +137,15 @@ def fake_quantize(
     ``x``: any shape, floating point. ``delta``, ``zero_point``: float32 tensors, 0-d (per
     tensor) or, with ``axis=0``, of shape ``(x.size(0),)`` (one per slice ``x[c]``);
     ``zero_point`` must hold integers and ``delta`` positive values (not checked here: that
-    would synchronize a GPU). ``pow2=True`` promises that ``delta`` holds powers of two
-    (then torch's fused kernel computes the values, module doc). Returns a tensor of
-    ``x``'s shape and dtype."""
-    kernel = pow2 and x.dtype in (torch.float32, *_HALF) and qmin <= 0 <= qmax
+    would synchronize a GPU). ``pow2=True`` promises that ``delta`` holds powers of two,
+    so torch's fused kernel is exact; ``kernel``: use it (True: requires ``pow2``), or
+    not, or None: where it is faster (:data:`KERNEL_DEVICE_TYPES`, module doc). Returns a
+    tensor of ``x``'s shape and dtype."""
+    if kernel and not pow2:
+        raise ValueError("fake_quantize: kernel=True needs pow2=True (exact only then)")
+    if kernel is None:
+        kernel = pow2 and x.device.type in KERNEL_DEVICE_TYPES
+    kernel = kernel and x.dtype in (torch.float32, *_HALF) and qmin <= 0 <= qmax
     return _FakeQuantSTE.apply(x, delta, zero_point, int(qmin), int(qmax), clip, kernel, axis)
 
 
@@ -202,4 +222,10 @@ def gradient_clip(x: Tensor, lo: float | Tensor, hi: float | Tensor) -> Tensor:
     return _GradientClip.apply(x, _as_tensor(lo, x), _as_tensor(hi, x))
 
 
-__all__ = ["affine_quantize", "qfmt_quantize", "gradient_clip", "fake_quantize"]
+__all__ = [
+    "affine_quantize",
+    "qfmt_quantize",
+    "gradient_clip",
+    "fake_quantize",
+    "KERNEL_DEVICE_TYPES",
+]

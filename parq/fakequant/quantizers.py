@@ -16,9 +16,10 @@ with the observed range ``(m, M)``: ``lo = min(m, 0)``, ``hi = max(M, 0)``; symm
 ``QfmtQuantizer(n_bits, signed, observer, gradient_clip=False)``: ``A = max(|m|, |M|)``,
 ``int_bits = floor(log2 A) + 1``, ``frac = n_bits - int_bits - signed``, ``delta = 2^-frac``,
 codes ``[-2^(n-1), 2^(n-1) - 1]`` (signed) or ``[0, 2^n - 1]``: ``clamp(round(x / delta),
-lo, hi) * delta``, computed by torch's fused fake-quantize kernel (exact for a power-of-two
-``delta``). ``A`` is clamped to ``tiny`` (an all-zero range) and ``frac`` to ``[-126, 126]``,
-so that ``delta`` and ``1 / delta`` are normal float32 numbers.
+lo, hi) * delta``, computed on CUDA by torch's fused fake-quantize kernel (exact for a
+power-of-two ``delta``), on the CPU by the composed ops (faster there; see
+:mod:`parq.fakequant.functional`). ``A`` is clamped to ``tiny`` (an all-zero range) and
+``frac`` to ``[-126, 126]``, so that ``delta`` and ``1 / delta`` are normal float32 numbers.
 
 ``gradient_clip=True`` zeroes the gradient outside the clamp range, i.e. below the
 lowest level ``(0 - z) * delta`` / ``lo * delta`` and above the highest; otherwise the
