@@ -6,7 +6,16 @@ CNN (or ResNet-20) is trained once in full precision and once per QAT setting,
 all from the same initialization. A QAT setting is one (bits, method, prox map)
 of the cross product of ``--quant-bits``, ``--quant-method`` and
 ``--quant-proxmap``; the default run compares FP, 2-bit and ternary (0-bit)
-LSBQ with the PARQ prox map, per channel.
+LSBQ with the PARQ prox map, per channel, and then 2-bit weights with 8-bit and
+with 4-bit activations (W2A8, W2A4).
+
+Activations (``--act-bits``, default ``8 4``; ``--act-bits`` alone: none): each
+value adds a setting with the weights of the first ``--quant-bits`` /
+``--quant-method`` / ``--quant-proxmap`` value (quantized by PARQ, as above) and
+the activations fake-quantized by ``parq.fakequant`` (the input image and every
+conv + BN + ReLU output: asymmetric affine, bias-corrected EMA ranges; state
+``QUANT_AWARE_TRAIN_ACT_ONLY`` while training, ``QUANT_EVAL_ACT_ONLY`` with
+frozen ranges while evaluating). CNN only.
 
 Quantized: every conv / linear weight (per channel by default; with
 ``--quant-block-size B`` the 2-D weights whose width B divides are quantized in
@@ -26,11 +35,13 @@ Examples::
     python examples/qat_digits.py
     python examples/qat_digits.py --quant-bits 1 2 4 --quant-method uniform lsbq
     python examples/qat_digits.py --quant-bits 2 --quant-lsbq-optimal --quant-proxmap parq hard
+    python examples/qat_digits.py --no-fp --quant-bits 4 --act-bits 8 6 4 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -52,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 if str(_ROOT) not in sys.path:  # benchmarks.cli_checks: the checks shared with the benchmarks
     sys.path.append(str(_ROOT))
 
-from models import MODELS, build_model  # noqa: E402
+from models import MODELS, ActQuantDigitsCNN, build_model  # noqa: E402
 
 from benchmarks.cli_checks import (  # noqa: E402
     check_device,
@@ -60,6 +71,7 @@ from benchmarks.cli_checks import (  # noqa: E402
     finite_float,
     optional_module,
 )
+from parq.fakequant import QModule, QModuleState, qmodule_state, set_qmodule_state  # noqa: E402
 from parq.optim import (  # noqa: E402
     ProxBinaryRelax,
     ProxHardQuant,
@@ -85,18 +97,21 @@ def train_images(smoke: bool) -> int:
 
 @dataclass(frozen=True)
 class Setting:
-    """One training run: ``bits is None`` is full precision."""
+    """One training run: ``bits is None`` is full precision; ``act_bits``: activations
+    fake-quantized to that many bits (None: float activations)."""
 
     bits: int | None = None
     method: str = "lsbq"
     proxmap: str = "parq"
+    act_bits: int | None = None
 
     @property
     def label(self) -> str:
         if self.bits is None:
             return "FP32"
         b = "ternary" if self.bits == 0 else f"{self.bits}-bit"
-        return f"{b} {self.method} {self.proxmap}"
+        acts = "" if self.act_bits is None else f" A{self.act_bits}"
+        return f"{b} {self.method} {self.proxmap}{acts}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,6 +136,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bits per weight, 0 = ternary; several values run several settings",
     )
     p.add_argument("--quant-method", nargs="+", choices=METHODS, default=["lsbq"])
+    p.add_argument(
+        "--act-bits",
+        type=int,
+        nargs="*",
+        default=[8, 4],
+        help="activation bits of the weight + activation settings, each run with the first "
+        "--quant-bits/--quant-method/--quant-proxmap (default 8 4; no value: none)",
+    )
     p.add_argument("--quant-proxmap", nargs="+", choices=PROXMAPS, default=["parq"])
     p.add_argument(
         "--quant-lsbq-optimal", action="store_true", help="optimal LSBQ levels (bits 0, 1, 2 only)"
@@ -211,6 +234,12 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     bad = [b for b in args.quant_bits if not 0 <= b <= 8]
     if bad:
         p.error(f"--quant-bits must be in 0..8 (0 = ternary), got {bad}")
+    bad = [b for b in args.act_bits if not 2 <= b <= 16]
+    if bad:
+        p.error(f"--act-bits must be in 2..16, got {bad}")
+    if args.act_bits and args.model != "cnn":
+        p.error(f"--act-bits (activation quantization) supports --model cnn, got {args.model!r}; "
+                "pass --act-bits without a value for weights only")  # fmt: skip
     if args.quant_lsbq_optimal:
         if "lsbq" not in args.quant_method:
             p.error("--quant-lsbq-optimal needs --quant-method lsbq")
@@ -253,6 +282,8 @@ def settings(args: argparse.Namespace) -> list[Setting]:
         args.quant_bits, args.quant_method, args.quant_proxmap
     ):
         runs.append(Setting(bits, method, prox))
+    first = (args.quant_bits[0], args.quant_method[0], args.quant_proxmap[0])
+    runs += [Setting(*first, act_bits=a) for a in args.act_bits]
     return list(dict.fromkeys(runs))
 
 
@@ -311,8 +342,11 @@ def param_groups(model: torch.nn.Module, s: Setting, args: argparse.Namespace) -
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Test accuracy; fake-quantized activations with their ranges frozen."""
     model.eval()
-    with torch.no_grad():
+    quantized = any(isinstance(m, QModule) for m in model.modules())
+    frozen = qmodule_state(model, QModuleState.QUANT_EVAL_ACT_ONLY) if quantized else None
+    with torch.no_grad(), frozen or contextlib.nullcontext():
         acc = (model(x).argmax(1) == y).float().mean().item()
     model.train()
     return acc
@@ -338,6 +372,9 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace, 
     x_train, y_train, x_test, y_test = (t.to(args.device) for t in data)
     torch.manual_seed(args.seed)
     model = build_model(args.model, num_classes=10, in_channels=1).to(args.device)
+    if s.act_bits is not None:  # the same modules, activations fake-quantized
+        model = ActQuantDigitsCNN(model, s.act_bits).to(args.device)
+        set_qmodule_state(model, QModuleState.QUANT_AWARE_TRAIN_ACT_ONLY)
     steps_per_epoch = -(-len(y_train) // args.batch_size)
     total = steps_per_epoch * args.epochs
     base = torch.optim.AdamW(param_groups(model, s, args), lr=args.lr,
@@ -390,6 +427,7 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace, 
         "bits": s.bits,
         "method": s.method if s.bits is not None else None,
         "proxmap": s.proxmap if s.bits is not None else None,
+        "act_bits": s.act_bits,
         "test_acc": evaluate(model, x_test, y_test),
         "train_acc": evaluate(model, x_train, y_train),
         "steps": total,
