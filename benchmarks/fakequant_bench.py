@@ -21,9 +21,9 @@ Two kinds of case, each timed round-robin (all variants of a case interleaved):
   (the ops ``parq.fakequant`` uses on CPUs: div, round, clamp_min_, clamp_max_, mul_ in
   place; the yardstick), ``torch kernel`` (``torch.fake_quantize_per_tensor_affine``, what
   ``parq.fakequant`` uses on CUDA), ``composed(compile)`` (``torch.compile`` of the
-  composed ops: one fused loop), and ``stream``: an in-place ``a.add_(b)`` moving the same
-  bytes (the bandwidth yardstick of the ``of stream BW`` column, as in the op suite).
-  These rows back the choice of path per device.
+  composed ops: one fused loop; full mode only), and ``stream``: an in-place
+  ``a.add_(b)`` moving the same bytes (the bandwidth yardstick of the ``of stream BW``
+  column, as in the op suite). These rows back the choice of path per device.
 
 Byte model: model cases have none (compute-bound convolutions); op cases read and
 write the tensor once: ``2 * numel * 4`` bytes (float32).
@@ -86,7 +86,7 @@ class FakeQuantCase:
 def quick_cases() -> list[FakeQuantCase]:
     return [
         FakeQuantCase("model", (32, 3, 32, 32)),
-        FakeQuantCase("op", (32, 16, 32, 32), compile=True),
+        FakeQuantCase("op", (32, 16, 32, 32)),  # no compile: --quick stays fast
     ]
 
 
