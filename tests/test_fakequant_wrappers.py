@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import operator
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -104,6 +105,8 @@ def test_context_manager_restores_each_modules_state():
         raise RuntimeError("boom")
     assert (a.qstate, b.qstate) == (S.CALIBRATION, S.QUANT_EVAL_ACT_ONLY)
     assert set_qmodule_state(model, 4) == 2 and a.qstate == S.QUANT_AWARE_TRAIN
+    set_qmodule_state(model, np.int64(5))  # integer-like values are accepted (SPEC §1)
+    assert a.qstate == S.CALIBRATION
 
 
 def test_state_argument_errors():

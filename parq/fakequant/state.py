@@ -30,6 +30,7 @@ guard: a change recompiles once per state.
 from __future__ import annotations
 
 import enum
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,12 +79,13 @@ ACTIONS: dict[QModuleState, Actions] = {
 
 
 def as_state(state: object) -> QModuleState:
-    """``state`` as a :class:`QModuleState` (a member, its int value 1..10 or its name)."""
+    """``state`` as a :class:`QModuleState` (a member, its value 1..10 as any integer type,
+    or its name, case-insensitive)."""
     if isinstance(state, QModuleState):
         return state
-    if isinstance(state, int) and not isinstance(state, bool):
+    if isinstance(state, numbers.Integral) and not isinstance(state, bool):
         try:
-            return QModuleState(state)
+            return QModuleState(int(state))
         except ValueError:
             pass
     elif isinstance(state, str) and state.upper() in QModuleState.__members__:
