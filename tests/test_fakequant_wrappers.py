@@ -208,7 +208,7 @@ def test_linear_patterns(act):
     ids=lambda layers: "-".join(type(m).__name__ for m in layers) or "empty",
 )
 def test_rejected_patterns_raise_type_error(layers):
-    with pytest.raises(TypeError, match=r"QWrapper accepts \[Linear\]"):
+    with pytest.raises(TypeError, match=r"QWrapper: layers must be one of \[Linear\] / "):
         QWrapper(layers)
 
 

@@ -74,7 +74,8 @@ def _split(
     """``(layer, bn, act)`` of an accepted pattern, else TypeError."""
     mods = list(layers)
     names = ", ".join(type(m).__name__ for m in mods) or "nothing"
-    bad = TypeError(f"QWrapper accepts {' / '.join(f'[{p}]' for p in PATTERNS)}; got [{names}]")
+    accepted = " / ".join(f"[{p}]" for p in PATTERNS)
+    bad = TypeError(f"QWrapper: layers must be one of {accepted}; got [{names}]")
     if not mods or not isinstance(mods[0], nn.Linear | nn.Conv2d):
         raise bad
     layer, rest = mods[0], mods[1:]
