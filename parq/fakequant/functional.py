@@ -191,10 +191,10 @@ def qfmt_quantize(x: Tensor, delta: float | Tensor, min_int: int, max_int: int) 
     to ``x`` (identity).
 
     ``x``: any shape. ``delta`` > 0: a Python number, or a tensor broadcastable to ``x``.
-    A float ``delta`` that is a power of two (Q-format's ``2^-frac``) goes through
-    ``torch.fake_quantize_per_tensor_affine`` (exact then, module doc); other values, and
-    tensors (whose value is not read on the host), through the composed ops. Returns
-    ``x``'s shape and dtype."""
+    On CUDA, a float ``delta`` that is a power of two (Q-format's ``2^-frac``) goes through
+    ``torch.fake_quantize_per_tensor_affine`` (exact then, module doc); other values,
+    tensors (whose value is not read on the host) and CPU tensors through the composed
+    ops. Returns ``x``'s shape and dtype."""
     min_int, max_int = _check_int("min_int", min_int), _check_int("max_int", max_int)
     if min_int > max_int:
         raise ValueError(f"min_int ({min_int}) must be <= max_int ({max_int})")
