@@ -199,7 +199,7 @@ def write_chart(rows: list[dict], title: str, path: Path) -> None:
         ("step", "time_vs_base", "QuantOptimizer.step(): time / torch's fused=True step (log)"),
         ("fakequant", "time_vs_base", "fake quantization: time / float model or composed ops"),
     ]
-    panels = [p for p in panels if p[0] != "fakequant" or any(r["suite"] == p[0] for r in rows)]
+    panels = [p for p in panels if any(r["suite"] == p[0] for r in rows)] or panels[:2]
     n_cases = [len({r["case"] for r in rows if r["suite"] == s}) for s, _, _ in panels]
     fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 1.5 + 0.45 * max(
         n_cases + [4])), squeeze=False)  # fmt: skip
@@ -224,7 +224,7 @@ def write_chart(rows: list[dict], title: str, path: Path) -> None:
             ax.set_xscale("log")
             ax.axvline(1.0, color="k", lw=0.8)
         if variants:
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="lower right" if suite != "fakequant" else "best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
