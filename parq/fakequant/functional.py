@@ -19,9 +19,10 @@ Where torch's fused kernels are used, and where not (checked against torch 2.13)
   and the kernels compute SPEC's formula bit for bit, so they serve the Q-format
   quantizer (``delta = 2^-frac``) and ``qfmt_quantize`` with a power-of-two float
   ``delta`` -- on CUDA tensors, where one fused pass beats five. On the CPU, torch 2.13's
-  kernel is about 10x slower than the composed ops below (a scalar ``nearbyint`` per
-  element plus a mask; ``python -m benchmarks --suites fakequant`` times both), so CPU
-  tensors take the composed ops (``kernel=True`` forces the kernel, as the tests do).
+  kernel is several times slower than the composed ops below (5x with 2 threads, ~10x
+  with one, on this project's Xeon; ``python -m benchmarks --suites fakequant`` times
+  both), so CPU tensors take the composed ops (``kernel=True`` forces the kernel, as the
+  tests do).
 * Everywhere else (the affine quantizer, whose ``delta = range / (2^n - 1)`` is not a
   power of two, any tensor ``delta``, CPU tensors): ``div, round, clamp, mul`` composed,
   in place on one temporary: ``clamp(round(x / delta), qmin - z, qmax - z) * delta``,
