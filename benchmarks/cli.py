@@ -18,10 +18,19 @@ from types import ModuleType
 
 import torch
 
-from benchmarks import diffq_bench, environment, op_bench, pack_bench, report, step_bench
+from benchmarks import (
+    diffq_bench,
+    environment,
+    fakequant_bench,
+    op_bench,
+    pack_bench,
+    report,
+    step_bench,
+)
 from benchmarks.cli_checks import check_device, check_out_dir, optional_module
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+SUITES = ("op", "step", "fakequant")
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class Mode:
     warmup: int
     step_repeats: int
     copy_bytes: int
+    fakequant_cases: list = ()
     fused_reference: bool = True  # time fused:reference steps when a compiled backend exists
     pack_cases: list = field(default_factory=list)  # packed-export ops (op suite)
     diffq_cases: list = field(default_factory=list)  # DiffQ training steps (step suite)
@@ -49,6 +59,7 @@ def mode_config(name: str) -> Mode:
             step_repeats=3,
             copy_bytes=1 << 22,
             pack_cases=pack_bench.smoke_grid(),
+            fakequant_cases=fakequant_bench.smoke_cases(),
         )
     if name == "quick":
         return Mode(
@@ -59,6 +70,7 @@ def mode_config(name: str) -> Mode:
             warmup=1,
             step_repeats=3,
             copy_bytes=1 << 27,
+            fakequant_cases=fakequant_bench.quick_cases(),
             fused_reference=False,
             pack_cases=pack_bench.quick_grid(),
             diffq_cases=diffq_bench.quick_cases(),
@@ -73,6 +85,7 @@ def mode_config(name: str) -> Mode:
         copy_bytes=1 << 30,
         pack_cases=pack_bench.full_grid(),
         diffq_cases=diffq_bench.full_cases(),
+        fakequant_cases=fakequant_bench.full_cases(),
     )
 
 
@@ -80,7 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmark the fused op quant_prox_ and QuantOptimizer.step() on every "
-        "available backend against the pure-PyTorch reference; see benchmarks/README.md.",
+        "available backend against the pure-PyTorch reference, and fake quantization against "
+        "the float model; see benchmarks/README.md.",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
@@ -116,12 +130,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--suites",
         nargs="+",
-        choices=("op", "step"),
-        default=["op", "step"],
-        help="which suites to run (default: both)",
+        choices=SUITES,
+        default=list(SUITES),
+        help="which suites to run (default: all; a partial run's files are named after its suites)",
     )
     parser.add_argument(
-        "--no-compile", action="store_true", help="skip the torch.compile(reference) baseline"
+        "--no-compile", action="store_true", help="skip the torch.compile baselines"
     )
     parser.add_argument(
         "--repeats",
@@ -180,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     pack_cases = mode.pack_cases if "op" in args.suites else []
     step_cases = mode.step_cases if "step" in args.suites else []
     diffq_cases = mode.diffq_cases if "step" in args.suites else []
-    progress = Progress(len(op_cases) + len(pack_cases) + len(step_cases) + len(diffq_cases), tqdm)
+    fq_cases = list(mode.fakequant_cases) if "fakequant" in args.suites else []
+    total = len(op_cases) + len(pack_cases) + len(step_cases) + len(diffq_cases) + len(fq_cases)
+    progress = Progress(total, tqdm)
     rows: list[dict] = []
     n_tensors, n_rows, n_cols = mode.op_shape
     for case in op_cases:
@@ -232,18 +248,25 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(report.make_row("step", case.name, variant, case.numel,
                                         case.bytes(variant), timing, note))  # fmt: skip
         progress.step(case.name)
+    for case in fq_cases:
+        for variant, timing, note in fakequant_bench.run_case(
+            case, device, compile_baseline=not args.no_compile, repeats=repeats,
+            warmup=mode.warmup,
+        ):  # fmt: skip
+            rows.append(report.make_row("fakequant", case.name, variant, case.numel,
+                                        case.bytes(), timing, note))  # fmt: skip
+        progress.step(case.name)
     progress.close()
     report.derive(rows, copy_gbps)
 
-    for suite, title in (
-        ("op", "ops: fused quant_prox_ / fused_step_, packed export pack_ / unpack_ / dequantize_"),
-        ("step", "QuantOptimizer.step()"),
-    ):
+    for suite, title in report.SUITE_TITLES.items():
         if any(r["suite"] == suite for r in rows):
             print(f"\n== {title} ==\n{report.table(rows, suite)}")
     elapsed = time.perf_counter() - t_start
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     stem = args.out / f"{environment.device_slug(device)}_{date}_{args.mode}"
+    if set(args.suites) != set(SUITES):  # a partial run never overwrites a whole one
+        stem = stem.with_name(stem.name + "_" + "-".join(s for s in SUITES if s in args.suites))
     payload = {
         "mode": args.mode,
         "date_utc": date,
@@ -258,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             "pack": pack_bench.__doc__.split("Byte model")[1].strip(),
             "step": step_bench.__doc__.split("Byte model")[1].strip(),
             "diffq": diffq_bench.__doc__.split("Byte model")[1].strip(),
+            "fakequant": fakequant_bench.__doc__.split("Byte model")[1].strip(),
         },
         "rows": rows,
     }

@@ -12,7 +12,11 @@ One row per (suite, case, variant). Derived columns, all from the same run:
 * ``speedup_vs_compile`` = median of ``reference(compile)`` / this median (op suite);
 * ``time_vs_base`` = this median / median of the base optimizer's step alone with
   torch's ``fused=True`` kernels (``base(fused=True)``; ``base`` where that is absent)
-  (step suite).
+  (step suite); of the float model (``float``) or of the composed fake-quantize ops
+  (``composed``) (fakequant suite).
+
+Rows without a byte model (``bytes`` None: the fakequant suite's model cases) have no
+GB/s or bandwidth fraction.
 """
 
 from __future__ import annotations
@@ -44,6 +48,12 @@ REFERENCE_VARIANT = {"op": "reference", "step": "generic"}
 COMPILE_VARIANT = "reference(compile)"
 STREAM_VARIANT = "stream"
 FUSED_BASE_VARIANT = "base(fused=True)"
+BASE_VARIANTS = {"step": (FUSED_BASE_VARIANT, "base"), "fakequant": ("float", "composed")}
+SUITE_TITLES = {
+    "op": "ops: fused quant_prox_ / fused_step_, packed export, DiffQ",
+    "step": "QuantOptimizer.step()",
+    "fakequant": "fake quantization (parq.fakequant), forward + backward",
+}
 TABLE_COLUMNS = [
     ("case", "case", "{}"),
     ("variant", "variant", "{}"),
@@ -86,21 +96,22 @@ def derive(rows: list[dict], copy_gbps: float) -> list[dict]:
         med = row["median_ms"]
         if med is None:
             continue
-        row["gbps"] = row["bytes"] / (med * 1e-3) / 1e9
         peers = by_case[(row["suite"], row["case"])]
-        stream = peers.get(STREAM_VARIANT, {})
-        stream_med = stream.get("median_ms")
-        own = stream["bytes"] / (stream_med * 1e-3) / 1e9 if stream_med else None
-        row["frac_copy_bw"] = row["gbps"] / (own or copy_gbps)
-        ref = peers.get(REFERENCE_VARIANT[row["suite"]], {}).get("median_ms")
+        if row["bytes"]:
+            row["gbps"] = row["bytes"] / (med * 1e-3) / 1e9
+            stream = peers.get(STREAM_VARIANT, {})
+            stream_med = stream.get("median_ms")
+            own = stream["bytes"] / (stream_med * 1e-3) / 1e9 if stream_med else None
+            row["frac_copy_bw"] = row["gbps"] / (own or copy_gbps)
         if row["variant"] == STREAM_VARIANT:
             continue
-        if not row["variant"].startswith("base"):  # the base step is no QAT implementation
-            row["speedup_vs_reference"] = _ratio(ref, med)
+        if row["suite"] in REFERENCE_VARIANT and not row["variant"].startswith("base"):
+            ref = peers.get(REFERENCE_VARIANT[row["suite"]], {}).get("median_ms")
+            row["speedup_vs_reference"] = _ratio(ref, med)  # (the base step is no QAT)
         if row["suite"] == "op":
             row["speedup_vs_compile"] = _ratio(peers.get(COMPILE_VARIANT, {}).get("median_ms"), med)
         else:
-            base = peers.get(FUSED_BASE_VARIANT) or peers.get("base", {})
+            base = next((peers[v] for v in BASE_VARIANTS[row["suite"]] if v in peers), {})
             row["time_vs_base"] = _ratio(med, base.get("median_ms"))
     return rows
 
@@ -120,6 +131,9 @@ def table(rows: list[dict], suite: str, markdown: bool = False) -> str:
     keys = [c for c in TABLE_COLUMNS if not (suite == "op" and c[0] == "time_vs_base")]
     if suite == "step":
         keys = [c for c in keys if c[0] != "speedup_vs_compile"]
+    if suite == "fakequant":  # t / the float model or the composed ops
+        keys = [c for c in keys if not c[0].startswith("speedup")]
+        keys[-1] = ("time_vs_base", "t / base", "{:.2f}")
     header = [c[1] for c in keys]
     mine = [r for r in rows if r["suite"] == suite]
     body = [[_cell(r, k, f) for k, _, f in keys] for r in mine]
@@ -160,9 +174,15 @@ def write_json(payload: dict, path: Path) -> None:
 
 
 def write_markdown(rows: list[dict], env: dict, copy_gbps: float, path: Path) -> None:
-    text = ["```", environment_text(env, copy_gbps), "```", "", "### Ops", ""]
-    text += [table(rows, "op", markdown=True), "", "### QuantOptimizer.step()", ""]
-    text += [table(rows, "step", markdown=True), ""]
+    text = ["```", environment_text(env, copy_gbps), "```", ""]
+    headings = {
+        "op": "Ops",
+        "step": "QuantOptimizer.step()",
+        "fakequant": "Fake quantization (t / base: the float model, or the composed ops)",
+    }
+    for suite, heading in headings.items():
+        if any(r["suite"] == suite for r in rows):  # a partial run: its suites only
+            text += [f"### {heading}", "", table(rows, suite, markdown=True), ""]
     path.write_text("\n".join(text))
 
 
@@ -177,9 +197,12 @@ def write_chart(rows: list[dict], title: str, path: Path) -> None:
     panels = [
         ("op", "frac_copy_bw", "fused ops: fraction of the working set's stream bandwidth"),
         ("step", "time_vs_base", "QuantOptimizer.step(): time / torch's fused=True step (log)"),
+        ("fakequant", "time_vs_base", "fake quantization: time / float model or composed ops"),
     ]
+    panels = [p for p in panels if any(r["suite"] == p[0] for r in rows)] or panels[:2]
     n_cases = [len({r["case"] for r in rows if r["suite"] == s}) for s, _, _ in panels]
-    fig, axes = plt.subplots(1, 2, figsize=(15, 1.5 + 0.45 * max(n_cases + [4])), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 1.5 + 0.45 * max(
+        n_cases + [4])), squeeze=False)  # fmt: skip
     for ax, (suite, key, label) in zip(axes[0], panels, strict=True):
         data = [r for r in rows if r["suite"] == suite and r[key] is not None
                 and r["variant"] != STREAM_VARIANT]  # fmt: skip
@@ -197,11 +220,11 @@ def write_chart(rows: list[dict], title: str, path: Path) -> None:
         ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))], cases, fontsize=7)
         ax.invert_yaxis()
         ax.set_title(label, fontsize=9)
-        if suite == "step" and data:
+        if suite != "op" and data:
             ax.set_xscale("log")
             ax.axvline(1.0, color="k", lw=0.8)
         if variants:
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="lower right" if suite != "fakequant" else "best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -27,17 +27,24 @@ def _evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
 
 
 def export_and_reload(model, optimizer, label: str, args, x_test, y_test, test_acc: float,
-                      out_dir: Path | None) -> dict:  # fmt: skip
-    """Save, report, reload, re-evaluate; returns the figures for the results JSON."""
+                      out_dir: Path | None, make_model=None, evaluate=None) -> dict:  # fmt: skip
+    """Save, report, reload, re-evaluate; returns the figures for the results JSON.
+    ``make_model()`` builds the fresh model (default: ``args.model`` as built by
+    :func:`models.build_model`), ``evaluate(model, x, y)`` measures it (default: the
+    plain test accuracy)."""
+    evaluate = evaluate or _evaluate
     slug = label.replace(" ", "_")
     with tempfile.TemporaryDirectory() as tmp:
         where = Path(out_dir) if out_dir is not None else Path(tmp)
         path = where / f"qat_digits_{args.model}_{slug}.safetensors"
         result = save_quantized(path, model, optimizer)  # float16 levels
         report = size_report(model, optimizer)
-        fresh = build_model(args.model, num_classes=10, in_channels=1).to(args.device)
+        if make_model is None:
+            fresh = build_model(args.model, num_classes=10, in_channels=1).to(args.device)
+        else:
+            fresh = make_model()
         load_quantized(path, fresh)
-        reloaded_acc = _evaluate(fresh, x_test, y_test)
+        reloaded_acc = evaluate(fresh, x_test, y_test)
         diff = 0.0
         for a, b in zip(fresh.parameters(), model.parameters(), strict=True):
             a, b = a.detach().float(), b.detach().float()
@@ -47,7 +54,7 @@ def export_and_reload(model, optimizer, label: str, args, x_test, y_test, test_a
         load_quantized(exact, fresh)
         pairs = zip(fresh.state_dict().values(), model.state_dict().values(), strict=True)
         bitwise = all(torch.equal(a, b) for a, b in pairs)
-        exact_acc = _evaluate(fresh, x_test, y_test)
+        exact_acc = evaluate(fresh, x_test, y_test)
     print(f"\n== packed export: {label} ==\n{report}")
     print(
         f"reloaded into a fresh model: test acc {reloaded_acc:.4f} (trained model "

@@ -1,6 +1,8 @@
 """Models for the QAT examples.
 
 * :class:`DigitsCNN`: a small CNN for the 8x8 scikit-learn digits (about 15k parameters).
+* :class:`ActQuantDigitsCNN`: the same CNN (the same modules) with its activations
+  fake-quantized by ``parq.fakequant`` (the weights are left to the optimizer: PARQ).
 * :class:`ResNet20`: the CIFAR ResNet-20 of He et al. (2016): three stages of
   three basic blocks (16, 32, 64 channels), parameter-free option-A shortcuts
   (stride-2 subsampling plus zero channels), global average pooling. About
@@ -17,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from parq.fakequant import AffineQuantizer, ExpAvgMinMax, QOp, QWrapper
 
 
 class DigitsCNN(nn.Module):
@@ -38,6 +42,33 @@ class DigitsCNN(nn.Module):
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)  # 8x8 -> 4x4
         x = F.max_pool2d(F.relu(self.bn3(self.conv3(x))), 2)  # 4x4 -> 2x2
+        return self.fc(x.flatten(1))
+
+
+class ActQuantDigitsCNN(nn.Module):
+    """``cnn`` with ``bits``-bit activations: the input image and the output of every
+    conv + BN + ReLU are fake-quantized (asymmetric affine, ranges from a bias-corrected
+    EMA of the batch min / max, momentum 0.9), so every conv and the fc read ``bits``-bit
+    inputs (max-pooling keeps values on the grid). The weights are ``cnn``'s own (shared,
+    not copied) and not fake-quantized here: with ``QuantOptimizer`` PARQ quantizes them.
+    The logits stay float. In ``QModuleState.BYPASSED`` (the default) this is ``cnn``."""
+
+    def __init__(self, cnn: DigitsCNN, bits: int) -> None:
+        super().__init__()
+
+        def acts() -> AffineQuantizer:
+            return AffineQuantizer(bits, ExpAvgMinMax(momentum=0.9))
+
+        self.input = QOp(nn.Identity(), acts())
+        self.block1 = QWrapper([cnn.conv1, cnn.bn1, nn.ReLU()], None, acts())
+        self.block2 = QWrapper([cnn.conv2, cnn.bn2, nn.ReLU()], None, acts())
+        self.block3 = QWrapper([cnn.conv3, cnn.bn3, nn.ReLU()], None, acts())
+        self.fc = cnn.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block1(self.input(x))
+        x = F.max_pool2d(self.block2(x), 2)  # 8x8 -> 4x4
+        x = F.max_pool2d(self.block3(x), 2)  # 4x4 -> 2x2
         return self.fc(x.flatten(1))
 
 

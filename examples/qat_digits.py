@@ -6,7 +6,16 @@ CNN (or ResNet-20) is trained once in full precision and once per QAT setting,
 all from the same initialization. A QAT setting is one (bits, method, prox map)
 of the cross product of ``--quant-bits``, ``--quant-method`` and
 ``--quant-proxmap``; the default run compares FP, 2-bit and ternary (0-bit)
-LSBQ with the PARQ prox map, per channel.
+LSBQ with the PARQ prox map, per channel, and then 2-bit weights with 8-bit and
+with 4-bit activations (W2A8, W2A4).
+
+Activations (``--act-bits``, default ``8 4``; ``--act-bits`` alone: none): each
+value adds a setting with the weights of the first ``--quant-bits`` /
+``--quant-method`` / ``--quant-proxmap`` value (quantized by PARQ, as above) and
+the activations fake-quantized by ``parq.fakequant`` (the input image and every
+conv + BN + ReLU output: asymmetric affine, bias-corrected EMA ranges; state
+``QUANT_AWARE_TRAIN_ACT_ONLY`` while training, ``QUANT_EVAL_ACT_ONLY`` with
+frozen ranges while evaluating). CNN only.
 
 Quantized: every conv / linear weight (per channel by default; with
 ``--quant-block-size B`` the 2-D weights whose width B divides are quantized in
@@ -32,6 +41,7 @@ Examples::
     python examples/qat_digits.py --quant-bits 2 --quant-lsbq-optimal --quant-proxmap parq hard
     python examples/qat_digits.py --quant-bits 2 --quant-proxmap proxquant --reg-rate 0.5
     python examples/qat_digits.py --compare --quant-bits 1   # every method, table + chart
+    python examples/qat_digits.py --no-fp --quant-bits 4 --act-bits 8 6 4 3
 
 ``--compare`` (:mod:`qat_compare`) trains FP, STE (hard), BinaryRelax, PARQ, ProxQuant and
 BinaryConnect at the first ``--quant-bits`` value and writes the accuracy table and a chart.
@@ -40,6 +50,7 @@ BinaryConnect at the first ``--quant-bits`` value and writes the accuracy table 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -62,7 +73,7 @@ if str(_ROOT) not in sys.path:  # benchmarks.cli_checks: the checks shared with 
     sys.path.append(str(_ROOT))
 
 from export_step import export_and_reload, export_table  # noqa: E402
-from models import MODELS, build_model  # noqa: E402
+from models import MODELS, ActQuantDigitsCNN, build_model  # noqa: E402
 
 from benchmarks.cli_checks import (  # noqa: E402
     check_device,
@@ -70,6 +81,7 @@ from benchmarks.cli_checks import (  # noqa: E402
     finite_float,
     optional_module,
 )
+from parq.fakequant import QModule, QModuleState, qmodule_state, set_qmodule_state  # noqa: E402
 from parq.optim import (  # noqa: E402
     ProxBinaryConnect,
     ProxBinaryRelax,
@@ -103,18 +115,21 @@ def train_images(smoke: bool) -> int:
 
 @dataclass(frozen=True)
 class Setting:
-    """One training run: ``bits is None`` is full precision."""
+    """One training run: ``bits is None`` is full precision; ``act_bits``: activations
+    fake-quantized to that many bits (None: float activations)."""
 
     bits: int | None = None
     method: str = "lsbq"
     proxmap: str = "parq"
+    act_bits: int | None = None
 
     @property
     def label(self) -> str:
         if self.bits is None:
             return "FP32"
         b = "ternary" if self.bits == 0 else f"{self.bits}-bit"
-        return f"{b} {self.method} {self.proxmap}"
+        acts = "" if self.act_bits is None else f" A{self.act_bits}"
+        return f"{b} {self.method} {self.proxmap}{acts}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,6 +154,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bits per weight, 0 = ternary; several values run several settings",
     )
     p.add_argument("--quant-method", nargs="+", choices=METHODS, default=["lsbq"])
+    p.add_argument(
+        "--act-bits",
+        type=int,
+        nargs="*",
+        default=[8, 4],
+        help="activation bits of the weight + activation settings, each run with the first "
+        "--quant-bits/--quant-method/--quant-proxmap (default 8 4; no value: none)",
+    )
     p.add_argument("--quant-proxmap", nargs="+", choices=PROXMAPS, default=["parq"])
     p.add_argument(
         "--quant-lsbq-optimal", action="store_true", help="optimal LSBQ levels (bits 0, 1, 2 only)"
@@ -258,6 +281,12 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     bad = [b for b in args.quant_bits if not 0 <= b <= 8]
     if bad:
         p.error(f"--quant-bits must be in 0..8 (0 = ternary), got {bad}")
+    bad = [b for b in args.act_bits if not 2 <= b <= 16]
+    if bad:
+        p.error(f"--act-bits must be in 2..16, got {bad}")
+    if args.act_bits and args.model != "cnn":
+        p.error(f"--act-bits (activation quantization) supports --model cnn, got {args.model!r}; "
+                "pass --act-bits without a value for weights only")  # fmt: skip
     if args.quant_lsbq_optimal:
         if "lsbq" not in args.quant_method:
             p.error("--quant-lsbq-optimal needs --quant-method lsbq")
@@ -308,6 +337,8 @@ def settings(args: argparse.Namespace) -> list[Setting]:
         args.quant_bits, args.quant_method, args.quant_proxmap
     ):
         runs.append(Setting(bits, method, prox))
+    first = (args.quant_bits[0], args.quant_method[0], args.quant_proxmap[0])
+    runs += [Setting(*first, act_bits=a) for a in args.act_bits]
     return list(dict.fromkeys(runs))
 
 
@@ -382,11 +413,23 @@ def freeze_step(args: argparse.Namespace, steps_per_epoch: int) -> int | None:
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Test accuracy; fake-quantized activations with their ranges frozen."""
     model.eval()
-    with torch.no_grad():
+    quantized = any(isinstance(m, QModule) for m in model.modules())
+    frozen = qmodule_state(model, QModuleState.QUANT_EVAL_ACT_ONLY) if quantized else None
+    with torch.no_grad(), frozen or contextlib.nullcontext():
         acc = (model(x).argmax(1) == y).float().mean().item()
     model.train()
     return acc
+
+
+def observed(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
+    """``model`` after one forward, so that its activation observers hold ranges (of the
+    shape a trained model's have; a file's values then overwrite them)."""
+    if any(isinstance(m, QModule) for m in model.modules()):
+        with torch.no_grad():
+            model(x[:2])
+    return model
 
 
 def max_levels_used(opt: torch.optim.Optimizer) -> tuple[int, int]:
@@ -408,7 +451,15 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace, 
     ``--no-progress``, one plain line per epoch goes to stderr."""
     x_train, y_train, x_test, y_test = (t.to(args.device) for t in data)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, num_classes=10, in_channels=1).to(args.device)
+
+    def make_model() -> torch.nn.Module:
+        model = build_model(args.model, num_classes=10, in_channels=1).to(args.device)
+        if s.act_bits is not None:  # the same modules, activations fake-quantized
+            model = ActQuantDigitsCNN(model, s.act_bits).to(args.device)
+            set_qmodule_state(model, QModuleState.QUANT_AWARE_TRAIN_ACT_ONLY)
+        return model
+
+    model = make_model()
     steps_per_epoch = -(-len(y_train) // args.batch_size)
     total = steps_per_epoch * args.epochs
     base = torch.optim.AdamW(param_groups(model, s, args), lr=args.lr,
@@ -464,6 +515,7 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace, 
         "bits": s.bits,
         "method": s.method if s.bits is not None else None,
         "proxmap": s.proxmap if s.bits is not None else None,
+        "act_bits": s.act_bits,
         "test_acc": evaluate(model, x_test, y_test),
         "train_acc": evaluate(model, x_train, y_train),
         "steps": total,
@@ -478,7 +530,9 @@ def train(s: Setting, data: tuple[torch.Tensor, ...], args: argparse.Namespace, 
         result["levels_used"], result["levels"] = max_levels_used(opt)
         if not args.no_export:  # packed low-bit file, size report, reload (SPEC.md §10)
             result["export"] = export_and_reload(model, opt, s.label, args, x_test, y_test,
-                                                 result["test_acc"], args.export_dir)  # fmt: skip
+                                                 result["test_acc"], args.export_dir,
+                                                 lambda: observed(make_model(), x_test),
+                                                 evaluate)  # fmt: skip
     return result
 
 

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import cli, environment, op_bench, report, shapes, step_bench
+from benchmarks import cli, environment, fakequant_bench, op_bench, report, shapes, step_bench
 from benchmarks.timing import measure, measure_interleaved, summarize
 from parq_kernels import backends, reference, reference_step
 
@@ -54,7 +54,8 @@ def test_smoke_writes_all_outputs(smoke_run):
     md = stem.with_suffix(".md").read_text()
     assert "copy bandwidth" in md and "| case | variant | median ms |" in md
     assert list(rows[0]) == report.COLUMNS
-    assert {r["suite"] for r in rows} == {"op", "step"}
+    assert {r["suite"] for r in rows} == {"op", "step", "fakequant"}
+    assert "### Fake quantization" in md
     assert payload["mode"] == "smoke" and len(payload["rows"]) == len(rows)
     assert payload["copy_bandwidth_gbps"] > 0
     assert "3 * itemsize" in payload["byte_models"]["op"]
@@ -94,6 +95,8 @@ def test_smoke_derived_columns_are_ratios_of_measured_medians(smoke_run):
         by_case.setdefault((r["suite"], r["case"]), {})[r["variant"]] = r
     checked = 0
     for r in rows:
+        if r["suite"] == "fakequant":
+            continue  # below
         med = _f(r["median_ms"])
         assert med is not None and med > 0
         assert _f(r["min_ms"]) <= _f(r["q1_ms"]) <= med <= _f(r["q3_ms"]) <= _f(r["max_ms"])
@@ -124,6 +127,51 @@ def test_smoke_derived_columns_are_ratios_of_measured_medians(smoke_run):
             assert math.isclose(_f(r["speedup_vs_reference"]), ref / med, rel_tol=1e-9)
             checked += 1
     assert checked >= 6
+    fq = [r for r in rows if r["suite"] == "fakequant"]
+    model_case, op_case = (c.name for c in fakequant_bench.smoke_cases())
+    assert {r["variant"] for r in fq if r["case"] == model_case} == {
+        "float", "bypassed", "qat:w8a8", "qat:w8a8+fold_bn"
+    }  # fmt: skip
+    assert {r["variant"] for r in fq if r["case"] == op_case} == {
+        "composed", "torch kernel", "stream"
+    }  # fmt: skip
+    for r in fq:
+        peers = by_case[("fakequant", r["case"])]
+        med = _f(r["median_ms"])
+        if r["variant"] == "stream":
+            assert r["time_vs_base"] == ""
+            continue
+        base = _f((peers.get("float") or peers["composed"])["median_ms"])
+        assert math.isclose(_f(r["time_vs_base"]), med / base, rel_tol=1e-9)
+        assert r["speedup_vs_reference"] == "" and r["speedup_vs_compile"] == ""
+        if r["case"] == model_case:
+            assert r["bytes"] == "" and r["gbps"] == ""  # no byte model for a model
+        else:
+            assert int(r["bytes"]) == 2 * 2 * 4 * 8 * 8 * 4  # read + write, float32
+
+
+def test_fakequant_compile_failure_is_reported_not_fatal(monkeypatch):
+    def broken(fn):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(fakequant_bench, "compiled", broken)
+    case = fakequant_bench.FakeQuantCase("op", (2, 3), compile=True)
+    out = list(fakequant_bench.run_case(case, torch.device("cpu"), compile_baseline=True,
+                                        repeats=1, warmup=0))  # fmt: skip
+    assert [(v, t is None) for v, t, _ in out] == [
+        ("composed", False), ("torch kernel", False), ("composed(compile)", True), ("stream", False)
+    ]  # fmt: skip
+    assert "torch.compile failed: RuntimeError: no compiler here" in out[2][2]
+    no_compile = fakequant_bench.FakeQuantCase("model", (1, 3, 8, 8), compile=True)
+    assert "qat:w8a8(compile)" not in no_compile.variants(compile_baseline=False)
+
+
+def test_fakequant_variants_share_the_initial_weights():
+    cpu = torch.device("cpu")
+    ref = [p.detach().clone() for p in fakequant_bench.build_model("float", cpu).parameters()]
+    for variant in ("bypassed", "qat:w8a8+fold_bn"):
+        params = list(fakequant_bench.build_model(variant, cpu).parameters())
+        assert all(torch.equal(a, b) for a, b in zip(ref, params, strict=True))
 
 
 def test_smoke_byte_models(smoke_run):
@@ -295,6 +343,8 @@ def test_without_tqdm_and_matplotlib_plain_output_no_chart(tmp_path, monkeypatch
     ]
     assert any(line.startswith("[1/") for line in err)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".csv", ".json", ".md"]
+    # a partial run is named after its suites, so it never overwrites a whole run's files
+    assert all(p.stem.endswith("_smoke_op") for p in tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(

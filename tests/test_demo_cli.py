@@ -45,8 +45,12 @@ def test_smoke_default_settings_and_outputs(smoke_run):
     stem, payload = smoke_run
     assert stem.name.startswith("qat_digits_cnn_") and stem.name.endswith("_smoke")
     results = payload["results"]
-    # default run: full precision, 2-bit PARQ and ternary, per channel
-    assert [r["setting"] for r in results] == ["FP32", "2-bit lsbq parq", "ternary lsbq parq"]
+    # default run: full precision, 2-bit PARQ and ternary, per channel; then 2-bit PARQ
+    # weights with 8-bit and 4-bit fake-quantized activations (W2A8, W2A4)
+    assert [r["setting"] for r in results] == [
+        "FP32", "2-bit lsbq parq", "ternary lsbq parq", "2-bit lsbq parq A8", "2-bit lsbq parq A4"
+    ]  # fmt: skip
+    assert [r["act_bits"] for r in results] == [None, None, None, 8, 4]
     assert payload["config"]["quant_per_channel"] is True
     for r in results:
         assert 0.0 <= r["test_acc"] <= 1.0 and 0.0 <= r["train_acc"] <= 1.0
@@ -76,10 +80,38 @@ def test_settings_cross_product():
     )  # fmt: skip
     labels = [s.label for s in demo.settings(args)]
     assert labels == [
-        "1-bit uniform hard", "1-bit lsbq hard", "2-bit uniform hard", "2-bit lsbq hard"
+        "1-bit uniform hard", "1-bit lsbq hard", "2-bit uniform hard", "2-bit lsbq hard",
+        "1-bit uniform hard A8", "1-bit uniform hard A4",  # --act-bits 8 4 (default)
     ]  # fmt: skip
     args = demo.parse_args(["--epochs", "10"])
     assert (args.anneal_start, args.anneal_end) == (1.0, 7.0)
+    # --act-bits: settings with the first weight setting; without a value: none
+    args = demo.parse_args(["--quant-bits", "4", "0", "--quant-proxmap", "hard", "parq",
+                            "--act-bits", "6", "3", "--no-fp"])  # fmt: skip
+    labels = [s.label for s in demo.settings(args)]
+    assert labels[-2:] == ["4-bit lsbq hard A6", "4-bit lsbq hard A3"] and len(labels) == 6
+    args = demo.parse_args(["--act-bits"])
+    assert [s.label for s in demo.settings(args)] == [
+        "FP32", "2-bit lsbq parq", "ternary lsbq parq"
+    ]  # fmt: skip
+
+
+def test_act_quant_cnn_shares_the_weights_and_is_the_cnn_when_bypassed():
+    from parq.fakequant import QModuleState, qmodule_state
+
+    cnn = models.DigitsCNN()
+    wrapped = models.ActQuantDigitsCNN(cnn, 4)
+    assert [id(p) for p in wrapped.parameters()] == [id(p) for p in cnn.parameters()]
+    x = torch.randn(5, 1, 8, 8)
+    cnn.eval(), wrapped.eval()
+    assert torch.equal(wrapped(x), cnn(x))
+    with qmodule_state(wrapped, QModuleState.QUANT_AWARE_TRAIN_ACT_ONLY):
+        y = wrapped(x)
+        assert not torch.equal(y, cnn(x))
+        h = wrapped.block1(wrapped.input(x))
+    assert len(torch.unique(h)) <= 16  # 4-bit activations
+    assert demo.evaluate(wrapped, x, torch.zeros(5, dtype=torch.long)) >= 0.0
+    assert wrapped.training and wrapped.block1.qstate == QModuleState.BYPASSED
 
 
 def test_block_size_groups():
@@ -110,6 +142,9 @@ def test_block_size_groups():
         (["--quant-period", "0"], "--quant-period must be >= 1"),
         (["--backend", "tpu"], "--backend tpu: unknown parq backend 'tpu'"),
         (["--model", "vgg"], "--model must be one of"),
+        (["--act-bits", "1"], "--act-bits must be in 2..16, got [1]"),
+        (["--act-bits", "8", "--model", "resnet20"], "--act-bits (activation quantization) "
+         "supports --model cnn, got 'resnet20'"),
     ],
 )  # fmt: skip
 def test_argument_errors(argv, message, capsys):
@@ -164,7 +199,7 @@ def test_warmup_until_the_last_step_still_quantizes(tmp_path):
     threads = torch.get_num_threads()
     try:
         argv = ["--smoke", "--no-fp", "--quant-bits", "2", "--no-progress", "--out", str(tmp_path)]
-        assert demo.main([*argv, "--warmup-steps", "15"]) == 0
+        assert demo.main([*argv, "--warmup-steps", "15", "--act-bits"]) == 0
     finally:
         torch.set_num_threads(threads)
     (result,) = json.loads(next(tmp_path.glob("*.json")).read_text())["results"]
