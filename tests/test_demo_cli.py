@@ -25,6 +25,7 @@ def _load(name: str):
 
 models = _load("models")
 demo = _load("qat_digits")
+cli = _load("qat_cli")  # the demo's options (loaded by qat_digits already)
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +209,8 @@ def test_warmup_until_the_last_step_still_quantizes(tmp_path):
 
 def test_train_images_matches_the_split():
     x_train, _, x_test, _ = demo.load_data(0, smoke=False)
-    assert len(x_train) == demo.train_images(False) and len(x_train) + len(x_test) == 1797
-    assert len(demo.load_data(0, smoke=True)[0]) == demo.train_images(True) == 512
+    assert len(x_train) == cli.train_images(False) and len(x_train) + len(x_test) == 1797
+    assert len(demo.load_data(0, smoke=True)[0]) == cli.train_images(True) == 512
 
 
 @pytest.mark.parametrize(
