@@ -199,23 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(total, tqdm)
     rows: list[dict] = []
     n_tensors, n_rows, n_cols = mode.op_shape
-    for case in op_cases:
-        for variant, timing, inputs, note in op_bench.run_case(
-            case,
-            device,
-            available,
-            compile_baseline=not args.no_compile,
-            n_tensors=n_tensors,
-            rows=n_rows,
-            cols=n_cols,
-            repeats=repeats,
-            warmup=mode.warmup,
-        ):
-            rows.append(report.make_row("op", case.name, variant, inputs.numel, inputs.bytes,
-                                        timing, note))  # fmt: skip
-        progress.step(case.name)
-    for case in pack_cases:
-        for variant, timing, inputs, note in pack_bench.run_case(
+    op_suites = [(op_bench, case) for case in op_cases] + [(pack_bench, c) for c in pack_cases]
+    for bench, case in op_suites:  # the fused ops, then the packed-export ops: same harness
+        for variant, timing, inputs, note in bench.run_case(
             case,
             device,
             available,
