@@ -17,10 +17,6 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "../base_update.h"
 #include "../levels.h"
 #include "project4.h"
@@ -30,9 +26,9 @@
 
 namespace parq {
 
-// One row range [o, o + n) (restrict pointers: distinct tensors, validated).
-constexpr int64_t kStepBlock = 512;
+constexpr int64_t kStepBlock = 512;  // elements per L1 block of the portable loop
 
+// One row range [o, o + n) (restrict pointers: distinct tensors, validated).
 template <Pattern P, int PROX, typename T>
 int step_loop_impl(const StepArgs& s, T* __restrict__ L, const T* __restrict__ G,
                    T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3,
