@@ -12,6 +12,9 @@
 // Later passes read the latent. A NaN/Inf never enters the latent or the state:
 // such an element keeps its old values (and is flagged), see ops.py.
 //
+// * BufSource (update steps of the pipelined path, step_update.h): a row's values as
+//   already updated into an L1 buffer; it only serves the statistics passes.
+//
 // Both write the projected weights to p. Everything a source does to one
 // element happens in one place, so the first pass stays a single sweep over
 // memory whichever source it is.
@@ -118,8 +121,30 @@ struct ParamSource {
   }
 };
 
+struct BufSource {
+  static constexpr bool kStep = false;
+  static constexpr bool kAlwaysWrites = true;
+  const float* xs;  // the row's updated latent (as stored), already checked
+
+  BufSource at(int64_t off) const { return {xs + off}; }
+
+  bool load(int64_t o, int64_t n, float* out, bool) const {
+    std::memcpy(out, xs + o, static_cast<size_t>(n) * sizeof(float));
+    return false;  // the update that filled the buffer reports the non-finite values
+  }
+};
+
 // The base update's memory pattern (which state buffers exist).
 enum class Pattern { kSgd, kSgdMomentum, kAdam, kAdamAmsgrad };
+
+#if defined(__AVX512F__)
+namespace avx512 {
+// The float32 first pass of update steps in AVX-512 registers (defined in step_avx512.h).
+template <Pattern P>
+int update_into(const StepArgs& s, float* L, const float* G, float* B1, float* B2, float* B3,
+                float* xs, int64_t n);
+}  // namespace avx512
+#endif
 
 // The base update of element i, in place: reads the latent, the gradient and the state,
 // writes the new latent and state (each in T) and returns the new latent as stored. An
@@ -227,6 +252,12 @@ struct StepSource {
 
   template <Pattern P, bool kInit>
   int update_range(int64_t o, int64_t n, float* xs) const {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> && !kInit) {
+      return avx512::update_into<P>(*s, lat + o, grad + o, b1 ? b1 + o : nullptr,
+                                    b2 ? b2 + o : nullptr, b3 ? b3 + o : nullptr, xs, n);
+    }
+#endif
     return update_loop<P, kInit>(*s, lat + o, grad + o, b1 ? b1 + o : nullptr,
                                  b2 ? b2 + o : nullptr, b3 ? b3 + o : nullptr, xs, n);
   }

@@ -7,7 +7,9 @@
 // buffer (GCC's code for the projection's selects is poor when it is fused with the
 // update), and that round trip costs about a tenth of the step. No FMA: each
 // multiply and add rounds as in the scalar code. The head (until p is 64-byte
-// aligned) and the tail go through the portable per-element code.
+// aligned) and the tail go through the portable per-element code. The same update
+// also serves the first pass of update steps (update_into) and the pipelined update
+// rows (step_update.h).
 #pragma once
 
 #if defined(__AVX512F__)
@@ -30,6 +32,30 @@ inline __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
 // finite(v): v - v == 0 (NaN for NaN and +-Inf)
 inline __mmask16 finite16(__m512 v) {
   return _mm512_cmp_ps_mask(sub(v, v), _mm512_setzero_ps(), _CMP_EQ_OQ);
+}
+
+// Software prefetch of the streams the update reads, kPrefetch elements (2 KB) ahead of
+// element i. The loops do enough arithmetic per line that the hardware prefetcher alone
+// leaves their loads waiting: with it the loop runs at the speed of torch's fused SGD
+// on this project's CPU (a C++ micro-benchmark: 1.16-1.26x -> 0.98-1.07x). A prefetch
+// past the end of a buffer is harmless (it never faults).
+constexpr int64_t kPrefetch = 512;
+
+inline __attribute__((always_inline)) void prefetch_line(const float* t) {
+  _mm_prefetch(reinterpret_cast<const char*>(t), _MM_HINT_T0);
+}
+
+// (Plain calls: GCC 12 dropped these prefetches when they were made in a lambda.)
+template <Pattern P>
+inline __attribute__((always_inline)) void prefetch16(const float* L, const float* G,
+                                                      const float* B1, const float* B2,
+                                                      const float* B3, int64_t i) {
+  prefetch_line(L + i + kPrefetch);
+  prefetch_line(G + i + kPrefetch);
+  if constexpr (P != Pattern::kSgd) prefetch_line(B1 + i + kPrefetch);
+  constexpr bool kAdamLike = P == Pattern::kAdam || P == Pattern::kAdamAmsgrad;
+  if constexpr (kAdamLike) prefetch_line(B2 + i + kPrefetch);
+  if constexpr (P == Pattern::kAdamAmsgrad) prefetch_line(B3 + i + kPrefetch);
 }
 
 // The base update of 16 elements at i (base_update.h, in its order); the rejected
@@ -89,6 +115,23 @@ inline __attribute__((always_inline)) __m512 update16(const StepArgs& s, float* 
   return lt;
 }
 
+// The base update of n elements into xs (the general path's first pass on update steps:
+// sources.h); the vector body, then the rest per element. Returns 1 if a lane kept its
+// old values.
+template <Pattern P>
+int update_into(const StepArgs& s, float* L, const float* G, float* B1, float* B2, float* B3,
+                float* xs, int64_t n) {
+  int kept = 0;
+  __mmask16 ok = 0xFFFF;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    prefetch16<P>(L, G, B1, B2, B3, i);
+    _mm512_storeu_ps(xs + i, update16<P>(s, L, G, B1, B2, B3, i, ok));
+  }
+  for (; i < n; ++i) xs[i] = update_element<P, false>(s, L, G, B1, B2, B3, i, kept);
+  return kept | (ok != 0xFFFF);
+}
+
 // One row range of n elements (pointers at its start); returns 1 if a lane kept its
 // old values. Served: the patterns of Pattern, PROX in NONE / HARD / PARQ / RELAX.
 template <Pattern P, int PROX>
@@ -103,6 +146,7 @@ int step_loop(const StepArgs& s, float* L, const float* G, float* B1, float* B2,
   for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) scalar(i);
   __mmask16 ok = 0xFFFF;
   for (; i + 16 <= n; i += 16) {
+    prefetch16<P>(L, G, B1, B2, B3, i);
     const __m512 x = update16<P>(s, L, G, B1, B2, B3, i, ok);
     _mm512_stream_ps(out + i, PROX == kNone ? x : project16<PROX>(x, lv, pa));
   }
