@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../levels.h"
@@ -28,6 +29,8 @@
 #include "row_stats.h"
 #include "sources.h"
 #include "step_loop.h"
+#include "step_update.h"
+#include "write_direct.h"
 
 namespace parq {
 namespace {
@@ -38,17 +41,26 @@ struct Workspace {
 };
 
 // Run fn(chunk) over the chunks of a row and combine the partials in chunk
-// order (serially or in parallel: same result).
+// order (serially or in parallel: same result). With reverse, each thread visits its
+// chunks last to first: a pass that follows one over the same chunks (the write pass
+// after the statistics) starts with those still in cache.
 template <typename F>
-Partial over_chunks(bool parallel, int64_t nchunks, const F& fn) {
+Partial over_chunks(bool parallel, int64_t nchunks, const F& fn, bool reverse = false) {
+  std::vector<Partial> parts(static_cast<size_t>(nchunks));
+  auto run = [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      const int64_t c = reverse ? b + e - 1 - k : k;
+      parts[c] = fn(c);
+    }
+  };
   Partial total;
   if (!parallel) {
-    for (int64_t c = 0; c < nchunks; ++c) total.add(fn(c));
+    run(0, nchunks);
+    for (const Partial& p : parts) total.add(p);
     return total;
   }
-  std::vector<Partial> parts(static_cast<size_t>(nchunks));
   at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) parts[c] = fn(c);
+    run(b, e);
     stream_fence();
   });
   for (const Partial& p : parts) total.add(p);
@@ -225,9 +237,31 @@ struct RowJob {
       w.lo = Q[0] * a.gamma;
       w.hi = Q[K - 1] * a.gamma;
     }
-    const Partial s = over_chunks(parallel, nchunks(), [&](int64_t c) {
-      return write_chunk(src, off(c), len(c), single, w);
-    });
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<decltype(src.lat), float*>) {  // write straight from the latent
+      const auto map = avx512::direct_map(a, w.rq, K, a.gamma, w.clamp);
+      if (!single && writes && map != avx512::DirectMap::kNone) {
+        const Levels4 lv = pad_levels(Q, std::max(K, 1));
+        const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg};
+        const auto write = [&](int64_t c) {
+          const int64_t o = off(c);
+          if (map == avx512::DirectMap::kUniformHard) {
+            avx512::write_direct<avx512::DirectMap::kUniformHard>(src.lat + o, src.p + o, len(c),
+                                                                  rq, lv, pa);
+          } else {
+            avx512::write_direct<avx512::DirectMap::kParq4>(src.lat + o, src.p + o, len(c), rq,
+                                                            lv, pa);
+          }
+          return Partial{};
+        };
+        over_chunks(parallel, nchunks(), write, true);
+        return bad;
+      }
+    }
+#endif
+    const Partial s = over_chunks(
+        parallel, nchunks(), [&](int64_t c) { return write_chunk(src, off(c), len(c), single, w); },
+        !single);
     return bad || s.bad;
   }
 };
@@ -249,13 +283,33 @@ bool run_param(const OpArgs& a, const Src& src, int64_t rows, int64_t cols, floa
     return bad;
   }
   // non-update fused steps: the rows go straight to the one loop (no per-row job)
-  bool one_loop = false;
+  bool one_loop = false, pipelined = false;
   if constexpr (Src::kStep) one_loop = step_loop_serves(a, *src.s);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Src, StepSource<float>>) {
+    pipelined = avx512::update_rows_serve(a, *src.s, src.p, cols);
+  }
+#endif
   std::atomic<bool> bad{false};
   const int64_t grain = std::max<int64_t>(1, (16 * kChunk) / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
     Workspace ws;
     bool local = false;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<Src, StepSource<float>>) {
+      if (pipelined) {  // update steps: row r + 1's update in row r's write (step_update.h)
+        const auto levels = [&](const float* xs, float* Q) {
+          RowJob<BufSource> job{a, BufSource{xs}, Q, cols, false, ws};
+          RowQuant rq;
+          return job.quantize(rq);
+        };
+        local = avx512::update_rows_any(src, a, b, e, cols, qp, levels);
+        stream_fence();
+        if (local) bad.store(true, std::memory_order_relaxed);
+        return;
+      }
+    }
+#endif
     for (int64_t r = b; r < e; ++r) {
       if constexpr (Src::kStep) {
         if (one_loop) {
