@@ -24,10 +24,10 @@ enum QuantKind : int64_t {
   kLsbqGreedy = 3,
   kLsbqTernary = 4,
   kLsbqOptimal = 5,
+  kTernaryThreshold = 6,
 };
 // BINARYCONNECT (7): p = hard(x) and the latent clamped to the row's [gamma Q_0,
-// gamma Q_{K-1}]; the CPU and Triton kernels clamp inside their write pass, the CUDA
-// backend is served by parq_kernels.latent_clamp (HARD, then a clamp of the latents).
+// gamma Q_{K-1}]; every kernel clamps inside its write pass.
 enum ProxKind : int64_t {
   kNone = 0,
   kHard = 1,
@@ -142,6 +142,7 @@ struct RowQuant {
   float r;   // uniform half range
   float z;   // asym lowest integer level
   float ztop;
+  float thr;  // threshold ternary: D (v[0] = a_pos, v[1] = a_neg)
   float v[kMaxGreedyBits];
 };
 
@@ -158,6 +159,20 @@ PARQ_HD float q_asym(const RowQuant& rq, float x) {
 PARQ_HD float q_lsbq_ternary(const RowQuant& rq, float x) {
   const float v = rq.v[0];
   return x <= -v / 2 ? -v : (x <= v / 2 ? 0.0f : v);
+}
+// Threshold ternary (SPEC.md §9): a_pos where x >= D, -a_neg where x <= -D, else 0.
+PARQ_HD float q_ternary_threshold(const RowQuant& rq, float x) {
+  return x >= rq.thr ? rq.v[0] : (x <= -rq.thr ? -rq.v[1] : 0.0f);
+}
+// The side levels from the sums and counts of each side (SPEC.md §9): an empty side takes
+// the other side's value, both empty max(D, tiny). Sums in double, one rounding each.
+PARQ_HD void ternary_threshold_levels(RowQuant& rq, double sum_pos, double n_pos,
+                                      double sum_neg, double n_neg) {
+  const float both = maxf(rq.thr, kTiny);
+  const float ap = n_pos > 0.0 ? static_cast<float>(sum_pos / n_pos) : 0.0f;
+  const float an = n_neg > 0.0 ? static_cast<float>(sum_neg / n_neg) : 0.0f;
+  rq.v[0] = n_pos > 0.0 ? ap : (n_neg > 0.0 ? an : both);
+  rq.v[1] = n_neg > 0.0 ? an : (n_pos > 0.0 ? ap : both);
 }
 PARQ_HD float q_optimal_ternary(const RowQuant& rq, float x) {  // A = v[0]
   const float half = rq.v[0] / 2;
@@ -185,6 +200,8 @@ PARQ_HD float quant_q(const RowQuant& rq, float x) {
       return q_asym(rq, x);
     case kLsbqTernary:
       return q_lsbq_ternary(rq, x);
+    case kTernaryThreshold:
+      return q_ternary_threshold(rq, x);
     case kLsbqOptimal:
       if (rq.nv == 0) return q_optimal_ternary(rq, x);
       return q_binary(rq, x);
@@ -234,6 +251,11 @@ PARQ_HD void fill_levels(const RowQuant& rq, float* Q, int K) {
       return;
     case kAsym:
       for (int j = 0; j < K; ++j) Q[j] = (rq.z + static_cast<float>(j)) * rq.s;
+      return;
+    case kTernaryThreshold:
+      Q[0] = -rq.v[1];
+      Q[1] = 0.0f;
+      Q[2] = rq.v[0];
       return;
     default:
       if (levels_need_sort(rq)) {

@@ -19,6 +19,8 @@ struct OpArgs {
   float int_shift;     // UNIFORM
   float zero_point;    // UNIFORM
   float ternary_mult;  // LSBQ_TERNARY
+  float delta_factor;  // TERNARY_THRESHOLD: D = delta_factor * (max|x| or mean|x|)
+  bool delta_max;      // TERNARY_THRESHOLD: D from max|x| (else mean|x|)
   bool center;
   bool update;
   int64_t prox_kind;

@@ -16,6 +16,7 @@ int64_t levels_per_row(const OpArgs& a) {
       return static_cast<int64_t>(std::floor(std::ldexp(1.0, a.bits) - 2.0 * a.int_shift)) + 1;
     case kTernaryUnif:
     case kLsbqTernary:
+    case kTernaryThreshold:
       return 3;
     case kLsbqOptimal:
       return a.bits == 0 ? 3 : (int64_t{1} << a.bits);
@@ -26,11 +27,11 @@ int64_t levels_per_row(const OpArgs& a) {
 
 void check_quantizer(OpArgs& a, c10::ArrayRef<double> qargs) {
   const int64_t kind = a.quant_kind, b = a.bits;
-  TORCH_CHECK(kind >= kUniform && kind <= kLsbqOptimal,
-              "quant_prox_: quant_kind must be a QuantKind in 0..5, got ", kind);
-  const char* names[] = {"UNIFORM", "TERNARY_UNIF", "ASYM", "LSBQ_GREEDY", "LSBQ_TERNARY",
-                         "LSBQ_OPTIMAL"};
-  const size_t want_qargs[] = {3, 0, 0, 0, 1, 0};
+  TORCH_CHECK(kind >= kUniform && kind <= kTernaryThreshold,
+              "quant_prox_: quant_kind must be a QuantKind in 0..6, got ", kind);
+  const char* names[] = {"UNIFORM",      "TERNARY_UNIF", "ASYM",           "LSBQ_GREEDY",
+                         "LSBQ_TERNARY", "LSBQ_OPTIMAL", "TERNARY_THRESHOLD"};
+  const size_t want_qargs[] = {3, 0, 0, 0, 1, 0, 2};
   TORCH_CHECK(qargs.size() == want_qargs[kind], "quant_prox_: qargs of ", names[kind], " has ",
               want_qargs[kind], " entries, got ", qargs.size());
   switch (kind) {
@@ -47,6 +48,17 @@ void check_quantizer(OpArgs& a, c10::ArrayRef<double> qargs) {
     case kLsbqTernary:
       TORCH_CHECK(b == 0, "quant_prox_: bits of ", names[kind], " must be 0, got ", b);
       if (kind == kLsbqTernary) a.ternary_mult = static_cast<float>(qargs[0]);
+      break;
+    case kTernaryThreshold:
+      TORCH_CHECK(b == 0, "quant_prox_: bits of TERNARY_THRESHOLD must be 0, got ", b);
+      TORCH_CHECK(std::isfinite(qargs[0]) && qargs[0] > 0.0,
+                  "quant_prox_: qargs[0] (delta_factor) of TERNARY_THRESHOLD must be finite and "
+                  "> 0, got ", qargs[0]);
+      TORCH_CHECK(qargs[1] == 0.0 || qargs[1] == 1.0,
+                  "quant_prox_: qargs[1] (delta method) of TERNARY_THRESHOLD must be 0 (mean) or "
+                  "1 (max), got ", qargs[1]);
+      a.delta_factor = static_cast<float>(qargs[0]);
+      a.delta_max = qargs[1] != 0.0;
       break;
     case kAsym:
       TORCH_CHECK(b >= 1 && b <= 16, "quant_prox_: bits of ASYM must be in 1..16, got ", b);

@@ -23,6 +23,7 @@ class QuantKind(IntEnum):
     LSBQ_GREEDY = 3  # b >= 1; qargs = ()
     LSBQ_TERNARY = 4  # b == 0; qargs = (ternary_multiplier,)
     LSBQ_OPTIMAL = 5  # b in {0, 1, 2} (b == 1 is greedy); qargs = ()
+    TERNARY_THRESHOLD = 6  # b == 0; qargs = (delta_factor, method: 0 mean|x| / 1 max|x|)
 
 
 class ProxKind(IntEnum):
@@ -72,7 +73,7 @@ def num_levels(kind: QuantKind, bits: int, qargs: tuple[float, ...] = ()) -> int
     """K, the number of levels per row, for a quantizer kind and bit width."""
     if kind == QuantKind.UNIFORM:
         return int((2**bits - 2 * qargs[1]) // 1) + 1
-    if kind in (QuantKind.TERNARY_UNIF, QuantKind.LSBQ_TERNARY):
+    if kind in (QuantKind.TERNARY_UNIF, QuantKind.LSBQ_TERNARY, QuantKind.TERNARY_THRESHOLD):
         return 3
     if kind == QuantKind.LSBQ_OPTIMAL and bits == 0:
         return 3

@@ -123,6 +123,31 @@ def quantize_lsbq_ternary(x: Tensor, ternary_multiplier: float) -> tuple[Tensor,
     return q, Q
 
 
+def quantize_ternary_threshold(
+    x: Tensor, delta_factor: float, delta_max: bool
+) -> tuple[Tensor, Tensor]:
+    """Threshold ternary (SPEC.md §9): ``D = delta_factor * mean|x|`` (``delta_max``:
+    ``* max|x|``), ``Q = [-a_neg, 0, a_pos]`` with ``a_pos`` the mean of the ``x >= D`` and
+    ``a_neg`` the mean of ``-x`` over the ``x <= -D``; an empty side takes the other side's
+    value, both empty ``max(D, tiny)``. ``q = a_pos`` where ``x >= D``, ``-a_neg`` where
+    ``x <= -D`` (the first test wins: ``D = 0``), else 0."""
+    ax = x.abs()
+    D = delta_factor * (_row_amax(ax) if delta_max else _row_mean(ax))
+    pos, neg = x >= D, x <= -D
+    n_pos = pos.sum(dim=1, keepdim=True)
+    n_neg = neg.sum(dim=1, keepdim=True)
+    a_pos = torch.where(pos, x, 0.0).sum(dim=1, keepdim=True) / n_pos.clamp_min(1)
+    a_neg = torch.where(neg, -x, 0.0).sum(dim=1, keepdim=True) / n_neg.clamp_min(1)
+    both_empty = D.clamp_min(_tiny(x))
+    a_pos, a_neg = (
+        torch.where(n_pos > 0, a_pos, torch.where(n_neg > 0, a_neg, both_empty)),
+        torch.where(n_neg > 0, a_neg, torch.where(n_pos > 0, a_pos, both_empty)),
+    )
+    q = torch.where(pos, a_pos, torch.where(neg, -a_neg, torch.zeros_like(x)))
+    Q = torch.cat([-a_neg, torch.zeros_like(a_pos), a_pos], dim=1)
+    return q, Q
+
+
 def optimal_split(x: Tensor, ternary: bool) -> tuple[Tensor, Tensor]:
     """Exact two-cluster split of |x| per row (SPEC.md §3, optimal LSBQ).
 
@@ -188,6 +213,8 @@ def quantize_rows(
         return quantize_lsbq_greedy(x, b)
     if kind == QuantKind.LSBQ_TERNARY:
         return quantize_lsbq_ternary(x, qargs[0])
+    if kind == QuantKind.TERNARY_THRESHOLD:
+        return quantize_ternary_threshold(x, qargs[0], bool(qargs[1]))
     return quantize_lsbq_optimal(x, b)
 
 

@@ -82,6 +82,9 @@ QUANT_CONFIGS = [
     QuantConfig("lsbq-opt-b1", QuantKind.LSBQ_OPTIMAL, 1),
     QuantConfig("lsbq-opt-b2", QuantKind.LSBQ_OPTIMAL, 2),
     QuantConfig("lsbq-opt-b2-center", QuantKind.LSBQ_OPTIMAL, 2, center=True),
+    QuantConfig("ternary-thr-mean", QuantKind.TERNARY_THRESHOLD, 0, (0.7, 0.0)),
+    QuantConfig("ternary-thr-max", QuantKind.TERNARY_THRESHOLD, 0, (0.05, 1.0)),
+    QuantConfig("ternary-thr-center", QuantKind.TERNARY_THRESHOLD, 0, (0.7, 0.0), center=True),
 ]
 
 PROX_CONFIGS = [
@@ -242,7 +245,8 @@ class TinyNet(torch.nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
-def _build(backend, make_quantizer, make_prox, dtype, base, block_size, device, **qopt_kwargs):
+def _build(backend, make_quantizer, make_prox, dtype, base, block_size, device, bits=2,
+           **qopt_kwargs):  # fmt: skip
     from parq.optim import QuantOptimizer
 
     torch.manual_seed(1)
@@ -252,7 +256,7 @@ def _build(backend, make_quantizer, make_prox, dtype, base, block_size, device, 
     else:  # 2-D weights whose columns the block size divides (fc1 has 80, fc2 33)
         weights = [w for w in (model.fc1.weight, model.fc2.weight) if w.size(1) % block_size == 0]
     groups = [
-        {"params": weights, "quant_bits": 2, "quant_block_size": block_size},
+        {"params": weights, "quant_bits": bits, "quant_block_size": block_size},
         {"params": [model.fc1.bias, model.conv.bias]},
     ]
     if base == "sgd":
@@ -284,6 +288,7 @@ def assert_optimizer_matches_reference(
     base: str = "sgd",
     block_size: int | None = None,
     device: str | torch.device = "cpu",
+    bits: int = 2,
     **qopt_kwargs,
 ) -> None:
     """``steps`` QuantOptimizer steps with ``backend`` vs ``reference``, in lockstep.
@@ -296,9 +301,9 @@ def assert_optimizer_matches_reference(
     torch's update itself), ``inv_slope`` and ``num_steps`` equal.
     """
     fast_model, fast = _build(backend, make_quantizer, make_prox, dtype, base, block_size,
-                              device, **qopt_kwargs)  # fmt: skip
+                              device, bits, **qopt_kwargs)  # fmt: skip
     ref_model, ref = _build("reference", make_quantizer, make_prox, dtype, base, block_size,
-                            device, **qopt_kwargs)  # fmt: skip
+                            device, bits, **qopt_kwargs)  # fmt: skip
     g = torch.Generator().manual_seed(2)
     for step in range(steps):
         x = torch.randn(4, 2, 6, 6, generator=g).to(dtype=dtype, device=device)

@@ -95,14 +95,14 @@ def _levels(params, qc):
     return run_op("reference", params, qc, PC["none"], update=True).quants
 
 
-def _run_cpu_bits(params, qc, pc, update, gamma=1.0):
-    quants = None if update else _levels(params, qc)
+def _run_cpu_bits(params, qc, pc, update, gamma=1.0, quants=None):
     out = run_op("cpu", params, qc, pc, update=update, gamma=gamma, quants=quants)
     return out.params + out.quants + [out.flags]
 
 
 @pytest.mark.parametrize(
-    "qname", ["unif-b4", "lsbq-b3", "lsbq-opt-b2-center", "asym-b2", "lsbq-ternary"]
+    "qname",
+    ["unif-b4", "lsbq-b3", "lsbq-opt-b2-center", "asym-b2", "lsbq-ternary", "ternary-thr-mean"],
 )
 def test_deterministic_and_thread_count_independent(qname: str):
     """Bitwise: two runs agree, and 1 thread agrees with 2 (row- vs chunk-parallel path)."""
@@ -112,10 +112,12 @@ def test_deterministic_and_thread_count_independent(qname: str):
     try:
         for pc, update in ((PC["parq-rho0.3"], True), (PC["soft-T5"], False)):
             torch.set_num_threads(2)
-            a = _run_cpu_bits(params, qc, pc, update, gamma=1.25)
-            b = _run_cpu_bits(params, qc, pc, update, gamma=1.25)
+            # stored levels computed once (torch's own sums depend on the thread count)
+            qs = None if update else _levels(params, qc)
+            a = _run_cpu_bits(params, qc, pc, update, gamma=1.25, quants=qs)
+            b = _run_cpu_bits(params, qc, pc, update, gamma=1.25, quants=qs)
             torch.set_num_threads(1)
-            c = _run_cpu_bits(params, qc, pc, update, gamma=1.25)
+            c = _run_cpu_bits(params, qc, pc, update, gamma=1.25, quants=qs)
             for x, y, z in zip(a, b, c, strict=True):
                 assert torch.equal(x, y), "two runs differ"
                 assert torch.equal(x, z), "1 thread and 2 threads differ"
@@ -205,7 +207,7 @@ def test_bad_input_raises_clear_error(case: str):
 
 def _optimizer_cases():
     from parq.optim import ProxHardQuant, ProxPARQ, ProxSoftQuant
-    from parq.quant import LSBQuantizer, UnifQuantizer
+    from parq.quant import LSBQuantizer, TernaryThresholdQuantizer, UnifQuantizer
 
     return {
         "unif-parq-channel": dict(
@@ -225,13 +227,21 @@ def _optimizer_cases():
             make_quantizer=LSBQuantizer,
             make_prox=lambda: ProxSoftQuant(1, 20), base="adamw", quant_per_channel=True,
         ),
+        "ternary-thr-parq-channel": dict(
+            make_quantizer=TernaryThresholdQuantizer, make_prox=lambda: ProxPARQ(0, 25),
+            bits=0, quant_per_channel=True, quant_period=2,
+        ),
+        "ternary-thr-max-hard-tensor-adamw": dict(
+            make_quantizer=lambda: TernaryThresholdQuantizer(0.05, "max"),
+            make_prox=ProxHardQuant, bits=0, base="adamw",
+        ),
     }  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "case",
     ["unif-parq-channel", "lsbq-hard-tensor-shrink", "optimal-parq-block-bf16-adamw",
-     "lsbq-soft-adamw"],
+     "lsbq-soft-adamw", "ternary-thr-parq-channel", "ternary-thr-max-hard-tensor-adamw"],
 )  # fmt: skip
 def test_optimizer_matches_reference(case: str):
     kwargs = _optimizer_cases()[case]

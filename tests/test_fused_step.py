@@ -27,7 +27,7 @@ from parq.optim import (
     ProxSoftQuant,
     QuantOptimizer,
 )
-from parq.quant import LSBQuantizer, TernaryUnifQuantizer, UnifQuantizer
+from parq.quant import LSBQuantizer, TernaryThresholdQuantizer, TernaryUnifQuantizer, UnifQuantizer
 
 STEPS = 32
 SHAPES = [(6, 5), (4, 3, 3, 3), (2, 40), (7,)]  # 2-D, 4-D and a 1-D (quantized per tensor)
@@ -155,6 +155,10 @@ QUANT_PROX = [
      dict(quant_per_channel=True, block=5)),
     ("center-hard-shrink", lambda: UnifQuantizer(center=True), ProxHardQuant,
      dict(quant_per_channel=True, quant_shrink=True)),
+    ("thr-ternary-parq-channel", TernaryThresholdQuantizer, lambda: ProxPARQ(5, 20),
+     dict(quant_per_channel=True, bits=0)),
+    ("thr-ternary-max-hard-tensor", lambda: TernaryThresholdQuantizer(0.05, "max"),
+     ProxHardQuant, dict(quant_per_channel=False, bits=0)),
     ("unif-parq-wd-anneal", UnifQuantizer, lambda: ProxPARQ(5, 20),
      dict(quant_per_channel=True, anneal_wd_frac=0.5, quant_period=1, warmup_steps=0)),
 ]  # fmt: skip

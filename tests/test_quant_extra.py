@@ -160,7 +160,7 @@ def test_ternary_threshold_arguments():
 # -- through QuantOptimizer -----------------------------------------------------------
 
 
-def test_ternary_threshold_generic_path():
+def test_ternary_threshold_takes_the_fused_step():
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 6)
     base = torch.optim.SGD([{"params": [model.weight], "quant_bits": 0},
@@ -172,8 +172,8 @@ def test_ternary_threshold_generic_path():
         model(torch.randn(4, 16)).square().mean().backward()
         opt.step()
     path = opt.step_paths[0]
-    assert path.path == "base step + generic prox"
-    assert path.reason == quantizer.generic_path_reason and path.reason
+    assert path.path == "fused step", path
+    assert not hasattr(quantizer, "generic_path_reason")
     Q = opt.state[model.weight]["quants"]
     assert Q.shape == (6, 3)
     w = model.weight.detach()

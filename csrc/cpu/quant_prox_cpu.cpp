@@ -8,7 +8,8 @@
 // neither depends on the number of threads.
 //
 // Passes over a row, on update steps: [center mean] -> statistics (one per
-// greedy LSBQ bit; optimal LSBQ gathers |x| for one sort) -> write pass. The
+// greedy LSBQ bit; threshold ternary: D, then the sums and counts per side;
+// optimal LSBQ gathers |x| for one sort) -> write pass. The
 // first pass also copies the latent (fused_step_: applies the base update to the
 // latent and the optimizer state) and checks finiteness. Without update, a
 // single pass does that, looks up the stored levels and writes. The two ops
@@ -31,6 +32,7 @@
 #include "step_loop.h"
 #include "step_update.h"
 #include "write_direct.h"
+#include "write_pass.h"
 
 namespace parq {
 namespace {
@@ -165,6 +167,15 @@ struct RowJob {
         const Partial s = stats(Stat::kAbsSum, first, m, nullptr, 0);
         bad |= s.bad;
         rq.v[0] = a.ternary_mult * row_mean(s, n);
+        break;
+      }
+      case kTernaryThreshold: {  // D, then the sums and counts of each side (a second read)
+        const Partial s = stats(a.delta_max ? Stat::kAbsMax : Stat::kAbsSum, first, m, nullptr, 0);
+        bad |= s.bad;
+        rq.thr = a.delta_factor * (a.delta_max ? s.amax : row_mean(s, n));
+        const Partial t = stats(Stat::kSides, false, m, &rq.thr, 0);
+        ternary_threshold_levels(rq, t.sum_pos, static_cast<double>(t.n_pos), t.sum_neg,
+                                 static_cast<double>(t.n_neg));
         break;
       }
       case kLsbqOptimal:

@@ -1,6 +1,6 @@
 // The write pass of float32 rows straight from the latent, with AVX-512: one loop
 // loads 16 latents (software prefetch ahead), projects them and stores p, where the
-// general write pass (row_stats.h: write_chunk) copies a block into an L1 buffer, maps
+// general write pass (write_pass.h: write_chunk) copies a block into an L1 buffer, maps
 // it, then stores it. The general pass runs its phases one after the other, so the
 // division of the uniform quantizer waits for the loads instead of overlapping them;
 // on the long rows of per-tensor groups that was 40 % of an update step.
