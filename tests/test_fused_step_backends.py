@@ -87,6 +87,9 @@ QUANT_PROX = [
     ("lsbq-opt-b0", "parq-rho0.3"),
     ("lsbq-opt-b2", "hard"),
     ("unif-b8", "none"),
+    ("ternary-thr-mean", "parq-rho0.3"),
+    ("ternary-thr-max", "hard"),
+    ("ternary-thr-center", "relax-0.4"),
 ]
 
 

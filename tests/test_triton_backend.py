@@ -35,10 +35,11 @@ PC = {pc.name: pc for pc in PROX_CONFIGS}
 # one tile class (BLOCK 16): 1, 7 and 13 columns, an empty tensor, empty rows, an all-zero row
 SMALL = [(3, 7), (2, 1), (1, 13), (0, 5), (2, 0)]
 # K <= 16 (compare-and-select) and K > 16 (binary search), arithmetic and binary levels
-NON_UPDATE_QCS = ["unif-b8", "lsbq-b4", "ternary-unif", "lsbq-b8"]
+NON_UPDATE_QCS = ["unif-b8", "lsbq-b4", "ternary-unif", "lsbq-b8", "ternary-thr-max"]
 # one config per QuantKind (+ center) for the costlier shape sets
 PER_KIND = ["unif-b3-center", "maxunif-b4", "ternary-unif", "asym-b4", "lsbq-b3",
-            "lsbq-ternary", "lsbq-opt-b0", "lsbq-opt-b2-center"]  # fmt: skip
+            "lsbq-ternary", "lsbq-opt-b0", "lsbq-opt-b2-center", "ternary-thr-mean",
+            "ternary-thr-center"]  # fmt: skip
 
 
 @pytest.fixture(params=TRITON_DEVICES)
@@ -88,7 +89,8 @@ def test_wide_and_long_rows(tdev, qname):
     assert_matches_reference("triton", params, QC[qname], PC["hard"], update=False)
 
 
-CHUNKED = ["unif-b3-center", "ternary-unif", "asym-b4", "lsbq-b3", "lsbq-opt-b2-center"]
+CHUNKED = ["unif-b3-center", "ternary-unif", "asym-b4", "lsbq-b3", "lsbq-opt-b2-center",
+           "ternary-thr-mean", "ternary-thr-max", "ternary-thr-center"]  # fmt: skip
 
 
 @pytest.mark.parametrize("qname", CHUNKED)
@@ -112,7 +114,7 @@ def _plan(params, qc):
 @pytest.mark.parametrize(
     "qname,pname",
     [("unif-b4", "soft-T5"), ("lsbq-b2", "hard"), ("asym-b2", "parq-rho0.3"),
-     ("lsbq-opt-b0", "relax-0.4"), ("ternary-unif", "none")],
+     ("lsbq-opt-b0", "relax-0.4"), ("ternary-unif", "none"), ("ternary-thr-mean", "hard")],
 )  # fmt: skip
 def test_half_precision(tdev, dtype, qname, pname):
     """bf16/fp16 storage, float32 compute: update and non-update steps."""
@@ -208,12 +210,14 @@ def test_launches_per_step_do_not_grow_with_params(tdev, n_layers):
 @pytest.mark.skipif(not TRITON_DEVICES, reason="no device for Triton (no GPU, no interpreter)")
 @pytest.mark.parametrize(
     "case",
-    ["lsbq-perchannel-parq-warmup", "unif-perblock-soft-adamw", "optimal-pertensor-relax"],
-)
+    ["lsbq-perchannel-parq-warmup", "unif-perblock-soft-adamw", "optimal-pertensor-relax",
+     "thr-ternary-perchannel-parq", "thr-ternary-pertensor-hard-adamw"],
+)  # fmt: skip
 def test_optimizer_lockstep(case):
     """30 QuantOptimizer steps, triton vs reference in lockstep (phases: warmup, anneal, hard)."""
     from parq.optim import ProxBinaryRelax, ProxPARQ, ProxSoftQuant
-    from parq.quant import LSBQuantizer, UnifQuantizer
+    from parq.optim import ProxHardQuant
+    from parq.quant import LSBQuantizer, TernaryThresholdQuantizer, UnifQuantizer
 
     dev = TRITON_DEVICES[0]
     if case == "lsbq-perchannel-parq-warmup":
@@ -227,6 +231,16 @@ def test_optimizer_lockstep(case):
             "triton", UnifQuantizer, lambda: ProxSoftQuant(2, 22), device=dev, base="adamw",
             block_size=16,
             quant_period=5, quant_per_channel=True,
+        )  # fmt: skip
+    elif case == "thr-ternary-perchannel-parq":
+        assert_optimizer_matches_reference(
+            "triton", TernaryThresholdQuantizer, lambda: ProxPARQ(4, 24), device=dev, bits=0,
+            quant_period=2, quant_per_channel=True,
+        )  # fmt: skip
+    elif case == "thr-ternary-pertensor-hard-adamw":
+        assert_optimizer_matches_reference(
+            "triton", lambda: TernaryThresholdQuantizer(0.05, "max"), ProxHardQuant, device=dev,
+            bits=0, base="adamw", quant_period=3,
         )  # fmt: skip
     else:
         assert_optimizer_matches_reference(

@@ -25,7 +25,9 @@ from parq_kernels.triton.stats import (
     S_QMAX,
     S_SCALE,
     S_V,
+    S_THR,
     S_ZERO,
+    TERNARY_THRESHOLD,
     TERNARY_UNIF,
     UNIFORM,
     round_half_even,
@@ -62,6 +64,11 @@ def quantizer_q(xc, st, rmask, qa0, qa2, KIND: tl.constexpr, BITS: tl.constexpr,
     elif KIND == LSBQ_TERNARY:
         v = tl.load(st + S_V, mask=rmask, other=0.0)
         q = tl.where(xc <= -v / 2, -v, tl.where(xc <= v / 2, 0.0, v))
+    elif KIND == TERNARY_THRESHOLD:  # a_pos where x >= D, -a_neg where x <= -D, else 0
+        d = tl.load(st + S_THR, mask=rmask, other=0.0)
+        ap = tl.load(st + S_V, mask=rmask, other=0.0)
+        an = tl.load(st + S_V + 1, mask=rmask, other=0.0)
+        q = tl.where(xc >= d, ap, tl.where(xc <= -d, -an, 0.0))
     elif K == 3:  # optimal ternary: A = hi
         half = tl.load(st + S_V, mask=rmask, other=0.0) / 2
         s1 = sgn(xc)

@@ -18,6 +18,7 @@ from parq_kernels.triton import plan as plans
 from parq_kernels.triton.apply import _apply_kernel
 from parq_kernels.triton.stats import (
     NST,
+    SIDES,
     _finalize_kernel,
     _levels_kernel,
     _partials_kernel,
@@ -174,6 +175,8 @@ def update_levels(plan, src, stats, kind, bits, K, qargs, center, gamma) -> Tens
         if center:
             stats_pass(0)
         stats_pass(1)
+        if kind == QuantKind.TERNARY_THRESHOLD:  # D first, then the sums per side
+            stats_pass(SIDES.value)
         if kind == QuantKind.LSBQ_GREEDY:
             for k in range(2, bits + 1):
                 stats_pass(k)

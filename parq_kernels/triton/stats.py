@@ -11,7 +11,9 @@ and writes the row's statistics (``STATS``, ``(R, NST)`` float32):
   the quantizer's scale (uniform, ternary, asym), zero point (asym) or first
   LSBQ coefficient ``v_1`` follows;
 * pass ``k >= 2`` (greedy LSBQ): ``v_k = mean|r_{k-1}|``, the residual being
-  recomputed from ``x'`` and ``v_1..v_{k-1}`` exactly as the quantizer does.
+  recomputed from ``x'`` and ``v_1..v_{k-1}`` exactly as the quantizer does;
+* pass ``SIDES`` (threshold ternary, after pass 1 gave ``D``): the sums and counts of
+  the ``x' >= D`` and of the ``-x'`` with ``x' <= -D``, from which ``a_pos`` and ``a_neg``.
 
 ``_levels_kernel`` then writes each row's ``K`` levels (``QWS``, ``(R, K)``);
 the binary LSBQ levels are sorted afterwards by the launcher (``torch.sort``).
@@ -30,7 +32,8 @@ S_MEAN = tl.constexpr(0)
 S_SCALE = tl.constexpr(1)
 S_QMAX = tl.constexpr(2)
 S_ZERO = tl.constexpr(3)
-S_V = tl.constexpr(4)  # v_1..v_8 (LSBQ), or v (LSBQ ternary), or A (optimal ternary)
+S_V = tl.constexpr(4)  # v_1..v_8 (LSBQ), v (LSBQ ternary), A (optimal ternary), a_pos, a_neg
+S_THR = tl.constexpr(1)  # threshold ternary: D (in the scale's column)
 NST = tl.constexpr(12)
 NP = tl.constexpr(4)  # PART columns
 
@@ -41,6 +44,9 @@ ASYM = tl.constexpr(2)
 LSBQ_GREEDY = tl.constexpr(3)
 LSBQ_TERNARY = tl.constexpr(4)
 LSBQ_OPTIMAL = tl.constexpr(5)
+TERNARY_THRESHOLD = tl.constexpr(6)
+
+SIDES = tl.constexpr(16)  # the statistics pass of threshold ternary's side sums and counts
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny
 INF = tl.constexpr(float("inf"))
@@ -122,6 +128,13 @@ def partial_stats(x, r, c, rmask, mask, row0, t, STATS, PART, PAD, pad_ld, PASS:
         out = PART + (pslot + r) * NP
         if PASS == 0:
             tl.store(out, tl.sum(x, axis=1)[:, None], mask=rmask)
+        elif PASS == SIDES:
+            d = tl.load(st + S_THR, mask=rmask, other=0.0)
+            sp, cp, sn, cn = side_sums(x, mask, d)
+            tl.store(out, sp[:, None], mask=rmask)
+            tl.store(out + 1, cp[:, None], mask=rmask)
+            tl.store(out + 2, sn[:, None], mask=rmask)
+            tl.store(out + 3, cn[:, None], mask=rmask)
         elif PASS == 1:
             ax = tl.abs(x)
             tl.store(out, tl.sum(tl.where(mask, ax, 0.0), axis=1)[:, None], mask=rmask)
@@ -152,6 +165,9 @@ def _finalize_kernel(
     amax = tl.full([ROWS], -INF, tl.float32)
     mn = tl.full([ROWS], INF, tl.float32)
     mx = tl.full([ROWS], -INF, tl.float32)
+    s1 = tl.zeros([ROWS], tl.float32)
+    s2 = tl.zeros([ROWS], tl.float32)
+    s3 = tl.zeros([ROWS], tl.float32)
     for k in range(0, max_chunks):
         ok = rmask & (k < count)
         part = PART + (first + k) * NP
@@ -160,10 +176,16 @@ def _finalize_kernel(
             amax = tl.maximum(amax, tl.load(part + 1, mask=ok, other=-INF))
             mn = tl.minimum(mn, tl.load(part + 2, mask=ok, other=INF))
             mx = tl.maximum(mx, tl.load(part + 3, mask=ok, other=-INF))
+        elif PASS == SIDES:
+            s1 = s1 + tl.load(part + 1, mask=ok, other=0.0)
+            s2 = s2 + tl.load(part + 2, mask=ok, other=0.0)
+            s3 = s3 + tl.load(part + 3, mask=ok, other=0.0)
     nonempty = n > 0
     mean = tl.where(nonempty, s0 / tl.maximum(n, 1.0), 0.0)
     st = STATS + rows * NST
-    if PASS == 0:
+    if PASS == SIDES:
+        store_sides(st, rmask, s0, s1, s2, s3)
+    elif PASS == 0:
         tl.store(st + S_MEAN, mean, mask=rmask)
     elif PASS == 1:
         store_scale(st, rmask, nonempty, mean, amax, mn, mx, qa0, qa1, KIND, BITS)
@@ -192,8 +214,36 @@ def store_scale(st, rmask, nonempty, mean, amax, mn, mx, qa0, qa1,
         tl.store(st + S_ZERO, round_half_even(mn / s), mask=rmask)
     elif KIND == LSBQ_TERNARY:  # qa0 = ternary_multiplier
         tl.store(st + S_V, qa0 * mean, mask=rmask)
+    elif KIND == TERNARY_THRESHOLD:  # qa0 = delta_factor, qa1 = 1: D from max|x|, 0: mean|x|
+        tl.store(st + S_THR, qa0 * tl.where(qa1 != 0.0, amax, mean), mask=rmask)
     else:  # greedy LSBQ: v_1
         tl.store(st + S_V, mean, mask=rmask)
+
+
+@triton.jit
+def side_sums(x, mask, d):
+    """Threshold ternary, per row of the tile ``x``: the sum and count of the ``x >= d``
+    and of the ``-x`` with ``x <= -d`` (``d``: ``(ROWS, 1)``; counts as float32)."""
+    pos = mask & (x >= d)
+    neg = mask & (x <= -d)
+    sp = tl.sum(tl.where(pos, x, 0.0), axis=1)
+    cp = tl.sum(tl.where(pos, 1.0, 0.0), axis=1)
+    sn = tl.sum(tl.where(neg, -x, 0.0), axis=1)
+    cn = tl.sum(tl.where(neg, 1.0, 0.0), axis=1)
+    return sp, cp, sn, cn
+
+
+@triton.jit
+def store_sides(st, rmask, sp, cp, sn, cn):
+    """``a_pos``, ``a_neg`` from the side sums and counts (SPEC.md §9): an empty side takes
+    the other side's value, both empty ``max(D, tiny)`` (``D`` read from ``st``)."""
+    both = tl.maximum(tl.load(st + S_THR, mask=rmask, other=0.0), TINY)
+    ap = sp / tl.maximum(cp, 1.0)
+    an = sn / tl.maximum(cn, 1.0)
+    a_pos = tl.where(cp > 0, ap, tl.where(cn > 0, an, both))
+    a_neg = tl.where(cn > 0, an, tl.where(cp > 0, ap, both))
+    tl.store(st + S_V, a_pos, mask=rmask)
+    tl.store(st + S_V + 1, a_neg, mask=rmask)
 
 
 @triton.jit
@@ -233,6 +283,10 @@ def whole_rows_stats(x, mask, row0, t, STATS, qa0, qa1, KIND: tl.constexpr, BITS
     mn = tl.min(tl.where(mask, x, INF), axis=1)
     mx = tl.max(tl.where(mask, x, -INF), axis=1)
     store_scale(st, rmask1, nonempty, mean, amax, mn, mx, qa0, qa1, KIND, BITS)
+    if KIND == TERNARY_THRESHOLD:  # the second read of the rows is from registers
+        d = qa0 * tl.where(qa1 != 0.0, tl.where(nonempty, amax, 0.0), mean)
+        sp, cp, sn, cn = side_sums(x, mask, d[:, None])
+        store_sides(st, rmask1, sp, cp, sn, cn)
     if KIND == LSBQ_GREEDY:
         res = x
         v = mean
@@ -268,6 +322,10 @@ def _levels_kernel(
         s = tl.load(st + S_SCALE, mask=rmask, other=0.0)
         z = tl.load(st + S_ZERO, mask=rmask, other=0.0)
         Q = (z + jf) * s
+    elif KIND == TERNARY_THRESHOLD:  # [-a_neg, 0, a_pos]
+        ap = tl.load(st + S_V, mask=rmask, other=0.0)
+        an = tl.load(st + S_V + 1, mask=rmask, other=0.0)
+        Q = tl.where(j == 0, -an, tl.where(j == 1, 0.0, ap))
     elif K == 3:  # LSBQ ternary, optimal ternary: [-v, 0, v]
         v = tl.load(st + S_V, mask=rmask, other=0.0)
         Q = tl.where(j == 0, -v, tl.where(j == 1, 0.0, v))
