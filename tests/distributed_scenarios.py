@@ -21,6 +21,7 @@ from parq.quant import (
     AsymUnifQuantizer,
     LSBQuantizer,
     MaxUnifQuantizer,
+    TernaryThresholdQuantizer,
     TernaryUnifQuantizer,
     UnifQuantizer,
 )
@@ -94,6 +95,17 @@ CONFIGS = {
         prox="hard",
         base="sgd",
         collectives=3,
+    ),
+    # per-tensor threshold ternary (SPEC §9): D (global mean or max), then the global
+    # sums and counts of each side: 2 rounds per group
+    "tensor-threshold-parq-adamw": dict(
+        groups=[(WEIGHTS_BLOCK, 0, None), (WEIGHTS_CHAN, 0, None), (BIASES, 0, None)],
+        per_channel=False,
+        qmap={0: TernaryThresholdQuantizer(), 1: TernaryThresholdQuantizer(0.05, "max"),
+              2: TernaryThresholdQuantizer(0.5)},  # fmt: skip
+        prox="parq",
+        base="adamw",
+        collectives=2 + 2 + 2,
     ),
 }
 
@@ -568,4 +580,5 @@ def suite_world2(rank: int, world: int, ckpt_dir: str) -> dict:
 
 
 def suite_world3(rank: int, world: int) -> dict:
-    return {"equivalence": equivalence(rank, world, ["channel-parq-sgd", "tensor-parq-adamw"])}
+    names = ["channel-parq-sgd", "tensor-parq-adamw", "tensor-threshold-parq-adamw"]
+    return {"equivalence": equivalence(rank, world, names)}

@@ -57,7 +57,9 @@ def test_sharded_equals_unsharded_world2(world2, config):
     _check_run(_part(world2, "equivalence")[config], CONFIGS[config]["collectives"])
 
 
-@pytest.mark.parametrize("config", ["channel-parq-sgd", "tensor-parq-adamw"])
+@pytest.mark.parametrize(
+    "config", ["channel-parq-sgd", "tensor-parq-adamw", "tensor-threshold-parq-adamw"]
+)
 def test_sharded_equals_unsharded_world3_uneven(world3, config):
     """33, 16, 6, 5 and 2 rows over 3 ranks (11/11/11, 6/6/4, 2/2/2, 2/2/1, 1/1/0)."""
     _check_run(_part(world3, "equivalence")[config], CONFIGS[config]["collectives"])

@@ -6,7 +6,8 @@ per-channel quantization of a ``Shard(d >= 1)`` one). Every mean, max and sum
 the quantizer needs is reduced over the group's process group, batched over all
 the rows of a parameter group: one ``all_gather_single`` of a small float64
 vector per reduction round, which every rank reduces in the same order (so the
-levels are bitwise equal on every rank). Optimal LSBQ (b = 0, 2) all-gathers
+levels are bitwise equal on every rank); threshold ternary takes two rounds (the
+threshold, then the sums and counts of each side). Optimal LSBQ (b = 0, 2) all-gathers
 the magnitudes instead and runs the reference's exact split on them. The math
 is :func:`parq_kernels.reference.quantize_rows` with global statistics.
 """
@@ -188,6 +189,8 @@ def _by_stats(xs, ns, groups, kind: QuantKind, b: int, qargs, need_q) -> tuple[l
             out.append((q, Q))
         return out, [not bool(torch.isfinite(a).all() and torch.isfinite(c).all())
                      for a, c in zip(M_max, M_negmin, strict=True)]  # fmt: skip
+    if kind == QuantKind.TERNARY_THRESHOLD:
+        return _threshold(xs, ns, groups, qargs, need_q)
     if kind == QuantKind.TERNARY_UNIF:
         _, (M,) = _reduce_one(groups, [[] for _ in xs], [[_abs_max(x)] for x in xs])
         out = []
@@ -213,6 +216,41 @@ def _by_stats(xs, ns, groups, kind: QuantKind, b: int, qargs, need_q) -> tuple[l
         if need_q:
             q = (torch.round(torch.clamp(x, -q_max, q_max) / s - zero_point) + zero_point) * s
         out.append((q, (torch.arange(K, dtype=x.dtype, device=x.device) - r) * s))
+    return out, [not bool(torch.isfinite(m).all()) for m in M]
+
+
+def _threshold(xs, ns, groups, qargs, need_q) -> tuple[list, list[bool]]:
+    """Threshold ternary (SPEC.md §9) with global statistics, two reductions: ``D`` from
+    the global mean|x| (or max|x|), then the global sums and counts of each side."""
+    factor, by_max = qargs[0], bool(qargs[1])
+    if by_max:
+        _, (M,) = _reduce_one(groups, [[] for _ in xs], [[_abs_max(x)] for x in xs])
+        Ds = [factor * m.float() for m in M]
+    else:
+        (M,), _ = _reduce_one(groups, [[_abs_sum(x)] for x in xs])
+        Ds = [factor * _means(s, n) for s, n in zip(M, ns, strict=True)]
+    sides = []
+    for x, D in zip(xs, Ds, strict=True):
+        pos, neg = x >= D, x <= -D
+        sides.append([torch.where(pos, x, 0.0).double().sum(dim=1, keepdim=True),
+                      pos.double().sum(dim=1, keepdim=True),
+                      torch.where(neg, -x, 0.0).double().sum(dim=1, keepdim=True),
+                      neg.double().sum(dim=1, keepdim=True)])  # fmt: skip
+    (SP, NP, SN, NN), _ = _reduce_one(groups, sides)
+    tiny = torch.finfo(torch.float32).tiny
+    out = []
+    for x, D, sp, n_pos, sn, n_neg in zip(xs, Ds, SP, NP, SN, NN, strict=True):
+        a_pos = (sp / n_pos.clamp_min(1)).float()
+        a_neg = (sn / n_neg.clamp_min(1)).float()
+        both = D.clamp_min(tiny)
+        a_pos, a_neg = (
+            torch.where(n_pos > 0, a_pos, torch.where(n_neg > 0, a_neg, both)),
+            torch.where(n_neg > 0, a_neg, torch.where(n_pos > 0, a_pos, both)),
+        )
+        q = None
+        if need_q:
+            q = torch.where(x >= D, a_pos, torch.where(x <= -D, -a_neg, torch.zeros_like(x)))
+        out.append((q, torch.cat([-a_neg, torch.zeros_like(a_pos), a_pos], dim=1)))
     return out, [not bool(torch.isfinite(m).all()) for m in M]
 
 
