@@ -101,8 +101,11 @@ CONFIGS = {
     "tensor-threshold-parq-adamw": dict(
         groups=[(WEIGHTS_BLOCK, 0, None), (WEIGHTS_CHAN, 0, None), (BIASES, 0, None)],
         per_channel=False,
-        qmap={0: TernaryThresholdQuantizer(), 1: TernaryThresholdQuantizer(0.05, "max"),
-              2: TernaryThresholdQuantizer(0.5)},  # fmt: skip
+        qmap={
+            0: TernaryThresholdQuantizer(),
+            1: TernaryThresholdQuantizer(0.05, "max"),
+            2: TernaryThresholdQuantizer(0.5),
+        },  # fmt: skip
         prox="parq",
         base="adamw",
         collectives=2 + 2 + 2,

@@ -215,8 +215,7 @@ def test_launches_per_step_do_not_grow_with_params(tdev, n_layers):
 )  # fmt: skip
 def test_optimizer_lockstep(case):
     """30 QuantOptimizer steps, triton vs reference in lockstep (phases: warmup, anneal, hard)."""
-    from parq.optim import ProxBinaryRelax, ProxPARQ, ProxSoftQuant
-    from parq.optim import ProxHardQuant
+    from parq.optim import ProxBinaryRelax, ProxHardQuant, ProxPARQ, ProxSoftQuant
     from parq.quant import LSBQuantizer, TernaryThresholdQuantizer, UnifQuantizer
 
     dev = TRITON_DEVICES[0]
