@@ -26,8 +26,6 @@ from collections.abc import Callable
 
 import torch
 
-from parq_kernels.latent_clamp import serve_binaryconnect
-
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
 ENV_VAR = "PARQ_KERNELS_BACKEND"
@@ -69,10 +67,7 @@ def _load(name: str) -> tuple[dict[str, Callable] | None, str]:
         return None, f"extension parq_kernels._C not built ({exc}); {BUILD_HINT}"
     if name == "cuda" and not getattr(ext, "HAS_CUDA", False):
         return None, "parq_kernels._C was built without CUDA kernels"
-    ops = {op: _op_caller(name, op) for op in ALL_OPS if _has_kernel(op, name)}
-    if name == "cuda":  # the CPU kernels clamp BinaryConnect's latents in their write pass
-        ops = {op: serve_binaryconnect(op, fn) if op in OPS else fn for op, fn in ops.items()}
-    return ops, ""
+    return {op: _op_caller(name, op) for op in ALL_OPS if _has_kernel(op, name)}, ""
 
 
 def _has_kernel(op: str, name: str) -> bool:

@@ -291,8 +291,9 @@ def apply_prox(x: Tensor, q: Tensor | None, Q: Tensor, kind: int, arg: float) ->
 def clamp_latents_(latents: list[Tensor], quants: list[Tensor], gamma: float) -> None:
     """BinaryConnect's clipped latents (SPEC.md §9): each row of ``latents[i]`` (2-D,
     any float dtype) is clamped in float32 to ``[gamma Q_0, gamma Q_{K-1}]`` of its row of
-    ``quants[i]`` (``(rows, K)``), the level range in the latent's (unshrunk) scale. Every
-    backend calls this same function after its pass, so the clamp is bitwise identical."""
+    ``quants[i]`` (``(rows, K)``), the level range in the latent's (unshrunk) scale. The
+    reference backend, the generic path and the sharded path call it after their pass; the
+    CPU, CUDA and Triton kernels do the same float32 clamp inside their write pass."""
     for latent, Q in zip(latents, quants, strict=True):
         if latent.numel() == 0:
             continue

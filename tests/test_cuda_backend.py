@@ -2,8 +2,9 @@
 
 ``quant_prox_`` over the house grid here; ``fused_step_`` over its grid in
 test_fused_step_backends.py (the ``cuda`` entry), plus what only this backend
-has here: long rows, launches of more than 40 parameters, and whole-optimizer
-lockstep runs through the fused step.
+has here: long rows, launches of more than 40 parameters, whole-optimizer
+lockstep runs through the fused step, BinaryConnect's latent clamp in the
+write pass and threshold ternary's two-read statistics.
 
 Skipped without a CUDA GPU or without an extension built with CUDA kernels.
 """
@@ -14,8 +15,10 @@ import pytest
 import torch
 from kernel_harness import (
     DTYPES,
+    LEVEL_RTOL,
     PROX_CONFIGS,
     QUANT_CONFIGS,
+    ProxConfig,
     _assert_rounding_close,
     assert_matches_reference,
     assert_optimizer_matches_reference,
@@ -26,7 +29,7 @@ from kernel_harness import (
 from step_harness import OC, assert_step_matches_reference, make_state, run_step
 
 from parq_kernels import backends
-from parq_kernels.ops import QuantKind
+from parq_kernels.ops import ProxKind, QuantKind
 
 _IMPL, _WHY = backends._load("cuda")
 pytestmark = pytest.mark.skipif(
@@ -170,3 +173,72 @@ def test_cuda_optimizer_takes_the_fused_step(base: str):
     assert qopt.step_paths[0].path == "fused step", qopt.step_paths
     # hard-quantized per tensor: every weight is one of the stored levels
     assert torch.isin(model.weight.detach(), qopt.state[model.weight]["quants"]).all()
+
+
+# ---------------------------------------------------------------------------
+# BinaryConnect's latent clamp in the write pass, threshold ternary (SPEC.md §9).
+# ---------------------------------------------------------------------------
+
+BC = ProxConfig("binaryconnect", ProxKind.BINARYCONNECT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("qname", ["unif-b2", "unif-b3-center", "lsbq-b3", "ternary-thr-mean"])
+def test_cuda_binaryconnect_clamps_in_the_write_pass(qname, dtype):
+    """Weights and levels as HARD; the latent clamped to [gamma Q_0, gamma Q_{K-1}] as the
+    reference clamps it, inside the range untouched; a NaN input keeps its old latent."""
+    params = make_rows([(3, 7), (2, 1023), (1, 4097)], dtype=dtype, device="cuda", seed=12)
+    params[1][0, 5] = float("nan")
+    qc = QC[qname]
+    for update, gamma in ((True, 1.0), (False, 1.0), (True, 1.5)):
+        quants = None if update else run_op("reference", params, qc, BC, True, gamma).quants
+        out = run_op("cuda", params, qc, BC, update, gamma, quants)
+        hard = run_op("cuda", params, qc, PC["hard"], update, gamma, quants)
+        ref = run_op("reference", params, qc, BC, update, gamma, quants)
+        assert out.flags.tolist() == ref.flags.tolist() == [0, 1, 0]
+        for i, p in enumerate(params):
+            assert torch.equal(out.params[i], hard.params[i])
+            assert torch.equal(out.quants[i], hard.quants[i])
+            Q, lat = out.quants[i], out.latents[i].float()
+            lo, hi = Q[:, :1] * gamma, Q[:, -1:] * gamma
+            assert bool(((lat >= lo) & (lat <= hi)).all())
+            old = expected_latent(p).float()
+            inside = (old >= lo) & (old <= hi)
+            assert torch.equal(lat[inside], old[inside])
+            scale = Q.abs().amax(dim=1, keepdim=True)
+            tol = 2 * LEVEL_RTOL * gamma * scale + 2 * torch.finfo(dtype).eps * lat.abs()
+            assert bool(((lat - ref.latents[i].float()).abs() <= tol).all())
+
+
+def test_cuda_binaryconnect_fused_step_clamps_the_stepped_latent():
+    latents = make_rows([(3, 40), (1, 5000)], device="cuda", seed=13)
+    for oc in ("sgd-mom-wd", "adamw"):
+        assert_step_matches_reference("cuda", latents, OC[oc], QC["unif-b2"], BC, update=False)
+        out = run_step("cuda", latents, *make_state(latents, OC[oc]), OC[oc], QC["unif-b2"], BC)
+        for lat, Q in zip(out.latents, out.quants, strict=True):
+            assert bool((lat >= Q[:, :1]).all() and (lat <= Q[:, -1:]).all())
+
+
+@pytest.mark.parametrize("qname", ["ternary-thr-mean", "ternary-thr-max", "ternary-thr-center"])
+def test_cuda_threshold_ternary_long_rows(qname):
+    """Per-tensor groups of ~1e5 elements: D from the first pass, the side sums from a second."""
+    params = make_rows([(1, 100_003), (2, 40_000)], device="cuda", seed=14)
+    for pc in (PC["hard"], PC["parq-rho0.3"]):
+        assert_matches_reference("cuda", params, QC[qname], pc, update=True)
+    assert_step_matches_reference("cuda", params, OC["adamw"], QC[qname], PC["hard"])
+
+
+@pytest.mark.parametrize("make_prox", ["binaryconnect", "parq"])
+def test_cuda_optimizer_lockstep_threshold_ternary_and_binaryconnect(make_prox):
+    from parq.optim import ProxBinaryConnect, ProxPARQ
+    from parq.quant import TernaryThresholdQuantizer, UnifQuantizer
+
+    if make_prox == "binaryconnect":
+        assert_optimizer_matches_reference("cuda", UnifQuantizer, ProxBinaryConnect, steps=30,
+                                           device="cuda", quant_period=3,
+                                           quant_per_channel=True)  # fmt: skip
+    else:
+        assert_optimizer_matches_reference("cuda", TernaryThresholdQuantizer,
+                                           lambda: ProxPARQ(3, 20), steps=30, device="cuda",
+                                           bits=0, quant_period=2,
+                                           quant_per_channel=True)  # fmt: skip

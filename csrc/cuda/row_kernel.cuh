@@ -7,7 +7,9 @@
 //
 // Passes over a row (update steps): statistics (+ the source's first-pass work:
 // latent copy or base update; finiteness) -> [centered statistics] -> [one pass
-// per further greedy bit] -> levels (thread 0, shared memory) -> write pass.
+// per further greedy bit; threshold ternary: one pass for the sums and counts of
+// each side, once D is known] -> levels (thread 0, shared memory) -> write pass
+// (BinaryConnect: the latent is clamped to the row's level range there).
 // Without update: the stored levels are loaded into shared memory and one pass
 // does the first-pass work, checks, projects and writes.
 // Thread t handles elements t, t + kThreads, ... of its row on every pass, and
@@ -94,6 +96,60 @@ __device__ Stats row_stats(const Src& src, int64_t n, bool first, float m, const
   return block_reduce(s, sh);
 }
 
+// Threshold ternary's side statistics (SPEC.md §9): the sum and count of the x - m >= d,
+// and of the -(x - m) with x - m <= -d; counts in double (exact).
+struct Sides {
+  double sum_pos;
+  double n_pos;
+  double sum_neg;
+  double n_neg;
+};
+
+// Block-wide reduction of Sides, the same fixed tree as block_reduce.
+__device__ Sides block_reduce_sides(Sides s, Sides* sh) {
+  for (int o = 16; o > 0; o >>= 1) {
+    s.sum_pos += __shfl_down_sync(0xffffffffu, s.sum_pos, o);
+    s.n_pos += __shfl_down_sync(0xffffffffu, s.n_pos, o);
+    s.sum_neg += __shfl_down_sync(0xffffffffu, s.sum_neg, o);
+    s.n_neg += __shfl_down_sync(0xffffffffu, s.n_neg, o);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) sh[warp] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Sides t = sh[0];
+    for (int w = 1; w < kWarps; ++w) {
+      t.sum_pos += sh[w].sum_pos;
+      t.n_pos += sh[w].n_pos;
+      t.sum_neg += sh[w].sum_neg;
+      t.n_neg += sh[w].n_neg;
+    }
+    sh[kWarps] = t;
+  }
+  __syncthreads();
+  const Sides out = sh[kWarps];
+  __syncthreads();
+  return out;
+}
+
+// The side pass of threshold ternary over the row (a later pass: the latent is re-read).
+template <typename Src>
+__device__ Sides row_sides(const Src& src, int64_t n, float m, float d, Sides* sh) {
+  Sides s{0.0, 0.0, 0.0, 0.0};
+  for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+    const float r = src.again(i) - m;
+    if (r >= d) {
+      s.sum_pos += r;
+      s.n_pos += 1.0;
+    }
+    if (r <= -d) {
+      s.sum_neg += -r;
+      s.n_neg += 1.0;
+    }
+  }
+  return block_reduce_sides(s, sh);
+}
+
 __device__ float row_mean(double sum, int64_t n) {
   return n > 0 ? static_cast<float>(sum / static_cast<double>(n)) : 0.0f;
 }
@@ -107,6 +163,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float sQ[kMaxK];
   __shared__ float sM[kMaxK];
   __shared__ Stats sh[kWarps + 1];
+  __shared__ Sides shs[kWarps + 1];
   __shared__ RowQuant srq;
 
   int64_t row = blockIdx.x;
@@ -153,6 +210,12 @@ __global__ void __launch_bounds__(kThreads)
       case kLsbqTernary:
         rq.v[0] = a.ternary_mult * row_mean(s.sum_abs, n);
         break;
+      case kTernaryThreshold: {  // D, then the sums and counts of each side (a second read)
+        rq.thr = a.delta_factor * (a.delta_max ? s.amax : row_mean(s.sum_abs, n));
+        const Sides t = row_sides(src, n, rq.m, rq.thr, shs);
+        ternary_threshold_levels(rq, t.sum_pos, t.n_pos, t.sum_neg, t.n_neg);
+        break;
+      }
       default:  // greedy (optimal b = 1 is greedy)
         rq.nv = b;
         rq.v[0] = row_mean(s.sum_abs, n);
@@ -185,10 +248,16 @@ __global__ void __launch_bounds__(kThreads)
     const Finder inter = make_finder(sQ, K, uniform);
     const Finder near = make_finder(sM, K - 1, uniform);
     const RowQuant rq = srq;
+    // BinaryConnect: the latent clamped to the row's [gamma Q_0, gamma Q_{K-1}] (the
+    // reference's float32 gamma * Q), x keeping the unclamped value (csrc/cpu/write_pass.h)
+    const bool clamp = a.prox_kind == kBinaryConnect && K > 0;
+    const float lo = clamp ? sQ[0] * a.gamma : 0.0f;
+    const float hi = clamp ? sQ[K - 1] * a.gamma : 0.0f;
     for (int64_t i = threadIdx.x; i < n; i += kThreads) {
       bool kept = false;
       const float x = a.update ? src.again(i) : src.first(i, kept);
       if (!a.update && (kept || !isfinite(x))) bad = 1;
+      if (clamp) src.clamp_latent(i, lo, hi);
       if (!writes) continue;
       float y = x;
       if (needs_hard(a.prox_kind)) {
@@ -229,9 +298,6 @@ inline void check_rows_supported(const char* op, const OpArgs& a, at::TensorList
               " (cuda): optimal LSBQ with bits 0 or 2 is not implemented in the CUDA kernels; "
               "use the triton or reference backend");
   TORCH_CHECK(a.K <= kMaxK, op, " (cuda): at most ", kMaxK, " levels per row, got K=", a.K);
-  TORCH_CHECK(a.prox_kind != kBinaryConnect, op,
-              " (cuda): BINARYCONNECT's latent clamp is not in the CUDA kernels; the cuda "
-              "backend serves it as HARD plus parq_kernels.latent_clamp");
 }
 
 // The descriptor of parameter i (step pointers null; the caller adds them).

@@ -16,6 +16,8 @@
 //   latent (and state) instead (parq_kernels/ops.py).
 // * again(i): x on a later pass of the same launch (same thread, same i).
 // * store(i, y): writes the projected weight y to p (in the param dtype).
+// * clamp_latent(i, lo, hi): BinaryConnect's clipped latent, element i in place (the
+//   write pass, after first() / again() of the same element by the same thread).
 //
 // ParamSource (quant_prox_): first() copies the weights p into the latent (where
 //   finite); the values are the latent. p is overwritten.
@@ -69,6 +71,15 @@ __device__ __forceinline__ float div_gamma(T v, float gamma) {
   return gamma != 1.0f ? x / gamma : x;
 }
 
+// BinaryConnect's clipped latent: clamp in float32, stored as T (the reference's float32
+// clamp); a NaN stays NaN (torch.clamp propagates it). As csrc/cpu/sources.h clamp_range.
+template <typename T>
+__device__ __forceinline__ void clamp_latent_at(T* lat, int64_t i, float lo, float hi) {
+  const T l = lat[i];
+  const float v = static_cast<float>(l);
+  lat[i] = v != v ? l : static_cast<T>(clampf(v, lo, hi));
+}
+
 struct NoArgs {};  // quant_prox_ has no per-launch arguments besides OpArgs
 
 template <typename T>
@@ -94,6 +105,9 @@ struct ParamSource {
   }
   __device__ __forceinline__ float again(int64_t i) const { return div_gamma(lat[i], gamma); }
   __device__ __forceinline__ void store(int64_t i, float y) const { p[i] = static_cast<T>(y); }
+  __device__ __forceinline__ void clamp_latent(int64_t i, float lo, float hi) const {
+    clamp_latent_at(lat, i, lo, hi);
+  }
 };
 
 template <typename T>
@@ -161,6 +175,9 @@ struct StepSource {
   }
   __device__ __forceinline__ float again(int64_t i) const { return div_gamma(lat[i], gamma); }
   __device__ __forceinline__ void store(int64_t i, float y) const { p[i] = static_cast<T>(y); }
+  __device__ __forceinline__ void clamp_latent(int64_t i, float lo, float hi) const {
+    clamp_latent_at(lat, i, lo, hi);
+  }
 };
 
 }  // namespace
