@@ -19,7 +19,8 @@ and ``p``: ``6 * itemsize`` (SGD with momentum), ``8 * itemsize`` (AdamW); plus 
 level sets, ``rows * K * 4`` bytes (written on update, read otherwise).
 
 SPEC.md §9 cases: the prox maps ``proxquant`` (l1, a lambda mid-schedule),
-``proxquant_l2`` and ``binaryconnect`` (the kernels' HARD pass plus the latent clamp),
+``proxquant_l2`` and ``binaryconnect`` (the kernels' HARD pass with the latent clamp in
+its write pass), ``ternary_thr`` (threshold ternary: two statistics reads of each row),
 and ``lsbq_refined`` (refined LSBQ, 3 rounds): as on the optimizer's fused path, its
 update calls compute the levels with batched torch ops (timed, part of the call) and
 run the op with them as stored levels.
@@ -50,6 +51,7 @@ QUANTIZERS: dict[str, dict[int, tuple[QuantKind, tuple[float, ...]]]] = {
     | {b: (QuantKind.LSBQ_GREEDY, ()) for b in (1, 2, 4, 8)},
     "lsbq_opt": {b: (QuantKind.LSBQ_OPTIMAL, ()) for b in (0, 1, 2)},
     "ternary": {0: (QuantKind.TERNARY_UNIF, ())},
+    "ternary_thr": {0: (QuantKind.TERNARY_THRESHOLD, (0.7, 0.0))},  # delta_factor 0.7, mean
     "lsbq_refined": {b: (QuantKind.LSBQ_GREEDY, ()) for b in (2, 3, 4)},
 }
 REFINE_ROUNDS = 3  # lsbq_refined
@@ -141,6 +143,8 @@ def quick_grid() -> list[OpCase]:
         OpCase("lsbq_opt", 2, "parq", "channel", compile=False),
         OpCase("lsbq_opt", 0, "parq", "tensor", compile=False),
         OpCase("ternary", 0, "parq", "channel", compile=False),
+        OpCase("ternary_thr", 0, "parq", "channel", compile=False),
+        OpCase("ternary_thr", 0, "hard", "tensor", compile=False),
         OpCase("uniform", 2, "proxquant", "channel", compile=False),
         OpCase("lsbq", 2, "binaryconnect", "channel", update=False, compile=False),
         OpCase("lsbq_refined", 3, "parq", "channel", compile=False),
@@ -159,6 +163,7 @@ def step_grid() -> list[OpCase]:
         OpCase("lsbq", 2, "parq", "channel", optim="adamw", compile=True),
         OpCase("lsbq", 2, "parq", "channel", update=False, optim="adamw", compile=False),
         OpCase("uniform", 2, "hard", "tensor", optim="adamw", compile=False),
+        OpCase("ternary_thr", 0, "parq", "channel", optim="adamw", compile=False),
     ]
 
 

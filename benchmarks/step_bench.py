@@ -47,7 +47,12 @@ from benchmarks.op_bench import STREAM, stream_fn
 from benchmarks.shapes import ParamSpec
 from benchmarks.timing import Timing, measure_interleaved
 from parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
-from parq.quant import LSBQuantizer, TernaryUnifQuantizer, UnifQuantizer
+from parq.quant import (
+    LSBQuantizer,
+    TernaryThresholdQuantizer,
+    TernaryUnifQuantizer,
+    UnifQuantizer,
+)
 
 BASE_BYTES = {"sgd": 5, "adamw": 7}  # per element, in units of the itemsize
 FUSED_EXTRA_BYTES = 1  # fused step: the projected weights are written too
@@ -57,6 +62,7 @@ QUANTIZERS = {
     "lsbq": LSBQuantizer,
     "lsbq_opt": lambda: LSBQuantizer(optimal=True),
     "ternary": TernaryUnifQuantizer,
+    "ternary_thr": TernaryThresholdQuantizer,
 }
 
 

@@ -15,6 +15,7 @@ from parq.quant import (
     AsymUnifQuantizer,
     LSBQuantizer,
     MaxUnifQuantizer,
+    TernaryThresholdQuantizer,
     TernaryUnifQuantizer,
     UnifQuantizer,
 )
@@ -51,6 +52,7 @@ QUANTIZERS = [
     ("lsbq-ternary-b0", lambda: LSBQuantizer(), 0, 3),
     ("lsbq-opt-b0", lambda: LSBQuantizer(optimal=True), 0, 3),
     ("lsbq-opt-b2", lambda: LSBQuantizer(optimal=True), 2, 4),
+    ("thr-ternary-b0", lambda: TernaryThresholdQuantizer(), 0, 3),
 ]
 
 ANNEAL_START, ANNEAL_END = 1, 4
