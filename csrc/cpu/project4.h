@@ -2,7 +2,7 @@
 // 2-bit): HARD (nearest level), RELAX, PARQ (SPEC §4) and ProxQuant l1 / l2 (SPEC §9,
 // scalar form only: the compiler vectorizes it); a non-finite value is kept as
 // it is. The fused step's non-update loop (step_loop.h) and the write pass's PARQ
-// (row_stats.h) use it.
+// (write_pass.h) use it.
 //
 // Two forms with the same float operations: a scalar one (any ISA; the compiler
 // vectorizes it) and an AVX-512 one, because GCC turns the scalar form's chains of

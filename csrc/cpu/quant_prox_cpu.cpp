@@ -7,13 +7,12 @@
 // pass as an at::parallel_for over their chunks. Both give the same bits, and
 // neither depends on the number of threads.
 //
-// Passes over a row, on update steps: [center mean] -> statistics (one per
-// greedy LSBQ bit; threshold ternary: D, then the sums and counts per side;
-// optimal LSBQ gathers |x| for one sort) -> write pass. The
-// first pass also copies the latent (fused_step_: applies the base update to the
-// latent and the optimizer state) and checks finiteness. Without update, a
-// single pass does that, looks up the stored levels and writes. The two ops
-// differ only in their source of values (sources.h).
+// Passes over a row, on update steps: [center mean] -> statistics (one per greedy LSBQ
+// bit; threshold ternary: D, then the sums and counts per side; optimal LSBQ gathers |x|
+// for one sort, row_stats.h) -> write pass (write_pass.h). The first pass also copies the
+// latent (fused_step_: applies the base update to the latent and the optimizer state)
+// and checks finiteness. Without update, a single pass does that, looks up the stored
+// levels and writes. The two ops differ only in their source of values (sources.h).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -71,33 +70,6 @@ Partial over_chunks(bool parallel, int64_t nchunks, const F& fn, bool reverse = 
 
 float row_mean(const Partial& p, int64_t n) {
   return n > 0 ? static_cast<float>(p.sum / static_cast<double>(n)) : 0.0f;
-}
-
-// Exact two-cluster split of sorted magnitudes a[0..n) (SPEC.md §3, optimal LSBQ):
-// float64 prefix sums; the smallest k minimizing the squared error.
-void optimal_split(const float* a, int64_t n, bool ternary, double* lo_out, double* hi_out) {
-  double Sn = 0.0, T = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = a[i];
-    Sn += v;
-    T += v * v;
-  }
-  const double dn = static_cast<double>(n);
-  double best = 0.0, best_lo = 0.0, best_hi = 0.0, S = 0.0;
-  for (int64_t k = 0; k <= n; ++k) {
-    if (k > 0) S += a[k - 1];
-    const double dk = static_cast<double>(k);
-    const double lo = k > 0 ? S / dk : 0.0;
-    const double hi = k < n ? (Sn - S) / (dn - dk) : 0.0;
-    const double E = ternary ? T - (dn - dk) * hi * hi : T - dk * lo * lo - (dn - dk) * hi * hi;
-    if (k == 0 || E < best) {
-      best = E;
-      best_lo = ternary ? 0.0 : lo;
-      best_hi = hi;
-    }
-  }
-  *lo_out = best_lo;
-  *hi_out = best_hi;
 }
 
 template <typename Src>
@@ -388,10 +360,6 @@ void quant_prox_cpu(at::TensorList params, at::TensorList latents, at::TensorLis
     if (bad) flags[i] = 1;
   }
 }
-
-}  // namespace parq
-
-namespace parq {
 
 void fused_step_cpu(at::TensorList params, at::TensorList latents, at::TensorList grads,
                     at::TensorList bufs1, at::TensorList bufs2, at::TensorList bufs3,

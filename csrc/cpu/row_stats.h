@@ -226,4 +226,31 @@ Partial stats_chunk(const Src& src, int64_t o, int64_t n, bool first, float m, S
   return out;
 }
 
+// Exact two-cluster split of sorted magnitudes a[0..n) (SPEC.md §3, optimal LSBQ):
+// float64 prefix sums; the smallest k minimizing the squared error.
+inline void optimal_split(const float* a, int64_t n, bool ternary, double* lo_out, double* hi_out) {
+  double Sn = 0.0, T = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = a[i];
+    Sn += v;
+    T += v * v;
+  }
+  const double dn = static_cast<double>(n);
+  double best = 0.0, best_lo = 0.0, best_hi = 0.0, S = 0.0;
+  for (int64_t k = 0; k <= n; ++k) {
+    if (k > 0) S += a[k - 1];
+    const double dk = static_cast<double>(k);
+    const double lo = k > 0 ? S / dk : 0.0;
+    const double hi = k < n ? (Sn - S) / (dn - dk) : 0.0;
+    const double E = ternary ? T - (dn - dk) * hi * hi : T - dk * lo * lo - (dn - dk) * hi * hi;
+    if (k == 0 || E < best) {
+      best = E;
+      best_lo = ternary ? 0.0 : lo;
+      best_hi = hi;
+    }
+  }
+  *lo_out = best_lo;
+  *hi_out = best_hi;
+}
+
 }  // namespace parq

@@ -8,7 +8,7 @@
 // Served here: level sets of K <= 4 (1-bit, ternary, 2-bit), prox maps NONE / HARD /
 // PARQ / RELAX / PROXQUANT_L1 / PROXQUANT_L2, no shrink, not the first step of a
 // momentum buffer (ProxQuant on the buffered loop only). The same float
-// operations as the general path (sources.h + row_stats.h), except that PARQ
+// operations as the general path (sources.h + write_pass.h), except that PARQ
 // multiplies by 1 / rho (project4.h). Anything else goes through the general path.
 #pragma once
 
