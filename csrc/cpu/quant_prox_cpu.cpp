@@ -47,6 +47,11 @@ struct Workspace {
 // after the statistics) starts with those still in cache.
 template <typename F>
 Partial over_chunks(bool parallel, int64_t nchunks, const F& fn, bool reverse = false) {
+  Partial total;
+  if (!parallel && (!reverse || nchunks == 1)) {  // in order: no partials to keep
+    for (int64_t c = 0; c < nchunks; ++c) total.add(fn(c));
+    return total;
+  }
   std::vector<Partial> parts(static_cast<size_t>(nchunks));
   auto run = [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
@@ -54,7 +59,6 @@ Partial over_chunks(bool parallel, int64_t nchunks, const F& fn, bool reverse = 
       parts[c] = fn(c);
     }
   };
-  Partial total;
   if (!parallel) {
     run(0, nchunks);
     for (const Partial& p : parts) total.add(p);
@@ -227,14 +231,7 @@ struct RowJob {
         const Levels4 lv = pad_levels(Q, std::max(K, 1));
         const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg};
         const auto write = [&](int64_t c) {
-          const int64_t o = off(c);
-          if (map == avx512::DirectMap::kUniformHard) {
-            avx512::write_direct<avx512::DirectMap::kUniformHard>(src.lat + o, src.p + o, len(c),
-                                                                  rq, lv, pa);
-          } else {
-            avx512::write_direct<avx512::DirectMap::kParq4>(src.lat + o, src.p + o, len(c), rq,
-                                                            lv, pa);
-          }
+          avx512::write_direct(map, src.lat + off(c), src.p + off(c), len(c), rq, lv, pa);
           return Partial{};
         };
         over_chunks(parallel, nchunks(), write, true);

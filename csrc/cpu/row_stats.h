@@ -2,8 +2,8 @@
 //
 // A chunk (<= kChunk elements) is first converted to float32 in a stack buffer
 // (x = value / gamma, the value coming from a source: sources.h), then simple
-// loops over that buffer do the work, so that -O3 can vectorize them. Reductions keep kLanes float partials per chunk and add
-// them into a double at the end of the chunk.
+// loops over that buffer do the work, so that -O3 can vectorize them. Reductions keep
+// kLanes float partials per chunk and add them into a double at the end of the chunk.
 #pragma once
 
 #include <algorithm>
@@ -22,7 +22,12 @@
 namespace parq {
 
 constexpr int64_t kChunk = 4096;
-constexpr int kLanes = 16;
+// Float partials per reduction: 64 (four AVX-512 vectors), so that a sum's chain of
+// dependent adds is a quarter of the row (one 16-lane accumulator made the statistics of
+// an L1-resident row wait on add latency); lane_reduce folds them to 16 before the
+// double sum.
+constexpr int kLanes = 64;
+static_assert(kLanes == 64, "lane_reduce folds 4 x 16 lanes");
 
 // A chunk's (or a row's) statistics; add() combines them in a fixed order.
 struct Partial {
@@ -109,16 +114,21 @@ inline void lane_reduce(const float* xs, int64_t n, Partial& out) {
   alignas(64) float mx[kLanes] = {};
   int64_t i = 0;
 #if defined(__AVX512F__)
-  static_assert(kLanes == 16, "one AVX-512 vector of lanes");
-  __m512 vacc = _mm512_setzero_ps(), vmx = _mm512_setzero_ps();
+  static_assert(kLanes == 64, "four AVX-512 vectors of lanes");
+  __m512 vacc[4], vmx[4];
+  for (int k = 0; k < 4; ++k) vacc[k] = vmx[k] = _mm512_setzero_ps();
   for (; i + kLanes <= n; i += kLanes) {
-    __m512 y = _mm512_loadu_ps(xs + i);
-    if (kAbs) y = _mm512_abs_ps(y);
-    if (kSum) vacc = _mm512_add_ps(vacc, y);
-    if (kMax) vmx = _mm512_max_ps(vmx, y);
+    for (int k = 0; k < 4; ++k) {
+      __m512 y = _mm512_loadu_ps(xs + i + 16 * k);
+      if (kAbs) y = _mm512_abs_ps(y);
+      if (kSum) vacc[k] = _mm512_add_ps(vacc[k], y);
+      if (kMax) vmx[k] = _mm512_max_ps(vmx[k], y);
+    }
   }
-  _mm512_store_ps(acc, vacc);
-  _mm512_store_ps(mx, vmx);
+  for (int k = 0; k < 4; ++k) {
+    _mm512_store_ps(acc + 16 * k, vacc[k]);
+    _mm512_store_ps(mx + 16 * k, vmx[k]);
+  }
 #else
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
@@ -133,11 +143,16 @@ inline void lane_reduce(const float* xs, int64_t n, Partial& out) {
     if (kSum) acc[l] += y;
     if (kMax) mx[l] = mx[l] > y ? mx[l] : y;
   }
+  // the 64 partials fold to 16 in float, then add up in double (a 64-long chain of
+  // double adds cost more than the loop itself on a 1024-element row)
+  const auto mxf = [](float a, float b) { return a > b ? a : b; };
   double s = 0.0;
   float m = 0.0f;
-  for (int l = 0; l < kLanes; ++l) {
-    s += acc[l];
-    m = m > mx[l] ? m : mx[l];
+  for (int l = 0; l < 16; ++l) {
+    const float a = (acc[l] + acc[l + 16]) + (acc[l + 32] + acc[l + 48]);
+    const float b = mxf(mxf(mx[l], mx[l + 16]), mxf(mx[l + 32], mx[l + 48]));
+    s += a;
+    m = m > b ? m : b;
   }
   out.sum = s;
   out.amax = m;
@@ -183,42 +198,48 @@ Partial stats_chunk(const Src& src, int64_t o, int64_t n, bool first, float m, S
                     const float* v, int nv, float* gather) {
   float xs[kChunk];
   Partial out;
-  out.bad = src.load(o, n, xs, first);
-  if (st != Stat::kSum && m != 0.0f) {  // centering (x - 0 would be x: skip the sweep)
+  const bool center = st != Stat::kSum && m != 0.0f;  // (x - 0 would be x: skip the sweep)
+  const bool changes = center || (st == Stat::kAbsResidual && nv > 0);
+  const float* in = xs;  // what the statistic reads
+  if constexpr (Src::kView) {  // float32 values in memory already: read them where they are
+    if (!changes) in = src.view(o);
+  }
+  if (in == xs) out.bad = src.load(o, n, xs, first);
+  if (center) {
     for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] - m;
   }
   switch (st) {
     case Stat::kSum:
-      lane_reduce<true, false, false>(xs, n, out);
+      lane_reduce<true, false, false>(in, n, out);
       break;
     case Stat::kAbsSumMax:
-      lane_reduce<true, true, true>(xs, n, out);
+      lane_reduce<true, true, true>(in, n, out);
       break;
     case Stat::kAbsMax:
-      lane_reduce<false, true, true>(xs, n, out);
+      lane_reduce<false, true, true>(in, n, out);
       break;
     case Stat::kAbsSum:
-      lane_reduce<true, false, true>(xs, n, out);
+      lane_reduce<true, false, true>(in, n, out);
       break;
     case Stat::kMinMax:
       for (int64_t i = 0; i < n; ++i) {
-        out.mn = std::min(out.mn, xs[i]);
-        out.mx = std::max(out.mx, xs[i]);
+        out.mn = std::min(out.mn, in[i]);
+        out.mx = std::max(out.mx, in[i]);
       }
       break;
     case Stat::kAbsResidual:  // replay the first nv greedy steps in place, bit-major
-      for (int j = 0; j < nv; ++j) {
+      for (int j = 0; j < nv; ++j) {  // (nv > 0: in is xs)
         const float vj = v[j];
         for (int64_t i = 0; i < n; ++i) xs[i] = xs[i] - (xs[i] >= 0.0f ? vj : -vj);
       }
-      lane_reduce<true, false, true>(xs, n, out);
+      lane_reduce<true, false, true>(in, n, out);
       break;
     case Stat::kSides:  // v[0] = D
-      side_reduce(xs, n, v[0], out);
+      side_reduce(in, n, v[0], out);
       break;
     case Stat::kGather:
       for (int64_t i = 0; i < n; ++i) {
-        const float a = std::fabs(xs[i]);
+        const float a = std::fabs(in[i]);
         gather[i] = a <= 3.4028234663852886e38f ? a : INFINITY;  // NaN sorts as +inf
       }
       break;

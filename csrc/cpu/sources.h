@@ -86,6 +86,7 @@ inline void clamp_range(T* __restrict__ lat, int64_t n, float lo, float hi) {
 template <typename T>
 struct ParamSource {
   static constexpr bool kStep = false;
+  static constexpr bool kView = false;
   static constexpr bool kAlwaysWrites = false;  // prox NONE with gamma 1 leaves p as it is
   T* p;
   T* lat;
@@ -124,9 +125,11 @@ struct ParamSource {
 struct BufSource {
   static constexpr bool kStep = false;
   static constexpr bool kAlwaysWrites = true;
+  static constexpr bool kView = true;  // statistics read the buffer where it is
   const float* xs;  // the row's updated latent (as stored), already checked
 
   BufSource at(int64_t off) const { return {xs + off}; }
+  const float* view(int64_t o) const { return xs + o; }
 
   bool load(int64_t o, int64_t n, float* out, bool) const {
     std::memcpy(out, xs + o, static_cast<size_t>(n) * sizeof(float));
@@ -199,6 +202,7 @@ inline __attribute__((always_inline)) T update_element(const StepArgs& a, T* L, 
 template <typename T>
 struct StepSource {
   static constexpr bool kStep = true;
+  static constexpr bool kView = false;
   static constexpr bool kAlwaysWrites = true;  // p is written, never read
   T* p;
   T* lat;

@@ -90,6 +90,16 @@ void write_direct(const float* __restrict__ lat, float* __restrict__ out, int64_
   for (; i < n; ++i) out[i] = map1<M>(lat[i], rq, lv, pa);
 }
 
+// write_direct with the map chosen at run time (direct_map's answer, not kNone).
+inline void write_direct(DirectMap map, const float* lat, float* out, int64_t n,
+                         const RowQuant& rq, const Levels4& lv, const ProjectArgs& pa) {
+  if (map == DirectMap::kUniformHard) {
+    write_direct<DirectMap::kUniformHard>(lat, out, n, rq, lv, pa);
+  } else {
+    write_direct<DirectMap::kParq4>(lat, out, n, rq, lv, pa);
+  }
+}
+
 }  // namespace avx512
 }  // namespace parq
 
