@@ -22,7 +22,7 @@ Two kinds of case, each timed round-robin (all variants of a case interleaved):
   place; the yardstick), ``torch kernel`` (``torch.fake_quantize_per_tensor_affine``, what
   ``parq.fakequant`` uses on CUDA), ``composed(compile)`` (``torch.compile`` of the
   composed ops: one fused loop; full mode only), and ``stream``: an in-place
-  ``a.add_(b)`` moving the same bytes (the bandwidth yardstick of the ``of stream BW``
+  ``a.add_(b)`` moving the same bytes (the bandwidth yardstick of the ``of best BW``
   column, as in the op suite). These rows back the choice of path per device.
 
 Byte model: model cases have none (compute-bound convolutions); op cases read and

@@ -18,7 +18,8 @@ steps (a whole period: one level update and ``quant_period - 1`` steps between):
 * ``stream``: ``a.add_(b)`` in place on buffers whose read + write traffic equals one
   ``fused`` step's byte model, once per step of the period, in the same round-robin:
   the memory bandwidth of a working set of the case's size, used in place as an
-  optimizer uses it (the ``of stream BW`` column divides by it).
+  optimizer uses it (the ``of best BW`` column divides by the higher of it and the
+  case's fastest variant: report.py).
 
 Quick mode leaves out ``fused:reference`` / ``fused-prox:reference`` when a compiled
 backend is available (the op suite compares the backends).
