@@ -64,7 +64,7 @@ def mode_config(name: str) -> Mode:
     if name == "quick":
         return Mode(
             op_cases=op_bench.quick_grid(),
-            step_cases=step_bench.issue4_cases() + step_bench.model_cases(quick=True),
+            step_cases=step_bench.issue4_cases(repeats=9) + step_bench.model_cases(quick=True),
             op_shape=(2, 256, 1024),
             repeats=5,
             warmup=1,
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             case,
             device,
             available,
-            repeats=step_repeats,
+            repeats=args.repeats or case.repeats or step_repeats,
             warmup=mode.warmup,
             fused_reference=mode.fused_reference,
         ):

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -78,6 +78,7 @@ class StepCase:
     base: str = "sgd"
     dtype: torch.dtype = torch.float32
     period: int = 1  # quant_period; one timed call = one period of steps
+    repeats: int | None = None  # timed repeats, when the case needs more than its mode's
 
     @property
     def name(self) -> str:
@@ -108,9 +109,10 @@ class StepCase:
         return (3 + states) * self.numel * self.itemsize
 
 
-def issue4_cases() -> list[StepCase]:
+def issue4_cases(repeats: int | None = None) -> list[StepCase]:
     """8 x Linear(1024, 1024), 2-bit weights, unquantized biases, SGD and AdamW, levels
-    every 10 steps (the default) and every step."""
+    every 10 steps (the default) and every step; ``repeats``: timed repeats of each (the
+    headline ratios: more samples than the model-shaped cases get)."""
     specs = tuple(shapes.linear_stack(8, 1024))
     cases = []
     for period in (10, 1):
@@ -120,7 +122,7 @@ def issue4_cases() -> list[StepCase]:
                 StepCase("8xLinear1024", specs, "lsbq", 2, "parq", True, base, period=period),
                 StepCase("8xLinear1024", specs, "uniform", 2, "hard", False, base, period=period),
             ]
-    return cases
+    return [replace(c, repeats=repeats) for c in cases]
 
 
 def model_cases(quick: bool) -> list[StepCase]:

@@ -381,3 +381,10 @@ def test_cli_unwritable_out_fails_before_any_work(tmp_path, monkeypatch, capsys)
         cli.main(["--smoke", "--out", str(blocker / "results")])
     assert exc.value.code == 2
     assert "not a writable directory" in capsys.readouterr().err
+
+
+def test_quick_mode_times_the_headline_step_cases_more():
+    cases = cli.mode_config("quick").step_cases
+    headline = [c for c in cases if c.model == "8xLinear1024"]
+    assert len(headline) == 12 and all(c.repeats == 9 for c in headline)
+    assert all(c.repeats is None for c in cases if c.model != "8xLinear1024")

@@ -119,8 +119,10 @@ inline __attribute__((always_inline)) __m512 update16(const StepArgs& s, float* 
 // sources.h); the vector body, then the rest per element. Returns 1 if a lane kept its
 // old values.
 template <Pattern P>
-int update_into(const StepArgs& s, float* L, const float* G, float* B1, float* B2, float* B3,
-                float* xs, int64_t n) {
+int update_into(const StepArgs& s_arg, float* __restrict__ L, const float* __restrict__ G,
+                float* __restrict__ B1, float* __restrict__ B2, float* __restrict__ B3,
+                float* __restrict__ xs, int64_t n) {
+  const StepArgs s = s_arg;  // a local copy: its scalars stay in registers (see step_loop)
   int kept = 0;
   __mmask16 ok = 0xFFFF;
   int64_t i = 0;
@@ -135,8 +137,16 @@ int update_into(const StepArgs& s, float* L, const float* G, float* B1, float* B
 // One row range of n elements (pointers at its start); returns 1 if a lane kept its
 // old values. Served: the patterns of Pattern, PROX in NONE / HARD / PARQ / RELAX.
 template <Pattern P, int PROX>
-int step_loop(const StepArgs& s, float* L, const float* G, float* B1, float* B2, float* B3,
-              float* out, int64_t n, const Levels4& lv, const ProjectArgs& pa) {
+int step_loop(const StepArgs& s_arg, float* __restrict__ L, const float* __restrict__ G,
+              float* __restrict__ B1, float* __restrict__ B2, float* __restrict__ B3,
+              float* __restrict__ out, int64_t n, const Levels4& lv_arg,
+              const ProjectArgs& pa_arg) {
+  // Local copies of the scalars and levels: the stores of the loop cannot reach them, so
+  // their broadcasts are hoisted out of the loop (through the references GCC reloaded
+  // and re-broadcast a dozen of them per 16 elements).
+  const StepArgs s = s_arg;
+  const Levels4 lv = lv_arg;
+  const ProjectArgs pa = pa_arg;
   int kept = 0;
   auto scalar = [&](int64_t i) {
     const float x = update_element<P, false>(s, L, G, B1, B2, B3, i, kept);

@@ -72,13 +72,21 @@ inline __attribute__((always_inline)) __m512 project_or_keep(__m512 x, const Lev
 // Row `next`'s base update into xs_next, and (kWrite) row cur's projection from xs_cur
 // streamed to out, in one loop. Returns 1 if a lane of row next kept its old values.
 template <Pattern P, int PROX, bool kWrite>
-int update_rows_pass(const StepArgs& s, const RowPtrs& next, float* __restrict__ xs_next,
+int update_rows_pass(const StepArgs& s_arg, const RowPtrs& next, float* __restrict__ xs_next,
                      const float* __restrict__ xs_cur, float* __restrict__ out, int64_t n,
-                     const Levels4& lv, const ProjectArgs& pa) {
+                     const Levels4& lv_arg, const ProjectArgs& pa_arg) {
+  const StepArgs s = s_arg;  // local copies, hoisted out of the loop (step_avx512.h)
+  const Levels4 lv = lv_arg;
+  const ProjectArgs pa = pa_arg;
+  float* __restrict__ L = next.L;
+  const float* __restrict__ G = next.G;
+  float* __restrict__ B1 = next.B1;
+  float* __restrict__ B2 = next.B2;
+  float* __restrict__ B3 = next.B3;
   __mmask16 ok = 0xFFFF;
   for (int64_t i = 0; i < n; i += 16) {
-    prefetch16<P>(next.L, next.G, next.B1, next.B2, next.B3, i);
-    _mm512_store_ps(xs_next + i, update16<P>(s, next.L, next.G, next.B1, next.B2, next.B3, i, ok));
+    prefetch16<P>(L, G, B1, B2, B3, i);
+    _mm512_store_ps(xs_next + i, update16<P>(s, L, G, B1, B2, B3, i, ok));
     if constexpr (kWrite) {
       _mm512_stream_ps(out + i, project_or_keep<PROX>(_mm512_load_ps(xs_cur + i), lv, pa));
     }

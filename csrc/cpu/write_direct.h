@@ -78,7 +78,10 @@ inline float map1(float x, const RowQuant& rq, const Levels4& lv, const ProjectA
 // element, the body 16 at a time with streaming stores (p is written, never read).
 template <DirectMap M>
 void write_direct(const float* __restrict__ lat, float* __restrict__ out, int64_t n,
-                  const RowQuant& rq, const Levels4& lv, const ProjectArgs& pa) {
+                  const RowQuant& rq_arg, const Levels4& lv_arg, const ProjectArgs& pa_arg) {
+  const RowQuant rq = rq_arg;  // local copies, hoisted out of the loop (step_avx512.h)
+  const Levels4 lv = lv_arg;
+  const ProjectArgs pa = pa_arg;
   int64_t i = 0;
   for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) {
     out[i] = map1<M>(lat[i], rq, lv, pa);
