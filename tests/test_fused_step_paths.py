@@ -268,6 +268,30 @@ def test_views_between_level_updates_follow_replaced_state_and_storage():
     assert "fused step" in _paths(fa)[0]
 
 
+def test_views_at_level_updates_follow_a_changed_bit_width_and_layout():
+    """Level updates reuse the views too; a group whose quant_bits change, or an optimizer
+    whose quant_per_channel changes, gets new views (and levels) at its next update."""
+    pa, pb = _params(), _params()
+    kw = {"quant_period": 1, "warmup_steps": 0}
+    fa = _build(pa, "sgd-mom-wd", UnifQuantizer(), ProxPARQ(0, 100), True, **kw)
+    fb = _build(pb, "sgd-mom-wd", UnifQuantizer(), ProxPARQ(0, 100), False, **kw)
+    pairs = ((pa, fa), (pb, fb))
+    changes = {2: ("quant_bits", 3), 4: ("quant_per_channel", False), 6: ("quant_bits", 1)}
+    for step in range(8):
+        if step in changes:
+            key, value = changes[step]
+            for _, opt in pairs:
+                if key == "quant_per_channel":
+                    opt.quant_per_channel = value
+                else:
+                    opt.param_groups[0][key] = value
+        _pair_step(pairs, step)
+        _assert_pair(pa, pb, fa, fb, f"step {step}")
+        levels = fa.state[pa[0]]["quants"]
+        assert levels.shape[-1] == UnifQuantizer().get_quant_size(fa.param_groups[0]["quant_bits"])
+    assert "fused step" in _paths(fa)[0]
+
+
 def test_fused_step_keeps_no_gradient_alive():
     import gc
     import weakref

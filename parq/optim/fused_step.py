@@ -168,6 +168,7 @@ class _Cached:
     latent: Tensor
     Q: Tensor
     bufs: tuple[Tensor, ...]
+    layout: tuple  # (quant_block_size, quant_per_channel, K): what the views' shapes follow
 
 
 def _views_cache(opt) -> dict:
@@ -177,11 +178,17 @@ def _views_cache(opt) -> dict:
     return cache
 
 
-def _cached_item(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor):
-    """``(item, tag)`` from the cache (between level updates), or None to rebuild it."""
+def _layout_key(opt, group: dict, K: int) -> tuple:
+    return (group.get("quant_block_size"), opt.quant_per_channel, K)
+
+
+def _cached_item(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor, K: int):
+    """``(item, tag)`` from the cache, or None to rebuild it."""
     hit = _views_cache(opt).get((index, j))
     grad = p.grad
     if hit is None or hit.item.p is not p or grad is None or p.data_ptr() != hit.ptr:
+        return None
+    if hit.layout != _layout_key(opt, group, K):
         return None
     state = opt.state[p]
     if state.get("latent") is not hit.latent or state.get("quants") is not hit.Q:
@@ -208,18 +215,19 @@ def _state_keys(kind: OptimKind, group: dict) -> list[str]:
 
 def _prepare(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor, K: int,
              fresh: bool):  # fmt: skip
-    """The :class:`_Item` of ``p`` and its bucket key (also creates missing state). Between
-    level updates, a plain tensor's views come from the cache (:class:`_Cached`)."""
-    if not fresh:
-        hit = _cached_item(opt, kind, group, index, j, p)
-        if hit is not None:
-            return hit
+    """The :class:`_Item` of ``p`` and its bucket key (also creates missing state). A plain
+    tensor's views come from the cache (:class:`_Cached`) while its storage, state, levels
+    buffer and layout stay the same (level updates write the same levels buffer)."""
+    hit = _cached_item(opt, kind, group, index, j, p, K)
+    if hit is not None:
+        return hit
     item, tag = _prepare_views(opt, kind, group, index, j, p, K, fresh)
     if item.grad is not None and not item.writeback and not shard_plan.is_dtensor(p):
         state = opt.state[p]
         bufs = tuple(state[k] for k in _state_keys(kind, group))
         _views_cache(opt)[(index, j)] = _Cached(item, p.data_ptr(), state["latent"],
-                                                state["quants"], bufs)  # fmt: skip
+                                                state["quants"], bufs,
+                                                _layout_key(opt, group, K))  # fmt: skip
     return item, tag
 
 
