@@ -95,13 +95,18 @@ def measure_interleaved(
     setup: Callable[[], object] | None = None,
 ) -> dict[str, Timing]:
     """Time several callables round-robin (one call of each per repeat), so that a
-    change of machine load during the run affects all of them alike."""
+    change of machine load during the run affects all of them alike. Each round starts
+    one callable later than the one before (rotation), so that no callable always runs
+    right after the same other one (whose dirty cache lines it would pay to write back)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats=} {warmup=}")
     sync = synchronizer(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
     for r in range(warmup + repeats):
-        for name, fn in fns.items():
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
             if setup is not None:
                 setup()
             sync()

@@ -265,7 +265,8 @@ def test_summarize_and_measure():
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
         repeats=2, warmup=1, setup=lambda: calls.append("s"),
     )  # fmt: skip
-    assert calls == ["s", "a", "s", "b"] * 3  # round-robin, warm-up round included
+    # round-robin, warm-up round included, each round starting one callable later
+    assert calls == ["s", "a", "s", "b", "s", "b", "s", "a", "s", "a", "s", "b"]
     assert {k: t.repeats for k, t in out.items()} == {"a": 2, "b": 2}
 
 
