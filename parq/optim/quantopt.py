@@ -41,6 +41,7 @@ from parq.optim.fused_step import GroupPath
 from parq.optim.layout import RowLayout, check_quantized_group, group_bits, row_layout
 from parq.optim.nonfinite import NonFiniteFlags, NonFiniteParameterError, split_group_error
 from parq.optim.proxmap import ProxMap
+from parq.optim.public_surface import PublicSurface
 from parq.quant.quantizer import Quantizer
 from parq_kernels import backends
 
@@ -60,7 +61,7 @@ def _checked_backend(backend: str | None, groups: list[dict]) -> str | None:
     return backend
 
 
-class QuantOptimizer(Optimizer):
+class QuantOptimizer(PublicSurface, Optimizer):
     """Quantization-aware wrapper of ``base_optimizer`` (drop-in for PARQ's).
 
     Args:
@@ -206,40 +207,6 @@ class QuantOptimizer(Optimizer):
         ``num_steps``, as in the public release."""
         self.__dict__.pop("_fused_views", None)  # fused_step's views of the old state
         checkpoint.load_state_dict(self, state_dict, start_step)
-
-    # -- the public release's latent helpers -----------------------------------
-
-    @torch.no_grad()
-    def restore_latent_params(self) -> None:
-        """``p = latent`` for every quantized parameter with ``requires_grad`` (e.g. to
-        evaluate or save the full-precision model); ``step()`` projects them again."""
-        for _, _, params in self._quantized_params():
-            for p in params:
-                latent = self.state[p].get("latent") if p in self.state else None
-                if latent is not None:
-                    shard_plan.local_tensors([p])[0].copy_(shard_plan.local_tensors([latent])[0])
-
-    @torch.no_grad()
-    def save_latent_params(self) -> None:
-        """``latent = p`` for every quantized parameter with ``requires_grad``."""
-        for _, _, params in self._quantized_params():
-            for p in params:
-                state = self.state[p]
-                latent = state.get("latent")
-                if latent is None or latent.shape != p.shape or latent.dtype != p.dtype:
-                    state["latent"] = p.detach().clone(memory_format=torch.contiguous_format)
-                else:
-                    shard_plan.local_tensors([latent])[0].copy_(shard_plan.local_tensors([p])[0])
-
-    @staticmethod
-    def quantize_(
-        p: Tensor, quants: Tensor, quantizer: Quantizer, b: int, dim: int | None = None
-    ) -> Tensor:
-        """``(q, Q) = quantizer.quantize(p, b, dim)``; copies ``Q`` into ``quants``; returns
-        ``q`` (the public release's helper)."""
-        q, Q = quantizer.quantize(p, b, dim=dim)
-        quants.copy_(Q)
-        return q
 
     def __getattr__(self, name: str):
         """Attributes the wrapper lacks are read from the base optimizer (public release)."""
@@ -428,22 +395,3 @@ class QuantOptimizer(Optimizer):
     def _layout(self, group: dict, index: int, j: int, p: Tensor) -> RowLayout:
         where = f"param_groups[{index}] params[{j}] (shape {tuple(p.shape)}): "
         return row_layout(p, group.get("quant_block_size"), self.quant_per_channel, where)
-
-    # -- torchao interop (torchao.prototype.parq's surface; parq.export) ---------
-
-    def get_filter_fns(self, model: torch.nn.Module) -> Iterator[Callable[..., bool]]:
-        """One ``filter_fn(module, *args)`` per quantized group, in order: true for a
-        module owning one of the group's parameters (``torchao.quantization.quantize_``)."""
-        from parq.export.torchao_convert import get_filter_fns
-
-        return get_filter_fns(self, model)
-
-    def torchao_convert(
-        self, model: torch.nn.Module, weight_only: bool = False, embed_weight_only: bool = False
-    ) -> None:
-        """Convert ``model`` in place to torchao's quantized tensors, as torchao's PARQ
-        does (needs ``torchao``: ``pip install "parq[torchao]"``); see
-        :mod:`parq.export.torchao_convert`."""
-        from parq.export.torchao_convert import torchao_convert
-
-        torchao_convert(self, model, weight_only=weight_only, embed_weight_only=embed_weight_only)
