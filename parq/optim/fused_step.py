@@ -169,6 +169,16 @@ class _Cached:
     Q: Tensor
     bufs: tuple[Tensor, ...]
     layout: tuple  # (quant_block_size, quant_per_channel, K): what the views' shapes follow
+    shape2d: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _GroupCtx:
+    """What the parameters of one group's step share (computed once per group)."""
+
+    cache: dict  # (index, j) -> _Cached
+    keys: list[str]  # the base optimizer's state buffers
+    layout: tuple  # _Cached.layout of this step
 
 
 def _views_cache(opt) -> dict:
@@ -182,29 +192,27 @@ def _layout_key(opt, group: dict, K: int) -> tuple:
     return (group.get("quant_block_size"), opt.quant_per_channel, K)
 
 
-def _cached_item(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor, K: int):
+def _cached_item(ctx: _GroupCtx, kind: OptimKind, index: int, j: int, p: Tensor, state: dict):
     """``(item, tag)`` from the cache, or None to rebuild it."""
-    hit = _views_cache(opt).get((index, j))
+    hit = ctx.cache.get((index, j))
+    if hit is None or hit.item.p is not p or hit.layout != ctx.layout:
+        return None
     grad = p.grad
-    if hit is None or hit.item.p is not p or grad is None or p.data_ptr() != hit.ptr:
+    if grad is None or p.data_ptr() != hit.ptr:
         return None
-    if hit.layout != _layout_key(opt, group, K):
-        return None
-    state = opt.state[p]
     if state.get("latent") is not hit.latent or state.get("quants") is not hit.Q:
         return None
-    keys = _state_keys(kind, group)
-    if len(keys) != len(hit.bufs):
+    if len(ctx.keys) != len(hit.bufs):
         return None
-    if any(state.get(k) is not b for k, b in zip(keys, hit.bufs, strict=True)):
-        return None
+    for key, buf in zip(ctx.keys, hit.bufs, strict=True):
+        if state.get(key) is not buf:
+            return None
     if grad.dtype != p.dtype or grad.shape != p.shape:
         return None
-    hit.item.grad = _rows(grad, tuple(hit.item.out.shape))
-    tag = (False,) if kind == OptimKind.SGD and keys else ()
+    hit.item.grad = _rows(grad, hit.shape2d)
     if kind != OptimKind.SGD:
-        tag = (float(state["step"]) + 1,)
-    return hit.item, tag
+        return hit.item, (float(state["step"]) + 1,)
+    return hit.item, ((False,) if ctx.keys else ())
 
 
 def _state_keys(kind: OptimKind, group: dict) -> list[str]:
@@ -213,21 +221,20 @@ def _state_keys(kind: OptimKind, group: dict) -> list[str]:
     return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
 
 
-def _prepare(opt, kind: OptimKind, group: dict, index: int, j: int, p: Tensor, K: int,
-             fresh: bool):  # fmt: skip
+def _prepare(opt, ctx: _GroupCtx, kind: OptimKind, group: dict, index: int, j: int,
+             p: Tensor, state: dict, K: int, fresh: bool):  # fmt: skip
     """The :class:`_Item` of ``p`` and its bucket key (also creates missing state). A plain
     tensor's views come from the cache (:class:`_Cached`) while its storage, state, levels
     buffer and layout stay the same (level updates write the same levels buffer)."""
-    hit = _cached_item(opt, kind, group, index, j, p, K)
+    hit = _cached_item(ctx, kind, index, j, p, state)
     if hit is not None:
         return hit
     item, tag = _prepare_views(opt, kind, group, index, j, p, K, fresh)
     if item.grad is not None and not item.writeback and not shard_plan.is_dtensor(p):
         state = opt.state[p]
-        bufs = tuple(state[k] for k in _state_keys(kind, group))
-        _views_cache(opt)[(index, j)] = _Cached(item, p.data_ptr(), state["latent"],
-                                                state["quants"], bufs,
-                                                _layout_key(opt, group, K))  # fmt: skip
+        bufs = tuple(state[k] for k in ctx.keys)
+        ctx.cache[(index, j)] = _Cached(item, p.data_ptr(), state["latent"], state["quants"],
+                                        bufs, ctx.layout, tuple(item.out.shape))  # fmt: skip
     return item, tag
 
 
@@ -299,9 +306,12 @@ def step_group(
     K = quantizer.get_quant_size(bits)
     prox_kind, prox_arg, rho = opt.prox_map.schedule(n)
     buckets: dict[tuple, list[_Item]] = {}
+    ctx = _GroupCtx(_views_cache(opt), _state_keys(kind, group), _layout_key(opt, group, K))
+    states = opt.state
     for j, p in enumerate(params):
-        fresh = update or "quants" not in opt.state[p]
-        item, tag = _prepare(opt, kind, group, index, j, p, K, fresh)
+        state = states[p]
+        fresh = update or "quants" not in state
+        item, tag = _prepare(opt, ctx, kind, group, index, j, p, state, K, fresh)
         buckets.setdefault((p.device, p.dtype, fresh, tag), []).append(item)
     qa = (int(qkind), bits, list(qargs), quantizer.center)
     stepped: list[Tensor] = []
