@@ -259,14 +259,17 @@ def stream_fn(nbytes: int, device: torch.device) -> Callable[[], object]:
 
 
 def compiled_reference(case: OpCase) -> tuple[Callable | None, str]:
-    """``(torch.compile(<the case's reference op>), "")`` or ``(None, why)``.
+    """``(torch.compile(<the case's reference op>), "")`` or ``(None, why)``."""
+    return compile_fresh(reference_step.fused_step_ if case.optim else reference.quant_prox_)
 
-    Dynamo's caches are reset first, so every case compiles afresh and never
-    silently falls back to eager after too many recompilations."""
+
+def compile_fresh(fn: Callable) -> tuple[Callable | None, str]:
+    """``(torch.compile(fn), "")`` or ``(None, why)``. Dynamo's caches are reset first, so
+    every case compiles afresh and never silently falls back to eager after too many
+    recompilations."""
     try:
         torch._dynamo.reset()
-        ref = reference_step.fused_step_ if case.optim else reference.quant_prox_
-        return torch.compile(ref), ""
+        return torch.compile(fn), ""
     except Exception as exc:
         return None, f"torch.compile unavailable: {type(exc).__name__}: {exc}"
 
@@ -288,23 +291,47 @@ def run_case(
     All variants are timed round-robin on the same inputs."""
     inputs = OpInputs(case, device, n_tensors, rows, cols)
     op = fused_step_ if case.optim else quant_prox_
-    fns = {name: (lambda name=name: inputs.call(case, op, backend=name)) for name in backend_names}
+    compiled = compiled_reference(case) if compile_baseline and case.compile else None
+    timed = time_variants(lambda name: inputs.call(case, op, backend=name),
+                          lambda fn: inputs.call(case, fn), compiled,
+                          backend_names=backend_names, nbytes=inputs.bytes, device=device,
+                          repeats=repeats, warmup=warmup, setup=inputs.reset)  # fmt: skip
+    for variant, timing, note in timed:
+        yield variant, timing, inputs, note
+
+
+def time_variants(
+    on_backend: Callable[[str], object],
+    with_fn: Callable[[Callable], object],
+    compiled: tuple[Callable | None, str] | None,
+    *,
+    backend_names: list[str],
+    nbytes: int,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    setup: Callable[[], object] | None = None,
+) -> Iterator[tuple[str, Timing | None, str]]:
+    """Time an op round-robin on each backend (``on_backend(name)``), as ``torch.compile``
+    of its reference (``compiled``: :func:`compiled_reference`'s answer, ``None`` for no
+    such row; ``with_fn(fn)`` runs it) and the ``stream`` over ``nbytes``; yields
+    ``(variant, timing or None, note)`` (the op and packed-export suites share it)."""
+    fns = {name: (lambda name=name: on_backend(name)) for name in backend_names}
     compile_note = None  # None: no compiled row
-    if compile_baseline and case.compile:
-        compiled, compile_note = compiled_reference(case)
-        if compiled is not None:
+    if compiled is not None:
+        fn, compile_note = compiled
+        if fn is not None:
             try:
-                inputs.reset()
-                inputs.call(case, compiled)  # compiles (untimed)
-                fns[COMPILED] = lambda: inputs.call(case, compiled)
+                if setup is not None:
+                    setup()
+                with_fn(fn)  # compiles (untimed)
+                fns[COMPILED] = lambda: with_fn(fn)
             except Exception as exc:  # a graph torch.compile cannot handle: report, go on
                 compile_note = f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
-    fns[STREAM] = stream_fn(inputs.bytes, device)
-    timings = measure_interleaved(
-        fns, device=device, repeats=repeats, warmup=warmup, setup=inputs.reset
-    )
+    fns[STREAM] = stream_fn(nbytes, device)
+    timings = measure_interleaved(fns, device=device, repeats=repeats, warmup=warmup, setup=setup)
     for name in backend_names:
-        yield name, timings[name], inputs, ""
+        yield name, timings[name], ""
     if compile_note is not None:
-        yield COMPILED, timings.get(COMPILED), inputs, compile_note
-    yield STREAM, timings[STREAM], inputs, ""
+        yield COMPILED, timings.get(COMPILED), compile_note
+    yield STREAM, timings[STREAM], ""

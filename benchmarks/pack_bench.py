@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.op_bench import COMPILED, DTYPES, STREAM, rows_cols, stream_fn
-from benchmarks.timing import Timing, measure_interleaved
+from benchmarks.op_bench import DTYPES, compile_fresh, rows_cols, time_variants
+from benchmarks.timing import Timing
 from parq_kernels import reference_pack
 from parq_kernels.pack_ops import dequantize_, index_width, pack_, packed_nbytes, unpack_
 
@@ -122,11 +122,7 @@ class PackInputs:
 
 def compiled_reference(case: PackCase) -> tuple[Callable | None, str]:
     """``(torch.compile(<the case's reference op>), "")`` or ``(None, why)``."""
-    try:
-        torch._dynamo.reset()
-        return torch.compile(getattr(reference_pack, f"{case.op}_")), ""
-    except Exception as exc:
-        return None, f"torch.compile unavailable: {type(exc).__name__}: {exc}"
+    return compile_fresh(getattr(reference_pack, f"{case.op}_"))
 
 
 def run_case(
@@ -144,20 +140,9 @@ def run_case(
     """Yield ``(variant, timing or None, inputs, note)`` like :func:`op_bench.run_case`."""
     inputs = PackInputs(case, device, n_tensors, rows, cols)
     op = OPS[case.op]
-    fns = {name: (lambda name=name: inputs.call(op, backend=name)) for name in backend_names}
-    compile_note = None
-    if compile_baseline and case.compile:
-        compiled, compile_note = compiled_reference(case)
-        if compiled is not None:
-            try:
-                inputs.call(compiled)  # compiles (untimed)
-                fns[COMPILED] = lambda: inputs.call(compiled)
-            except Exception as exc:
-                compile_note = f"torch.compile failed: {type(exc).__name__}: {exc}"[:300]
-    fns[STREAM] = stream_fn(inputs.bytes, device)
-    timings = measure_interleaved(fns, device=device, repeats=repeats, warmup=warmup)
-    for name in backend_names:
-        yield name, timings[name], inputs, ""
-    if compile_note is not None:
-        yield COMPILED, timings.get(COMPILED), inputs, compile_note
-    yield STREAM, timings[STREAM], inputs, ""
+    compiled = compiled_reference(case) if compile_baseline and case.compile else None
+    timed = time_variants(lambda name: inputs.call(op, backend=name), inputs.call, compiled,
+                          backend_names=backend_names, nbytes=inputs.bytes, device=device,
+                          repeats=repeats, warmup=warmup)  # fmt: skip
+    for variant, timing, note in timed:
+        yield variant, timing, inputs, note
