@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from parq.diffq.base import BaseQuantizer, QParam, _check_float, _check_int
 from parq.diffq.functions import GroupConfig, inject_noise, true_quantize
-from parq.diffq.state import pack_levels, restore_entries
+from parq.diffq.state import minmax_entry, pack_levels, restore_entries
 from parq_kernels.reference_diffq import (
     MAX_QUANT_BITS,
     PARAM_BITS,
@@ -155,10 +155,7 @@ class DiffQuantizer(BaseQuantizer):
         for qp, lv, (mn, mx) in zip(self._qparams, levels, minmax, strict=True):
             b = true_bits(qp.logit.detach(), self.min_bits, self.max_bits, self._code,
                           self.extra_bits)  # fmt: skip
-            entries.append({"shape": list(qp.param.shape), "dtype": str(qp.param.dtype),
-                            "group_size": self._group(qp), "bits": b.to(torch.uint8).cpu(),
-                            "min": mn.clone().cpu(), "max": mx.clone().cpu(),
-                            "levels": lv.reshape(-1).cpu()})  # fmt: skip
+            entries.append(minmax_entry(qp.param, self._group(qp), b, mn, mx, lv))
         if packed:
             pack_levels(entries)
         return entries

@@ -22,6 +22,14 @@ from parq_kernels.pack_ops import pack, unpack
 from parq_kernels.reference_diffq import expand_groups
 
 
+def minmax_entry(param: Tensor, group_size: int, bits: Tensor, mn: Tensor, mx: Tensor,
+                 levels: Tensor) -> dict:  # fmt: skip
+    """An entry of the ``min`` / ``max`` form (module doc), its tensors on the CPU."""
+    return {"shape": list(param.shape), "dtype": str(param.dtype), "group_size": group_size,
+            "bits": bits.to(torch.uint8).cpu(), "min": mn.clone().cpu(),
+            "max": mx.clone().cpu(), "levels": levels.reshape(-1).cpu()}  # fmt: skip
+
+
 def element_bits(entry: dict) -> Tensor:
     """Bits of each element (int32, ``(numel,)``)."""
     numel = int(torch.Size(entry["shape"]).numel())

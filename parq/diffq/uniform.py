@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from parq.diffq.base import BaseQuantizer, QParam, _check_float
 from parq.diffq.functions import GroupConfig, StraightThrough, true_quantize
-from parq.diffq.state import pack_levels, restore_entries
+from parq.diffq.state import minmax_entry, pack_levels, restore_entries
 from parq_kernels.reference_diffq import MAX_QUANT_BITS, PARAM_BITS
 
 _PINNED_LOGIT = -1e4  # sigmoid gives exactly 0 in float32: the bits are min_bits
@@ -69,11 +69,8 @@ class UniformQuantizer(BaseQuantizer):
         _, levels, minmax = self._quantize(with_levels=True)
         entries = []
         for qp, lv, (mn, mx) in zip(self._qparams, levels, minmax, strict=True):
-            entries.append({"shape": list(qp.param.shape), "dtype": str(qp.param.dtype),
-                            "group_size": max(1, qp.param.numel()),
-                            "bits": torch.tensor([round(self.bits)], dtype=torch.uint8),
-                            "min": mn.clone().cpu(), "max": mx.clone().cpu(),
-                            "levels": lv.reshape(-1).cpu()})  # fmt: skip
+            bits = torch.tensor([round(self.bits)], dtype=torch.uint8)
+            entries.append(minmax_entry(qp.param, max(1, qp.param.numel()), bits, mn, mx, lv))
         if packed:
             pack_levels(entries)
         return entries
