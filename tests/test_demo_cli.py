@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from example_loader import load_example
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def _load(name: str):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-models = _load("models")
-demo = _load("qat_digits")
-cli = _load("qat_cli")  # the demo's options (loaded by qat_digits already)
+models = load_example("models")
+demo = load_example("qat_digits")
+cli = load_example("qat_cli")  # the demo's options (loaded by qat_digits already)
 
 
 @pytest.fixture(scope="module")
