@@ -19,6 +19,7 @@ by the ``PARQ_KERNELS_BACKEND`` environment variable, raises
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -149,3 +150,50 @@ def get_impl(name: str, op: str = "quant_prox_") -> Callable:
             hint = " (no CUDA kernels for the export and DiffQ ops: the triton backend serves them)"
         raise BackendUnavailableError(f"parq backend {name!r} does not implement {op}{hint}")
     return impls[op]
+
+
+# --- CPU instruction-set levels (SPEC.md §14) -------------------------------------------
+# The C++ CPU kernels are compiled once per level into the one extension; the level that
+# serves is chosen when the extension loads, from the CPU that torch detects
+# (``torch.backends.cpu.get_cpu_capability()``, which honours ``ATEN_CPU_CAPABILITY``).
+
+CPU_LEVELS = ("default", "avx2", "avx512")  # lowest first (on aarch64: "default" = NEON)
+
+
+def _cpu_ext():
+    impls, _ = _load("cpu")
+    return importlib.import_module("parq_kernels._C") if impls is not None else None
+
+
+def cpu_level() -> str | None:
+    """The instruction-set level that serves the ``cpu`` backend now (``"default"``,
+    ``"avx2"`` or ``"avx512"``), or None when the extension is not built."""
+    ext = _cpu_ext()
+    return ext.cpu_level() if ext is not None and hasattr(ext, "cpu_level") else None
+
+
+def cpu_levels() -> tuple[str, ...]:
+    """The levels this build has and this CPU can run, lowest first (empty if not built)."""
+    ext = _cpu_ext()
+    return tuple(ext.cpu_levels()) if ext is not None and hasattr(ext, "cpu_levels") else ()
+
+
+@contextlib.contextmanager
+def forced_cpu_level(level: str):
+    """Run the ``cpu`` backend's kernels at ``level`` (one of :func:`cpu_levels`) inside
+    the block, then return to the level chosen at load. For tests and benchmarks: torch's
+    own kernels keep their level (set ``ATEN_CPU_CAPABILITY`` before starting Python to
+    move both)."""
+    ext = _cpu_ext()
+    if ext is None or not hasattr(ext, "_force_cpu_level"):
+        raise BackendUnavailableError(f"the cpu backend is not built; {BUILD_HINT}")
+    if level not in ext.cpu_levels():
+        raise ValueError(
+            f"level must be one of this CPU's levels {tuple(ext.cpu_levels())}, got {level!r}"
+        )
+    before = ext.cpu_level()
+    ext._force_cpu_level(level)
+    try:
+        yield
+    finally:
+        ext._force_cpu_level(before)
