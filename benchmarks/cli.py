@@ -1,9 +1,10 @@
-"""``python -m benchmarks [--quick|--full|--smoke] [--out DIR]``: the whole suite.
+"""``python -m benchmarks [--quick|--full|--smoke] [--out DIR] [--levels [LEVEL ...]]``.
 
 Reports the environment, measures the copy bandwidth, runs the op micro-benchmarks
 (the fused ops and the packed-export ops) and the ``QuantOptimizer.step()``
 benchmarks on every available backend, then prints the tables and writes
-``<device>_<date>_<mode>.{csv,json,md,png}``.
+``<device>_<date>_<mode>.{csv,json,md,png}``. ``--levels`` runs the suites once per CPU
+instruction-set level in child processes instead (:mod:`benchmarks.levels`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from types import ModuleType
 import torch
 
 from benchmarks import (
+    cpu_info,
     diffq_bench,
     environment,
     fakequant_bench,
+    levels,
     op_bench,
     pack_bench,
     report,
@@ -31,6 +34,9 @@ from benchmarks.cli_checks import check_device, check_out_dir, optional_module
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 SUITES = ("op", "step", "fakequant")
+# quick mode's hard-phase and bf16 step cases: 3 timed repeats (the headline 9), and no
+# `base` (torch's default kernels) nor bf16 `generic`, so that they add < ~40 s on 2 cores
+QUICK_ADDED_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,10 @@ def mode_config(name: str) -> Mode:
     if name == "quick":
         return Mode(
             op_cases=op_bench.quick_grid(),
-            step_cases=step_bench.issue4_cases(repeats=9) + step_bench.model_cases(quick=True),
+            step_cases=step_bench.issue4_cases(repeats=9)
+            + step_bench.hard_phase_cases(repeats=QUICK_ADDED_REPEATS, skip=("base",))
+            + step_bench.bf16_cases(repeats=QUICK_ADDED_REPEATS, skip=("base", "generic"))
+            + step_bench.model_cases(quick=True),
             op_shape=(2, 256, 1024),
             repeats=5,
             warmup=1,
@@ -77,7 +86,10 @@ def mode_config(name: str) -> Mode:
         )
     return Mode(
         op_cases=op_bench.full_grid(),
-        step_cases=step_bench.issue4_cases() + step_bench.model_cases(quick=False),
+        step_cases=step_bench.issue4_cases()
+        + step_bench.hard_phase_cases()
+        + step_bench.bf16_cases()
+        + step_bench.model_cases(quick=False),
         op_shape=(4, 1024, 4096),
         repeats=20,
         warmup=3,
@@ -131,8 +143,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--suites",
         nargs="+",
         choices=SUITES,
-        default=list(SUITES),
-        help="which suites to run (default: all; a partial run's files are named after its suites)",
+        default=None,
+        help="which suites to run (default: all, with --levels: step; a partial run's files are "
+        "named after its suites)",
     )
     parser.add_argument(
         "--no-compile", action="store_true", help="skip the torch.compile baselines"
@@ -144,10 +157,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="timed repeats per measurement (default: per mode)",
     )
     parser.add_argument("--no-progress", action="store_true", help="plain progress lines")
+    parser.add_argument(
+        "--levels",
+        nargs="*",
+        choices=cpu_info.LEVELS,
+        default=None,
+        metavar="LEVEL",
+        help="run the suites (default: step) once per CPU level, each in a child process with "
+        "ATEN_CPU_CAPABILITY=<level>, and write one side-by-side table; no LEVEL: every level "
+        f"this machine supports ({', '.join(cpu_info.LEVELS)})",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     args.mode = args.mode or "quick"
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.suites = args.suites or (["step"] if args.levels is not None else list(SUITES))
+    default_device = "cpu" if args.levels is not None else None
+    default_device = default_device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = check_device(parser, args.device or default_device)
+    if args.levels is not None:
+        if args.device.type != "cpu":
+            parser.error("--levels times the CPU kernels: use it with --device cpu")
+        args.levels = levels.supported_or_error(parser, args.levels)
     if args.repeats is not None and args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     check_out_dir(parser, args.out)
@@ -178,6 +208,8 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.levels is not None:
+        return levels.main(args)
     # optional packages, reported before any work: without them, plain output
     tqdm = None if args.no_progress else optional_module("tqdm", "plain progress lines")
     matplotlib = optional_module("matplotlib", "no chart (.png)")
@@ -247,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for suite, title in report.SUITE_TITLES.items():
         if any(r["suite"] == suite for r in rows):
-            print(f"\n== {title} ==\n{report.table(rows, suite)}")
+            note = report.fakequant_level_note(env) if suite == "fakequant" else ""
+            print(f"\n== {title} ==\n" + (f"{note}\n" if note else "") + report.table(rows, suite))
     elapsed = time.perf_counter() - t_start
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     stem = args.out / f"{environment.device_slug(device)}_{date}_{args.mode}"
@@ -256,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "mode": args.mode,
         "date_utc": date,
-        "command": ["python", "-m", "benchmarks", *(sys.argv[1:] if argv is None else argv)],
+        "command": ["python", "-m", "benchmarks", *args.argv],
         "elapsed_s": elapsed,
         "environment": env,
         "copy_bandwidth_gbps": copy_gbps,

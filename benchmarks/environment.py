@@ -1,4 +1,5 @@
-"""What the benchmarks run on: versions, device, threads, backends, copy bandwidth.
+"""What the benchmarks run on: versions, device, threads, backends, the CPU and its
+instruction-set levels (:mod:`benchmarks.cpu_info`), copy bandwidth.
 
 The copy bandwidth is the yardstick every GB/s figure is compared with: the
 median rate of ``dst.copy_(src)`` on one large float32 tensor, counting the
@@ -13,6 +14,7 @@ import sys
 
 import torch
 
+from benchmarks import cpu_info
 from benchmarks.timing import Timing, measure
 from parq_kernels import backends
 
@@ -72,7 +74,8 @@ def triton_version() -> str:
 
 
 def environment(device: torch.device) -> dict:
-    """Versions, device and backend availability, as a JSON-ready dict."""
+    """Versions, device, backend availability and the CPU record (``cpu``: model, flags,
+    torch's and parq's levels, :func:`benchmarks.cpu_info.cpu_record`), JSON-ready."""
     available, why_not = benchmark_backends(device)
     return {
         "python": sys.version.split()[0],
@@ -85,6 +88,7 @@ def environment(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "backends_available": available,
         "backends_missing": why_not,
+        "cpu": cpu_info.cpu_record(),
     }
 
 

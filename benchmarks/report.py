@@ -27,6 +27,8 @@ import csv
 import json
 from pathlib import Path
 
+from benchmarks import cpu_info
+
 COLUMNS = [
     "suite",
     "case",
@@ -162,6 +164,8 @@ def environment_text(env: dict, copy_gbps: float) -> str:
         f"copy bandwidth (read + write): {copy_gbps:.2f} GB/s",
         f"backends benchmarked: {', '.join(env['backends_available'])}",
     ]
+    if env.get("cpu"):  # the CPU's flags and levels (benchmarks/cpu_info.py)
+        lines[1:1] = cpu_info.describe(env["cpu"]).splitlines()
     lines += [f"backend {k} not benchmarked: {v}" for k, v in env["backends_missing"].items()]
     return "\n".join(lines)
 
@@ -178,16 +182,37 @@ def write_json(payload: dict, path: Path) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
+def cpu_headline(env: dict) -> str:
+    """The CPU and the level that served, for the top of a report (Markdown)."""
+    cpu = env.get("cpu")
+    if not cpu:
+        return f"**Device**: {env.get('device_name')}"
+    return f"**CPU**: {cpu['model']}; {cpu_info.level_text(cpu)}"
+
+
+def fakequant_level_note(env: dict) -> str:
+    """Where the composed-ops-vs-torch-kernel choice of ``parq.fakequant`` was measured:
+    both run torch's own CPU kernels, so at torch's capability (one CPU, one level; other
+    levels: ``python -m benchmarks --levels --suites fakequant``)."""
+    cpu = env.get("cpu")
+    if not cpu or not str(env.get("device", "")).startswith("cpu"):
+        return ""
+    return (f"`composed` vs `torch kernel` measured on {cpu['model']} at torch capability "
+            f"{cpu['torch_capability']} (other levels: `--levels --suites fakequant`)")  # fmt: skip
+
+
 def write_markdown(rows: list[dict], env: dict, copy_gbps: float, path: Path) -> None:
-    text = ["```", environment_text(env, copy_gbps), "```", ""]
+    text = [cpu_headline(env), "", "```", environment_text(env, copy_gbps), "```", ""]
     headings = {
         "op": "Ops",
         "step": "QuantOptimizer.step()",
         "fakequant": "Fake quantization (t / base: the float model, or the composed ops)",
     }
+    notes = {"fakequant": fakequant_level_note(env)}
     for suite, heading in headings.items():
         if any(r["suite"] == suite for r in rows):  # a partial run: its suites only
-            text += [f"### {heading}", "", table(rows, suite, markdown=True), ""]
+            note = [notes[suite], ""] if notes.get(suite) else []
+            text += [f"### {heading}", "", *note, table(rows, suite, markdown=True), ""]
     path.write_text("\n".join(text))
 
 

@@ -30,6 +30,13 @@ ViT-B/16 blocks 1.6x).
 Quick mode leaves out ``fused:reference`` / ``fused-prox:reference`` when a compiled
 backend is available (the op suite compares the backends).
 
+Cases: the headline set (:func:`issue4_cases`), the hard phase on it
+(:func:`hard_phase_cases`: ``ProxHardQuant`` per channel, ``ProxPARQ`` past its
+``anneal_end`` per channel and per tensor; in this phase the steps between level updates
+only map to the nearest level), the same set with bf16 parameters (:func:`bf16_cases`),
+and model-shaped sets (:func:`model_cases`). A case may leave variants out (``skip``:
+quick mode's added cases time neither ``base`` nor, in bf16, ``generic``).
+
 Byte model (minimal traffic per element of itemsize ``s``, per step):
 SGD with momentum reads ``p, grad, buf`` and writes ``buf, p`` (``5 s``); AdamW reads
 ``p, grad, m, v`` and writes ``p, m, v`` (``7 s``); plain SGD ``3 s``. The fused step
@@ -43,6 +50,7 @@ latent, write p: ``3 s``): ``+5 s``.
 
 from __future__ import annotations
 
+import functools
 import gc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -64,6 +72,9 @@ from parq.quant import (
 BASE_BYTES = {"sgd": 5, "adamw": 7}  # per element, in units of the itemsize
 FUSED_EXTRA_BYTES = 1  # fused step: the projected weights are written too
 UNFUSED_EXTRA_BYTES = 5  # restore (2) + quantize/prox pass (3)
+HEADLINE = "8xLinear1024"  # the issue-4 set: 8 x Linear(1024, 1024)
+PARQ_ANNEALED_END = 1  # parq-annealed: ProxPARQ(anneal_start=0, anneal_end=1)
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 QUANTIZERS = {
     "uniform": UnifQuantizer,
     "lsbq": LSBQuantizer,
@@ -85,12 +96,20 @@ class StepCase:
     dtype: torch.dtype = torch.float32
     period: int = 1  # quant_period; one timed call = one period of steps
     repeats: int | None = None  # timed repeats, when the case needs more than its mode's
+    skip: tuple[str, ...] = ()  # variants this case leaves out (to keep a mode's time)
 
     @property
     def name(self) -> str:
         gran = "channel" if self.per_channel else "tensor"
+        dtype = "" if self.dtype == torch.float32 else "/" + DTYPE_NAMES[self.dtype]
         return (f"{self.model}/{self.quantizer}{self.bits}+{self.prox}/{gran}/{self.base}"
-                f"/period{self.period}")  # fmt: skip
+                f"/period{self.period}{dtype}")  # fmt: skip
+
+    @property
+    def pre_steps(self) -> int:
+        """Untimed steps run when a variant is built: past ``anneal_end`` for the
+        annealed PARQ cases, so that every timed step is in the hard phase."""
+        return PARQ_ANNEALED_END if self.prox == "parq-annealed" else 0
 
     @property
     def numel(self) -> int:
@@ -131,6 +150,40 @@ def issue4_cases(repeats: int | None = None) -> list[StepCase]:
     return [replace(c, repeats=repeats) for c in cases]
 
 
+def hard_phase_cases(repeats: int | None = None, skip: tuple[str, ...] = ()) -> list[StepCase]:
+    """The hard phase on the headline set: uniform 2-bit with ``ProxHardQuant`` per
+    channel (per tensor is in :func:`issue4_cases`), and ``ProxPARQ`` past its
+    ``anneal_end`` (``parq-annealed``: every timed step maps hard, as every PARQ run ends)
+    per channel and per tensor; SGD and AdamW, ``quant_period`` 10 (nine of ten steps
+    reuse the levels) and 1."""
+    specs = tuple(shapes.linear_stack(8, 1024))
+    kinds = [("hard", True), ("parq-annealed", True), ("parq-annealed", False)]
+    one = StepCase(HEADLINE, specs, repeats=repeats, skip=skip)
+    return [
+        replace(one, prox=prox, per_channel=per_channel, base=base, period=period)
+        for period in (10, 1)
+        for base in ("sgd", "adamw")
+        for prox, per_channel in kinds
+    ]
+
+
+def bf16_cases(
+    periods: tuple[int, ...] = (10, 1), repeats: int | None = None, skip: tuple[str, ...] = ()
+) -> list[StepCase]:
+    """The headline set with bf16 parameters (latent and state bf16, as torch's fused
+    SGD / AdamW keep them; the yardstick is their ``fused=True`` step on the same bf16
+    parameters): uniform 2-bit + PARQ per channel and + hard per tensor, SGD and AdamW."""
+    specs = tuple(shapes.linear_stack(8, 1024))
+    kinds = [("parq", True), ("hard", False)]
+    one = StepCase(HEADLINE, specs, dtype=torch.bfloat16, repeats=repeats, skip=skip)
+    return [
+        replace(one, prox=prox, per_channel=per_channel, base=base, period=period)
+        for period in periods
+        for base in ("sgd", "adamw")
+        for prox, per_channel in kinds
+    ]
+
+
 def model_cases(quick: bool) -> list[StepCase]:
     """ResNet-20, ResNet-50, ViT-B/16, Llama-1B shapes (scaled down when ``quick``)."""
     if quick:
@@ -151,7 +204,13 @@ def model_cases(quick: bool) -> list[StepCase]:
 
 
 def smoke_cases() -> list[StepCase]:
-    return [StepCase("2xLinear64", tuple(shapes.linear_stack(2, 64)), base="sgd")]
+    """Tiny: PARQ per channel, the hard phase (annealed PARQ) per tensor, hard on bf16."""
+    specs = tuple(shapes.linear_stack(2, 64))
+    return [
+        StepCase("2xLinear64", specs, base="sgd"),
+        StepCase("2xLinear64", specs, prox="parq-annealed", per_channel=False, base="sgd"),
+        StepCase("2xLinear64", specs, prox="hard", base="sgd", dtype=torch.bfloat16),
+    ]
 
 
 def _base_optimizer(case: StepCase, groups: list[dict], fused: bool) -> torch.optim.Optimizer:
@@ -163,10 +222,27 @@ def _base_optimizer(case: StepCase, groups: list[dict], fused: bool) -> torch.op
     raise ValueError(f"unknown base optimizer {case.base!r}")
 
 
+def _draw(specs: tuple[ParamSpec, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(weights, gradient)`` per spec, float32 on the CPU, seeded: the same for every
+    variant of a case."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    return [
+        (torch.randn(s.shape, generator=gen) * 0.02, torch.randn(s.shape, generator=gen) * 1e-3)
+        for s in specs
+    ]
+
+
+_draw_cached = functools.lru_cache(maxsize=1)(_draw)  # drawn once per set, not per variant
+CACHE_MAX_NUMEL = 1 << 26  # larger sets (full-size models) are drawn per variant
+
+
+def _initial_values(case: StepCase) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return (_draw_cached if case.numel <= CACHE_MAX_NUMEL else _draw)(case.specs)
+
+
 def build(case: StepCase, device: torch.device, variant: str) -> Callable[[], object]:
     """Fresh parameters with gradients, and the callable that runs one period of
     ``variant`` (module doc)."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
     if variant == STREAM:  # one step's traffic per call, one call per step of the period
         one = stream_fn(case.bytes(STREAM) // case.period, device)
 
@@ -176,18 +252,18 @@ def build(case: StepCase, device: torch.device, variant: str) -> Callable[[], ob
 
         return streams
     quantized, other = [], []
-    for spec in case.specs:
-        p = torch.nn.Parameter(
-            (torch.randn(spec.shape, generator=gen) * 0.02).to(device=device, dtype=case.dtype)
-        )
-        p.grad = (torch.randn(spec.shape, generator=gen) * 1e-3).to(device, case.dtype)
+    for spec, (w, g) in zip(case.specs, _initial_values(case), strict=True):
+        p = torch.nn.Parameter(w.to(device=device, dtype=case.dtype, copy=True))
+        p.grad = g.to(device=device, dtype=case.dtype, copy=True)
         (quantized if spec.quantized else other).append(p)
     groups = [{"params": quantized, "quant_bits": case.bits}, {"params": other}]
     opt = _base_optimizer(case, groups, fused=variant != "base")  # (module doc)
     if not variant.startswith("base"):
-        prox = (
-            ProxPARQ(anneal_start=0, anneal_end=10**6) if case.prox == "parq" else ProxHardQuant()
-        )
+        prox = {
+            "parq": lambda: ProxPARQ(anneal_start=0, anneal_end=10**6),
+            "parq-annealed": lambda: ProxPARQ(anneal_start=0, anneal_end=PARQ_ANNEALED_END),
+            "hard": ProxHardQuant,
+        }[case.prox]()
         kw = {"quant_period": case.period, "quant_per_channel": case.per_channel}
         quantizer = QUANTIZERS[case.quantizer]()
         if variant == "generic":
@@ -196,6 +272,9 @@ def build(case: StepCase, device: torch.device, variant: str) -> Callable[[], ob
             kind, backend = variant.split(":")
             opt = QuantOptimizer(opt, quantizer, prox, backend=backend,
                                  fuse_base_step=kind == "fused", **kw)  # fmt: skip
+
+    for _ in range(case.pre_steps):  # every variant alike, untimed
+        opt.step()
 
     def period() -> None:
         for _ in range(case.period):
@@ -212,7 +291,7 @@ def variants(case: StepCase, backend_names: list[str], fused_reference: bool) ->
     if case.period == 1:
         out.append("generic")
     out += [f"fused-prox:{b}" for b in fused] + [f"fused:{b}" for b in fused]
-    return [*out, STREAM]
+    return [v for v in [*out, STREAM] if v not in case.skip]
 
 
 def available_memory(device: torch.device) -> int:

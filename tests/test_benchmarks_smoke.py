@@ -189,13 +189,14 @@ def test_smoke_byte_models(smoke_run):
     step = [r for r in rows if r["suite"] == "step"]
     weights, biases = 2 * 64 * 64, 2 * 64
     for r in step:
-        base = 5 * (weights + biases) * 4  # SGD with momentum
+        size = 2 if r["case"].endswith("/bf16") else 4
+        base = 5 * (weights + biases) * size  # SGD with momentum
         if r["variant"].startswith("base"):
             want = base
         elif r["variant"].startswith("fused:") or r["variant"] == "stream":
-            want = base + 1 * weights * 4  # the fused step also writes the projected weights
+            want = base + 1 * weights * size  # the fused step also writes the projected weights
         else:
-            want = base + 5 * weights * 4  # restore + base step + quantize/prox pass
+            want = base + 5 * weights * size  # restore + base step + quantize/prox pass
         assert int(r["bytes"]) == want, r["variant"]
 
 
@@ -386,6 +387,8 @@ def test_cli_unwritable_out_fails_before_any_work(tmp_path, monkeypatch, capsys)
 
 def test_quick_mode_times_the_headline_step_cases_more():
     cases = cli.mode_config("quick").step_cases
-    headline = [c for c in cases if c.model == "8xLinear1024"]
+    headline = [c for c in cases if c in step_bench.issue4_cases(repeats=9)]
     assert len(headline) == 12 and all(c.repeats == 9 for c in headline)
+    added = [c for c in cases if c.model == "8xLinear1024" and c not in headline]
+    assert len(added) == 20 and all(c.repeats == cli.QUICK_ADDED_REPEATS for c in added)
     assert all(c.repeats is None for c in cases if c.model != "8xLinear1024")
