@@ -21,7 +21,7 @@ PY := $(VENV)/bin/python
 endif
 PIP := $(PY) -m pip
 
-.PHONY: all setup build test bench demo lint clean
+.PHONY: all setup build test bench demo lint clean check-portable
 
 all: build bench demo
 
@@ -60,6 +60,11 @@ bench: build
 demo: build
 	$(PY) examples/qat_digits.py
 	$(PY) examples/diffq_digits.py
+
+# one build runs on older CPUs: the fused step under qemu-user as Nehalem (x86-64 baseline)
+# and Haswell (AVX2) against the reference (SPEC.md §14; needs apt-get install qemu-user)
+check-portable: build
+	$(PY) -m benchmarks.portable_check
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
