@@ -171,6 +171,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.mode = args.mode or "quick"
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.suites = args.suites or (["step"] if args.levels is not None else list(SUITES))
+    args.suites = [s for s in SUITES if s in args.suites]
     default_device = "cpu" if args.levels is not None else None
     default_device = default_device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.device = check_device(parser, args.device or default_device)

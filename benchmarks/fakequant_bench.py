@@ -23,7 +23,11 @@ Two kinds of case, each timed round-robin (all variants of a case interleaved):
   ``parq.fakequant`` uses on CUDA), ``composed(compile)`` (``torch.compile`` of the
   composed ops: one fused loop; full mode only), and ``stream``: an in-place
   ``a.add_(b)`` moving the same bytes (the bandwidth yardstick of the ``of best BW``
-  column, as in the op suite). These rows back the choice of path per device.
+  column, as in the op suite). These rows back the choice of path per device. Both
+  variants run torch's own CPU kernels, at torch's capability (one instruction-set level):
+  the run's environment records it and the report names it above this suite's table;
+  ``python -m benchmarks --levels --suites fakequant`` re-checks the choice at each
+  level this CPU supports (``kernel/composed`` per level, :mod:`benchmarks.levels`).
 
 Byte model: model cases have none (compute-bound convolutions); op cases read and
 write the tensor once: ``2 * numel * 4`` bytes (float32).
