@@ -1,10 +1,12 @@
 // Schemas and registrations of parq_kernels_C::quant_prox_ and fused_step_, of the packed-export
 // ops pack_, unpack_ and dequantize_ and the DiffQ ops diffq_noise_, diffq_noise_backward_ and
-// diffq_quantize_ (CPU only), and the Python module parq_kernels._C (whose only attribute is
-// HAS_CUDA; the ops live in torch.ops).
+// diffq_quantize_ (CPU only), and the Python module parq_kernels._C (HAS_CUDA and the CPU
+// level functions; the ops live in torch.ops).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
+#include "cpu_levels.h"
 #include "diffq.h"
 #include "pack.h"
 #include "quant_prox.h"
@@ -57,6 +59,11 @@ TORCH_LIBRARY_IMPL(parq_kernels_C, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "parq fused kernels (ops: torch.ops.parq_kernels_C.quant_prox_, fused_step_)";
+  // SPEC.md §14: the CPU kernels' instruction-set level (csrc/cpu_dispatch.cpp)
+  m.def("cpu_level", &parq::cpu_level, "the level serving the CPU ops now");
+  m.def("cpu_levels", &parq::cpu_levels, "the levels built that this CPU runs, lowest first");
+  m.def("_force_cpu_level", &parq::force_cpu_level,
+        "serve the CPU ops at this level (one of cpu_levels()); for tests and benchmarks");
 #ifdef PARQ_WITH_CUDA
   m.attr("HAS_CUDA") = true;
 #else

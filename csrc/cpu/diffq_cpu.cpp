@@ -22,9 +22,9 @@
 #include <utility>
 #include <vector>
 
-#include "../diffq.h"
+#include "level.h"
 
-namespace parq {
+PARQ_CPU_BEGIN
 namespace {
 
 constexpr int64_t kGrain = 16384;  // elements per parallel task, at least
@@ -84,7 +84,7 @@ void for_groups(int64_t n, int64_t G, F&& body) {
 
 }  // namespace
 
-void diffq_noise_cpu(at::TensorList weights, at::TensorList logits, at::TensorList noise,
+void diffq_noise_level(at::TensorList weights, at::TensorList logits, at::TensorList noise,
                      at::TensorList out, const at::Tensor& ranges, at::IntArrayRef group_sizes,
                      double min_bits, double max_bits, int64_t param) {
   TORCH_CHECK(logits.size() == weights.size() && noise.size() == weights.size() &&
@@ -120,7 +120,7 @@ void diffq_noise_cpu(at::TensorList weights, at::TensorList logits, at::TensorLi
   }
 }
 
-void diffq_noise_backward_cpu(at::TensorList grad_out, at::TensorList logits,
+void diffq_noise_backward_level(at::TensorList grad_out, at::TensorList logits,
                               at::TensorList noise, const at::Tensor& ranges,
                               at::TensorList grad_logits, at::IntArrayRef group_sizes,
                               double min_bits, double max_bits, int64_t param) {
@@ -148,7 +148,7 @@ void diffq_noise_backward_cpu(at::TensorList grad_out, at::TensorList logits,
   }
 }
 
-void diffq_quantize_cpu(at::TensorList weights, at::TensorList logits, at::TensorList out,
+void diffq_quantize_level(at::TensorList weights, at::TensorList logits, at::TensorList out,
                         at::TensorList levels, const at::Tensor& minmax,
                         at::IntArrayRef group_sizes, double min_bits, double max_bits,
                         int64_t param, double extra_bits) {
@@ -190,4 +190,4 @@ void diffq_quantize_cpu(at::TensorList weights, at::TensorList logits, at::Tenso
   }
 }
 
-}  // namespace parq
+PARQ_CPU_END

@@ -25,9 +25,9 @@
 #include <immintrin.h>
 #endif
 
-#include "../pack.h"
+#include "level.h"
 
-namespace parq {
+PARQ_CPU_BEGIN
 namespace {
 
 static_assert(std::endian::native == std::endian::little, "the packed stream is little-endian");
@@ -258,7 +258,7 @@ bool is_float_type(at::ScalarType t) {
 
 }  // namespace
 
-void pack_cpu(at::TensorList indices, at::TensorList packed, int64_t width) {
+void pack_level(at::TensorList indices, at::TensorList packed, int64_t width) {
   check_indices("pack_", indices, packed, width);
   if (width == 0) return;
   for (size_t i = 0; i < indices.size(); ++i) {
@@ -272,7 +272,7 @@ void pack_cpu(at::TensorList indices, at::TensorList packed, int64_t width) {
   }
 }
 
-void unpack_cpu(at::TensorList packed, at::TensorList indices, int64_t width) {
+void unpack_level(at::TensorList packed, at::TensorList indices, int64_t width) {
   check_indices("unpack_", indices, packed, width);
   for (size_t i = 0; i < indices.size(); ++i) {
     uint8_t* dst = indices[i].data_ptr<uint8_t>();
@@ -289,7 +289,7 @@ void unpack_cpu(at::TensorList packed, at::TensorList indices, int64_t width) {
   }
 }
 
-void dequantize_cpu(at::TensorList packed, at::TensorList levels, at::TensorList out,
+void dequantize_level(at::TensorList packed, at::TensorList levels, at::TensorList out,
                     const at::Tensor& bad, int64_t width) {
   const char* op = "dequantize_";
   TORCH_CHECK(width >= 0 && width <= 8, op, ": width must be in 0..8, got ", width);
@@ -338,4 +338,4 @@ void dequantize_cpu(at::TensorList packed, at::TensorList levels, at::TensorList
   }
 }
 
-}  // namespace parq
+PARQ_CPU_END

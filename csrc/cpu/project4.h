@@ -1,23 +1,20 @@
 // Projection of a block of values onto a level set of K <= 4 levels (1-bit, ternary,
-// 2-bit): HARD (nearest level), RELAX, PARQ (SPEC §4) and ProxQuant l1 / l2 (SPEC §9,
-// scalar form only: the compiler vectorizes it); a non-finite value is kept as
-// it is. The fused step's non-update loop (step_loop.h) and the write pass's PARQ
+// 2-bit): HARD (nearest level), RELAX, PARQ (SPEC §4) and ProxQuant l1 / l2 (SPEC §9); a
+// non-finite value is kept as it is. The fused step's non-update loop (step_loop.h) and the write pass's PARQ
 // (write_pass.h) use it.
 //
-// Two forms with the same float operations: a scalar one (any ISA; the compiler
-// vectorizes it) and an AVX-512 one, because GCC turns the scalar form's chains of
-// selects into mask arithmetic through general registers, which doubles the loop.
+// Two forms with the same float operations: a scalar one (heads and tails of rows) and a
+// vector one (simd.h, every level), because GCC turns the scalar form's chains of selects
+// into mask arithmetic through general registers, or into a scalar loop with branches
+// where the levels are read through a reference.
 #pragma once
 
 #include <cstdint>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "../levels.h"
+#include "simd.h"
 
-namespace parq {
+PARQ_CPU_BEGIN
 
 // Up to 4 levels, padded with the last level (the lookups give the same values:
 // a padded level is never below x unless Q[K-1] is, and then it equals it).
@@ -78,54 +75,58 @@ inline __attribute__((always_inline)) float project4(float x, const Levels4& l,
   return x - x == 0.0f ? y : x;  // finite(x), sources.h
 }
 
-#if defined(__AVX512F__)
-// 16 values; the same operations as project4 (the selects as masked blends).
+// The levels and the map's scalars broadcast to vectors, once per row range (outside the
+// loops: through references GCC re-broadcast them per vector, or left the selects scalar).
+struct LevelsV {
+  Vec q0, q1, q2, q3, m0, m1, m2, inv_rho, keep, theta, lam, l2_denom;
+  LevelsV(const Levels4& l, const ProjectArgs& p)
+      : q0(l.Q[0]), q1(l.Q[1]), q2(l.Q[2]), q3(l.Q[3]), m0(l.M[0]), m1(l.M[1]), m2(l.M[2]),
+        inv_rho(p.inv_rho), keep(p.keep), theta(p.theta), lam(p.lam), l2_denom(p.l2_denom) {}
+};
+
+// A vector of values; the same operations as project4 (the selects as blends).
 template <int PROX>
-inline __attribute__((always_inline)) __m512 project16(__m512 x, const Levels4& l,
-                                                       const ProjectArgs& p) {
-  auto lt = [](__m512 a, __m512 b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); };
-  auto pick = [](__mmask16 m, __m512 no, __m512 yes) { return _mm512_mask_blend_ps(m, no, yes); };
-  const __m512 q0 = _mm512_set1_ps(l.Q[0]), q1 = _mm512_set1_ps(l.Q[1]),
-               q2 = _mm512_set1_ps(l.Q[2]), q3 = _mm512_set1_ps(l.Q[3]);
-  __m512 y = x;
-  if constexpr (PROX == kHard || PROX == kRelax) {
-    __m512 h = pick(lt(_mm512_set1_ps(l.M[0]), x), q0, q1);
-    h = pick(lt(_mm512_set1_ps(l.M[1]), x), h, q2);
-    h = pick(lt(_mm512_set1_ps(l.M[2]), x), h, q3);
-    y = PROX == kHard ? h
-                      : _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(p.keep), x),
-                                      _mm512_mul_ps(_mm512_set1_ps(p.theta), h));
+inline __attribute__((always_inline)) Vec project_vec(Vec x, const LevelsV& l) {
+  Vec y = x;
+  if constexpr (kNeedsHard4<PROX>) {
+    Vec h = select(lt(l.m0, x), l.q0, l.q1);
+    h = select(lt(l.m1, x), h, l.q2);
+    h = select(lt(l.m2, x), h, l.q3);
+    if constexpr (PROX == kHard) {
+      y = h;
+    } else if constexpr (PROX == kRelax) {
+      y = l.keep * x + l.theta * h;
+    } else if constexpr (PROX == kProxQuantL1) {  // prox_quant_l1 (levels.h)
+      const Vec d = x - h;
+      const Mask pos = ge(d, Vec(0.0f));
+      const Vec m = vmax(select(pos, vneg(d), d) - l.lam, Vec(0.0f));
+      y = h + select(pos, vneg(m), m);
+    } else {  // kProxQuantL2: prox_quant_l2
+      y = (x + l.lam * h) / l.l2_denom;
+    }
   } else if constexpr (PROX == kParq) {
-    const __mmask16 a0 = lt(q0, x), a1 = lt(q1, x), a2 = lt(q2, x), a3 = lt(q3, x);
-    __m512 lo = pick(a1, q0, q1);
-    lo = pick(a2, lo, q2);
-    lo = pick(a3, lo, q3);
-    __m512 hi = pick(a2, q2, q3);
-    hi = pick(a1, q1, hi);
-    hi = pick(a0, q0, hi);
-    const __m512 c = _mm512_mul_ps(_mm512_add_ps(lo, hi), _mm512_set1_ps(0.5f));  // exact: / 2
-    y = _mm512_add_ps(c, _mm512_mul_ps(_mm512_sub_ps(x, c), _mm512_set1_ps(p.inv_rho)));
-    y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);  // finite operands: clampf's values
+    const Mask a0 = lt(l.q0, x), a1 = lt(l.q1, x), a2 = lt(l.q2, x), a3 = lt(l.q3, x);
+    Vec lo = select(a1, l.q0, l.q1);
+    lo = select(a2, lo, l.q2);
+    lo = select(a3, lo, l.q3);
+    Vec hi = select(a2, l.q2, l.q3);
+    hi = select(a1, l.q1, hi);
+    hi = select(a0, l.q0, hi);
+    const Vec c = (lo + hi) * Vec(0.5f);  // exact: (lo + hi) / 2
+    y = vclamp(c + (x - c) * l.inv_rho, lo, hi);
   }
-  const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(), _CMP_EQ_OQ);
-  return pick(ok, x, y);
+  return select(finite_mask(x), x, y);
 }
-#endif
 
 // ys[0, n) in place.
 template <int PROX>
 inline void project_block(float* __restrict__ ys, int64_t n, const Levels4& l,
                           const ProjectArgs& p) {
   if constexpr (PROX == kNone) return;
+  const LevelsV lv(l, p);
   int64_t i = 0;
-#if defined(__AVX512F__)
-  if constexpr (PROX != kProxQuantL1 && PROX != kProxQuantL2) {
-    for (; i + 16 <= n; i += 16) {
-      _mm512_storeu_ps(ys + i, project16<PROX>(_mm512_loadu_ps(ys + i), l, p));
-    }
-  }
-#endif
+  for (; i + kW <= n; i += kW) project_vec<PROX>(Vec::loadu(ys + i), lv).store(ys + i);
   for (; i < n; ++i) ys[i] = project4<PROX>(ys[i], l, p);
 }
 
-}  // namespace parq
+PARQ_CPU_END

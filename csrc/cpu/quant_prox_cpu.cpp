@@ -33,7 +33,7 @@
 #include "write_direct.h"
 #include "write_pass.h"
 
-namespace parq {
+PARQ_CPU_BEGIN
 namespace {
 
 struct Workspace {
@@ -224,21 +224,19 @@ struct RowJob {
       w.lo = Q[0] * a.gamma;
       w.hi = Q[K - 1] * a.gamma;
     }
-#if defined(__AVX512F__)
     if constexpr (std::is_same_v<decltype(src.lat), float*>) {  // write straight from the latent
-      const auto map = avx512::direct_map(a, w.rq, K, a.gamma, w.clamp);
-      if (!single && writes && map != avx512::DirectMap::kNone) {
+      const auto map = direct_map(a, w.rq, K, a.gamma, w.clamp);
+      if (!single && writes && map != DirectMap::kNone) {
         const Levels4 lv = pad_levels(Q, std::max(K, 1));
         const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg};
         const auto write = [&](int64_t c) {
-          avx512::write_direct(map, src.lat + off(c), src.p + off(c), len(c), rq, lv, pa);
+          write_direct(map, src.lat + off(c), src.p + off(c), len(c), rq, lv, pa);
           return Partial{};
         };
         over_chunks(parallel, nchunks(), write, true);
         return bad;
       }
     }
-#endif
     const Partial s = over_chunks(
         parallel, nchunks(), [&](int64_t c) { return write_chunk(src, off(c), len(c), single, w); },
         !single);
@@ -265,17 +263,14 @@ bool run_param(const OpArgs& a, const Src& src, int64_t rows, int64_t cols, floa
   // non-update fused steps: the rows go straight to the one loop (no per-row job)
   bool one_loop = false, pipelined = false;
   if constexpr (Src::kStep) one_loop = step_loop_serves(a, *src.s);
-#if defined(__AVX512F__)
   if constexpr (std::is_same_v<Src, StepSource<float>>) {
-    pipelined = avx512::update_rows_serve(a, *src.s, src.p, cols);
+    pipelined = update_rows_serve(a, *src.s, src.p, cols);
   }
-#endif
   std::atomic<bool> bad{false};
   const int64_t grain = std::max<int64_t>(1, (16 * kChunk) / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
     Workspace ws;
     bool local = false;
-#if defined(__AVX512F__)
     if constexpr (std::is_same_v<Src, StepSource<float>>) {
       if (pipelined) {  // update steps: row r + 1's update in row r's write (step_update.h)
         const auto levels = [&](const float* xs, float* Q) {
@@ -283,13 +278,12 @@ bool run_param(const OpArgs& a, const Src& src, int64_t rows, int64_t cols, floa
           RowQuant rq;
           return job.quantize(rq);
         };
-        local = avx512::update_rows_any(src, a, b, e, cols, qp, levels);
+        local = update_rows_any(src, a, b, e, cols, qp, levels);
         stream_fence();
         if (local) bad.store(true, std::memory_order_relaxed);
         return;
       }
     }
-#endif
     for (int64_t r = b; r < e; ++r) {
       if constexpr (Src::kStep) {
         if (one_loop) {
@@ -332,7 +326,7 @@ bool fused_step_param(const OpArgs& a, const StepArgs& s, size_t i, at::TensorLi
 
 }  // namespace
 
-void quant_prox_cpu(at::TensorList params, at::TensorList latents, at::TensorList quants,
+void quant_prox_level(at::TensorList params, at::TensorList latents, at::TensorList quants,
                     const at::Tensor& nonfinite, int64_t quant_kind, int64_t bits,
                     c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,
                     double prox_arg, double gamma) {
@@ -358,7 +352,7 @@ void quant_prox_cpu(at::TensorList params, at::TensorList latents, at::TensorLis
   }
 }
 
-void fused_step_cpu(at::TensorList params, at::TensorList latents, at::TensorList grads,
+void fused_step_level(at::TensorList params, at::TensorList latents, at::TensorList grads,
                     at::TensorList bufs1, at::TensorList bufs2, at::TensorList bufs3,
                     at::TensorList quants, const at::Tensor& nonfinite, int64_t optim_kind,
                     c10::ArrayRef<double> hparams, int64_t quant_kind, int64_t bits,
@@ -391,4 +385,4 @@ void fused_step_cpu(at::TensorList params, at::TensorList latents, at::TensorLis
   }
 }
 
-}  // namespace parq
+PARQ_CPU_END

@@ -12,22 +12,21 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "../levels.h"
 #include "../quant_prox.h"
+#include "level.h"
+#include "simd.h"
 
-namespace parq {
+PARQ_CPU_BEGIN
 
 constexpr int64_t kChunk = 4096;
-// Float partials per reduction: 64 (four AVX-512 vectors), so that a sum's chain of
-// dependent adds is a quarter of the row (one 16-lane accumulator made the statistics of
+// Float partials per reduction: 64 (four AVX-512 vectors, eight AVX2 ones), so that a
+// sum's chain of dependent adds is short (one 16-lane accumulator made the statistics of
 // an L1-resident row wait on add latency); lane_reduce folds them to 16 before the
-// double sum.
+// double sum. Partial l sums the elements i = l (mod 64) on every level, so the sums are
+// the same bits on every level.
 constexpr int kLanes = 64;
-static_assert(kLanes == 64, "lane_reduce folds 4 x 16 lanes");
+static_assert(kLanes % kW == 0 && kLanes % 16 == 0, "whole vectors of lanes; folds by 16");
 
 // A chunk's (or a row's) statistics; add() combines them in a fixed order.
 struct Partial {
@@ -65,29 +64,21 @@ enum class Stat {
   kSides,        // sums and counts of x >= D and of -x with x <= -D (threshold ternary)
 };
 
-// xs = the chunk's values / gamma. float32 without a shrink is a copy: with AVX-512 a
-// vector loop with software prefetch (a latent re-read from L2 / L3 on update steps; the
-// library's memcpy, rep movsq, took twice as long there).
+// xs = the chunk's values / gamma, converted in registers (a latent re-read from L2 / L3 on
+// update steps, with software prefetch: the library's memcpy, rep movsq, took twice as
+// long there).
 template <typename T>
 inline void load_chunk(const T* p, int64_t n, float gamma, float* xs) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    if (gamma == 1.0f) {
-      int64_t i = 0;
-      for (; i + 16 <= n; i += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(p + i + 512), _MM_HINT_T0);
-        _mm512_storeu_ps(xs + i, _mm512_loadu_ps(p + i));
-      }
-      for (; i < n; ++i) xs[i] = p[i];
-      return;
-    }
+  constexpr int64_t E = Pack<T>::kElems;
+  const Vec g(gamma);
+  const bool shrink = gamma != 1.0f;
+  int64_t i = 0;
+  for (; i + E <= n; i += E) {
+    prefetch(p + i + kPrefetch);
+    const Pack<T> x = Pack<T>::load(p + i);
+    for (int j = 0; j < Pack<T>::N; ++j) (shrink ? x.v[j] / g : x.v[j]).store(xs + i + j * kW);
   }
-#endif
-  if (gamma != 1.0f) {
-    for (int64_t i = 0; i < n; ++i) xs[i] = static_cast<float>(p[i]) / gamma;
-  } else {
-    for (int64_t i = 0; i < n; ++i) xs[i] = static_cast<float>(p[i]);
-  }
+  for (; i < n; ++i) xs[i] = shrink ? static_cast<float>(p[i]) / gamma : static_cast<float>(p[i]);
 }
 
 // True iff every x is finite (x * 0 is NaN exactly for NaN and Inf).
@@ -104,40 +95,29 @@ inline bool all_finite(const float* xs, int64_t n) {
 }
 
 // Sum (in kLanes float partials, then double) and max of y = x or |x| (kAbs) over the
-// chunk. The lanes' order is the same in both forms; with AVX-512 the max is written
-// out as vmaxps (a > b ? a : b, b when unordered: the scalar form's select), which GCC
-// does not find in the scalar form.
+// chunk: kLanes / kW vector accumulators, lane l = kW k + j of accumulator k, the scalar
+// form's partial l; the max is vmax (a > b ? a : b, b when unordered: the scalar select).
 template <bool kSum, bool kMax, bool kAbs>
 inline void lane_reduce(const float* xs, int64_t n, Partial& out) {
   const auto f = [](float x) { return kAbs ? std::fabs(x) : x; };
+  constexpr int kAcc = static_cast<int>(kLanes / kW);
   alignas(64) float acc[kLanes] = {};
   alignas(64) float mx[kLanes] = {};
   int64_t i = 0;
-#if defined(__AVX512F__)
-  static_assert(kLanes == 64, "four AVX-512 vectors of lanes");
-  __m512 vacc[4], vmx[4];
-  for (int k = 0; k < 4; ++k) vacc[k] = vmx[k] = _mm512_setzero_ps();
+  Vec vacc[kAcc], vmx[kAcc];
+  for (int k = 0; k < kAcc; ++k) vacc[k] = vmx[k] = Vec(0.0f);
   for (; i + kLanes <= n; i += kLanes) {
-    for (int k = 0; k < 4; ++k) {
-      __m512 y = _mm512_loadu_ps(xs + i + 16 * k);
-      if (kAbs) y = _mm512_abs_ps(y);
-      if (kSum) vacc[k] = _mm512_add_ps(vacc[k], y);
-      if (kMax) vmx[k] = _mm512_max_ps(vmx[k], y);
+    for (int k = 0; k < kAcc; ++k) {
+      Vec y = Vec::loadu(xs + i + kW * k);
+      if (kAbs) y = y.abs();
+      if (kSum) vacc[k] = vacc[k] + y;
+      if (kMax) vmx[k] = vmax(vmx[k], y);
     }
   }
-  for (int k = 0; k < 4; ++k) {
-    _mm512_store_ps(acc + 16 * k, vacc[k]);
-    _mm512_store_ps(mx + 16 * k, vmx[k]);
+  for (int k = 0; k < kAcc; ++k) {
+    vacc[k].store(acc + kW * k);
+    vmx[k].store(mx + kW * k);
   }
-#else
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float y = f(xs[i + l]);
-      if (kSum) acc[l] += y;
-      if (kMax) mx[l] = mx[l] > y ? mx[l] : y;
-    }
-  }
-#endif
   for (int l = 0; i < n; ++i, ++l) {
     const float y = f(xs[i]);
     if (kSum) acc[l] += y;
@@ -274,4 +254,4 @@ inline void optimal_split(const float* a, int64_t n, bool ternary, double* lo_ou
   *hi_out = best_hi;
 }
 
-}  // namespace parq
+PARQ_CPU_END

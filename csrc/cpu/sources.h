@@ -24,14 +24,12 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "../base_update.h"
+#include "level.h"
 #include "row_stats.h"
+#include "simd.h"
 
-namespace parq {
+PARQ_CPU_BEGIN
 
 // 1 for finite v, 0 for NaN or +-Inf (v - v is NaN exactly then); branch-free, so
 // that the loops below stay straight-line and vectorize.
@@ -47,29 +45,21 @@ inline bool finish(bool kept, float* xs, int64_t n, float gamma) {
   return kept || (gamma < 1.0f && !all_finite(xs, n));
 }
 
-// Orders this thread's streaming stores before what follows (the end of a parallel
-// task, or of the op): called once per task, not per row, since a fence waits for the
-// stores in flight.
-inline void stream_fence() {
-#if defined(__AVX512F__)
-  _mm_sfence();
-#endif
-}
-
-// Stores n projected weights: fp32 rows by streaming stores where aligned (p is written,
-// never read: a streaming store saves the read a cached store of a whole line costs).
+// Stores n projected weights: whole packs converted in registers and, where p is aligned
+// for them, streaming stores (p is written, never read: a streaming store saves the read
+// a cached store of a whole line costs); the rest per element. Threads fence their
+// streaming stores once per task (stream_fence, simd.h), not per row.
 template <typename T>
 inline void store_block(T* __restrict__ out, const float* __restrict__ ys, int64_t n) {
-#if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float>) {
-    int64_t i = 0;
-    for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) out[i] = ys[i];
-    for (; i + 16 <= n; i += 16) _mm512_stream_ps(out + i, _mm512_loadu_ps(ys + i));
-    for (; i < n; ++i) out[i] = ys[i];
-    return;
+  constexpr int64_t E = Pack<T>::kElems;
+  int64_t i = 0;
+  for (; i < n && !stream_aligned(out + i); ++i) out[i] = static_cast<T>(ys[i]);
+  for (; i + E <= n; i += E) {
+    Pack<T> y;
+    for (int j = 0; j < Pack<T>::N; ++j) y.v[j] = Vec::loadu(ys + i + j * kW);
+    y.stream(out + i);
   }
-#endif
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(ys[i]);
+  for (; i < n; ++i) out[i] = static_cast<T>(ys[i]);
 }
 
 // BinaryConnect's clipped latent, lat[0, n) in place: clamp in float32, stored as T (the
@@ -140,14 +130,10 @@ struct BufSource {
 // The base update's memory pattern (which state buffers exist).
 enum class Pattern { kSgd, kSgdMomentum, kAdam, kAdamAmsgrad };
 
-#if defined(__AVX512F__)
-namespace avx512 {
-// The float32 first pass of update steps in AVX-512 registers (defined in step_avx512.h).
-template <Pattern P>
-int update_into(const StepArgs& s, float* L, const float* G, float* B1, float* B2, float* B3,
-                float* xs, int64_t n);
-}  // namespace avx512
-#endif
+
+// The base update of [0, n) in vector registers, into xs (defined in step_vec.h).
+template <Pattern P, bool kInit, typename T>
+int update_into(const StepArgs& s, T* L, const T* G, T* B1, T* B2, T* B3, float* xs, int64_t n);
 
 // The base update of element i, in place: reads the latent, the gradient and the state,
 // writes the new latent and state (each in T) and returns the new latent as stored. An
@@ -255,30 +241,10 @@ struct StepSource {
   }
 
   template <Pattern P, bool kInit>
-  int update_range(int64_t o, int64_t n, float* xs) const {
-#if defined(__AVX512F__)
-    if constexpr (std::is_same_v<T, float> && !kInit) {
-      return avx512::update_into<P>(*s, lat + o, grad + o, b1 ? b1 + o : nullptr,
-                                    b2 ? b2 + o : nullptr, b3 ? b3 + o : nullptr, xs, n);
-    }
-#endif
-    return update_loop<P, kInit>(*s, lat + o, grad + o, b1 ? b1 + o : nullptr,
+  int update_range(int64_t o, int64_t n, float* xs) const {  // vector registers: step_vec.h
+    return update_into<P, kInit>(*s, lat + o, grad + o, b1 ? b1 + o : nullptr,
                                  b2 ? b2 + o : nullptr, b3 ? b3 + o : nullptr, xs, n);
-  }
-
-  // The loop itself, on restrict pointers (distinct tensors: validated), so that -O3
-  // vectorizes it without run-time aliasing checks.
-  template <Pattern P, bool kInit>
-  static int update_loop(const StepArgs& a, T* __restrict__ L, const T* __restrict__ G,
-                         T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3,
-                         float* __restrict__ xs, int64_t n) {
-    int kept = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const T lt = update_element<P, kInit>(a, L, G, B1, B2, B3, i, kept);
-      xs[i] = static_cast<float>(lt);
-    }
-    return kept;
   }
 };
 
-}  // namespace parq
+PARQ_CPU_END

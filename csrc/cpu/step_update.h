@@ -1,5 +1,5 @@
-// The fused step's update steps (levels recomputed) for float32 rows that fit in L1,
-// with AVX-512: the rows of a parameter are pipelined. One loop applies the base
+// The fused step's update steps (levels recomputed) for float32 rows that fit in L1, on
+// every level (simd.h): the rows of a parameter are pipelined. One loop applies the base
 // update to row r + 1 (latent and state in memory, the new latent also into an L1
 // buffer) while it projects row r from the other buffer and streams it to p; between
 // the two, row r's statistics and levels come from its buffer. So an update step
@@ -7,18 +7,14 @@
 // the next row's loads instead of following them (the general path's write pass is a
 // second sweep that only stores).
 //
-// The same float operations in the same order as the general path (update16 is the
-// non-update loop's update, step_avx512.h; the levels are computed by the general
-// path's own statistics code over the buffer; PARQ projects with project16 as its
-// write pass does), so the bits are the same. Served: fp32 rows of cols % 16 == 0
-// elements, cols <= kChunk (one statistics chunk), p 64-byte aligned, no shrink, not
+// The same float operations in the same order as the general path (update_pack is the
+// non-update loop's update, step_vec.h; the levels are computed by the general path's
+// own statistics code over the buffer; PARQ projects with project_vec as its write pass
+// does), so the bits are the same. Served: fp32 rows of cols % kW == 0 elements,
+// cols <= kChunk (one statistics chunk), p aligned for streaming stores, no shrink, not
 // the first step of a momentum buffer, prox NONE, or PARQ with K <= 4; the rest takes
 // the general path.
 #pragma once
-
-#if defined(__AVX512F__)
-
-#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
@@ -29,17 +25,17 @@
 #include "project4.h"
 #include "row_stats.h"
 #include "sources.h"
-#include "step_avx512.h"
+#include "simd.h"
+#include "step_vec.h"
 
-namespace parq {
-namespace avx512 {
+PARQ_CPU_BEGIN
 
 // Does the pipelined path serve this update step of (rows, cols) rows at p?
 inline bool update_rows_serve(const OpArgs& a, const StepArgs& s, const float* p,
                               int64_t cols) {
   const bool parq = a.prox_kind == kParq && a.K <= 4 && std::isfinite(1.0f / a.prox_arg);
   return a.update && !s.init_buf && a.gamma == 1.0f && cols > 0 && cols <= kChunk &&
-         cols % 16 == 0 && (reinterpret_cast<uintptr_t>(p) & 63) == 0 &&
+         cols % kW == 0 && stream_aligned(p) &&
          (a.prox_kind == kNone || parq);
 }
 
@@ -58,48 +54,44 @@ inline RowPtrs row_ptrs(const StepSource<float>& src, int64_t off) {
   return {src.lat + off, src.grad + off, at(src.b1), at(src.b2), at(src.b3), src.p + off};
 }
 
-// The projected x of 16 values (PROX NONE: x itself).
+// The projected x (PROX NONE: x itself).
 template <int PROX>
-inline __attribute__((always_inline)) __m512 project_or_keep(__m512 x, const Levels4& lv,
-                                                             const ProjectArgs& pa) {
+inline __attribute__((always_inline)) Vec project_or_keep(Vec x, const LevelsV& lv) {
   if constexpr (PROX == kNone) {
     return x;
   } else {
-    return project16<PROX>(x, lv, pa);
+    return project_vec<PROX>(x, lv);
   }
 }
 
 // Row `next`'s base update into xs_next, and (kWrite) row cur's projection from xs_cur
 // streamed to out, in one loop. Returns 1 if a lane of row next kept its old values.
 template <Pattern P, int PROX, bool kWrite>
-int update_rows_pass(const StepArgs& s_arg, const RowPtrs& next, float* __restrict__ xs_next,
+int update_rows_pass(const StepV& s, const RowPtrs& next, float* __restrict__ xs_next,
                      const float* __restrict__ xs_cur, float* __restrict__ out, int64_t n,
-                     const Levels4& lv_arg, const ProjectArgs& pa_arg) {
-  const StepArgs s = s_arg;  // local copies, hoisted out of the loop (step_avx512.h)
-  const Levels4 lv = lv_arg;
-  const ProjectArgs pa = pa_arg;
+                     const LevelsV& lv) {
   float* __restrict__ L = next.L;
   const float* __restrict__ G = next.G;
   float* __restrict__ B1 = next.B1;
   float* __restrict__ B2 = next.B2;
   float* __restrict__ B3 = next.B3;
-  __mmask16 ok = 0xFFFF;
-  for (int64_t i = 0; i < n; i += 16) {
-    prefetch16<P>(L, G, B1, B2, B3, i);
-    _mm512_store_ps(xs_next + i, update16<P>(s, L, G, B1, B2, B3, i, ok));
+  Mask ok = all_lanes();
+  for (int64_t i = 0; i < n; i += kW) {
+    prefetch_update<P>(L, G, B1, B2, B3, i);
+    update_pack<P, false>(s, L, G, B1, B2, B3, i, ok).v[0].store(xs_next + i);
     if constexpr (kWrite) {
-      _mm512_stream_ps(out + i, project_or_keep<PROX>(_mm512_load_ps(xs_cur + i), lv, pa));
+      Pack<float>{{project_or_keep<PROX>(Vec::loadu(xs_cur + i), lv)}}.stream(out + i);
     }
   }
-  return ok != 0xFFFF;
+  return all_set(ok) ? 0 : 1;
 }
 
 // The last row's write (nothing left to update).
 template <int PROX>
 void write_row(const float* __restrict__ xs, float* __restrict__ out, int64_t n,
-               const Levels4& lv, const ProjectArgs& pa) {
-  for (int64_t i = 0; i < n; i += 16) {
-    _mm512_stream_ps(out + i, project_or_keep<PROX>(_mm512_load_ps(xs + i), lv, pa));
+               const LevelsV& lv) {
+  for (int64_t i = 0; i < n; i += kW) {
+    Pack<float>{{project_or_keep<PROX>(Vec::loadu(xs + i), lv)}}.stream(out + i);
   }
 }
 
@@ -109,25 +101,25 @@ void write_row(const float* __restrict__ xs, float* __restrict__ out, int64_t n,
 template <Pattern P, int PROX, typename LevelsFn>
 bool update_rows(const StepSource<float>& src, const OpArgs& a, int64_t r0, int64_t r1,
                  int64_t cols, float* qp, const LevelsFn& levels) {
-  const StepArgs& s = *src.s;
+  const StepV s(*src.s);  // broadcast once, outside the loops
   const int K = static_cast<int>(a.K);
   const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg, a.prox_arg, a.l2_denom};
   alignas(64) float buf[2][kChunk];
   float* cur = buf[0];
   float* nxt = buf[1];
-  const Levels4 none{};
+  const LevelsV none(Levels4{}, pa);
   int bad = update_rows_pass<P, PROX, false>(s, row_ptrs(src, r0 * cols), cur, nullptr,
-                                             nullptr, cols, none, pa);
+                                             nullptr, cols, none);
   for (int64_t r = r0; r < r1; ++r) {
     float* Q = qp + r * K;
     bad |= levels(cur, Q);
-    const Levels4 lv = pad_levels(Q, K);
+    const LevelsV lv(pad_levels(Q, K), pa);
     float* out = src.p + r * cols;
     if (r + 1 < r1) {
       bad |= update_rows_pass<P, PROX, true>(s, row_ptrs(src, (r + 1) * cols), nxt, cur, out,
-                                             cols, lv, pa);
+                                             cols, lv);
     } else {
-      write_row<PROX>(cur, out, cols, lv, pa);
+      write_row<PROX>(cur, out, cols, lv);
     }
     std::swap(cur, nxt);
   }
@@ -152,7 +144,4 @@ bool update_rows_any(const StepSource<float>& src, const OpArgs& a, int64_t r0, 
 #undef PARQ_UPDATE_ROWS
 }
 
-}  // namespace avx512
-}  // namespace parq
-
-#endif  // __AVX512F__
+PARQ_CPU_END

@@ -1,5 +1,5 @@
-// The write pass of float32 rows straight from the latent, with AVX-512: one loop
-// loads 16 latents (software prefetch ahead), projects them and stores p, where the
+// The write pass of float32 rows straight from the latent, on every level (simd.h): one
+// loop loads a vector of latents (software prefetch ahead), projects them and stores p, where the
 // general write pass (write_pass.h: write_chunk) copies a block into an L1 buffer, maps
 // it, then stores it. The general pass runs its phases one after the other, so the
 // division of the uniform quantizer waits for the loads instead of overlapping them;
@@ -7,37 +7,36 @@
 //
 // Served (update steps of rows longer than a chunk, non-update steps of quant_prox_):
 // float32, no shrink, no latent clamp, and either HARD with the row's fresh uniform
-// quantizer (q_uniform, not centered) or PARQ onto K <= 4 levels (project16). The same
+// quantizer (q_uniform, not centered) or PARQ onto K <= 4 levels (project_vec). The same
 // float operations as the scalar code (levels.h, project4.h), so the same bits; a
 // non-finite latent is written as it is, as the general pass does.
 #pragma once
-
-#if defined(__AVX512F__)
-
-#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
 
 #include "../levels.h"
 #include "../quant_prox.h"
+#include "level.h"
 #include "project4.h"
+#include "simd.h"
 
-namespace parq {
-namespace avx512 {
+PARQ_CPU_BEGIN
 
 // Which map the direct pass applies.
 enum class DirectMap { kNone, kUniformHard, kParq4 };
 
-// q_uniform (levels.h) on 16 values: clampf, divide, subtract zp, rne, add zp, multiply;
-// rne as vrndscaleps (round to nearest even: the same value as the scalar rne for every
-// float, and -0 keeps its sign in both).
-inline __attribute__((always_inline)) __m512 q_uniform16(__m512 x, const RowQuant& rq) {
-  const __m512 zp = _mm512_set1_ps(rq.zp), s = _mm512_set1_ps(rq.s);
-  __m512 t = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-rq.qm)), _mm512_set1_ps(rq.qm));
-  t = _mm512_sub_ps(_mm512_div_ps(t, s), zp);
-  t = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_mul_ps(_mm512_add_ps(t, zp), s);
+// The row's uniform quantizer broadcast once (outside the loop).
+struct UniformV {
+  Vec zp, s, lo, hi;
+  explicit UniformV(const RowQuant& rq) : zp(rq.zp), s(rq.s), lo(-rq.qm), hi(rq.qm) {}
+};
+
+// q_uniform (levels.h) on a vector: clampf, divide, subtract zp, rne, add zp, multiply
+// (vrne: the scalar rne's own operations, so the same value for every float).
+inline __attribute__((always_inline)) Vec q_uniform_vec(Vec x, const UniformV& u) {
+  const Vec t = vclamp(x, u.lo, u.hi) / u.s - u.zp;
+  return (vrne(t) + u.zp) * u.s;
 }
 
 // The map the direct pass serves for this write, or kNone.
@@ -54,14 +53,11 @@ inline DirectMap direct_map(const OpArgs& a, const RowQuant* rq, int K, float ga
 }
 
 template <DirectMap M>
-inline __attribute__((always_inline)) __m512 map16(__m512 x, const RowQuant& rq,
-                                                   const Levels4& lv, const ProjectArgs& pa) {
+inline __attribute__((always_inline)) Vec map_vec(Vec x, const UniformV& u, const LevelsV& lv) {
   if constexpr (M == DirectMap::kUniformHard) {
-    const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), _mm512_setzero_ps(),
-                                            _CMP_EQ_OQ);
-    return _mm512_mask_blend_ps(ok, x, q_uniform16(x, rq));
+    return select(finite_mask(x), x, q_uniform_vec(x, u));
   } else {
-    return project16<kParq>(x, lv, pa);  // keeps a non-finite x itself
+    return project_vec<kParq>(x, lv);  // keeps a non-finite x itself
   }
 }
 
@@ -74,21 +70,21 @@ inline float map1(float x, const RowQuant& rq, const Levels4& lv, const ProjectA
   }
 }
 
-// p[0, n) = map(lat[0, n)): the head until p is 64-byte aligned and the tail per
-// element, the body 16 at a time with streaming stores (p is written, never read).
+// p[0, n) = map(lat[0, n)): the head until p is aligned for streaming stores and the tail
+// per element, the body a vector at a time with streaming stores (p is written, never read).
 template <DirectMap M>
 void write_direct(const float* __restrict__ lat, float* __restrict__ out, int64_t n,
                   const RowQuant& rq_arg, const Levels4& lv_arg, const ProjectArgs& pa_arg) {
-  const RowQuant rq = rq_arg;  // local copies, hoisted out of the loop (step_avx512.h)
+  const RowQuant rq = rq_arg;  // local copies, broadcast once (step_vec.h)
   const Levels4 lv = lv_arg;
   const ProjectArgs pa = pa_arg;
+  const UniformV u(rq);
+  const LevelsV lvv(lv, pa);
   int64_t i = 0;
-  for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) {
-    out[i] = map1<M>(lat[i], rq, lv, pa);
-  }
-  for (; i + 16 <= n; i += 16) {
-    _mm_prefetch(reinterpret_cast<const char*>(lat + i + 512), _MM_HINT_T0);
-    _mm512_stream_ps(out + i, map16<M>(_mm512_loadu_ps(lat + i), rq, lv, pa));
+  for (; i < n && !stream_aligned(out + i); ++i) out[i] = map1<M>(lat[i], rq, lv, pa);
+  for (; i + kW <= n; i += kW) {
+    prefetch(lat + i + kPrefetch);
+    Pack<float>{{map_vec<M>(Vec::loadu(lat + i), u, lvv)}}.stream(out + i);
   }
   for (; i < n; ++i) out[i] = map1<M>(lat[i], rq, lv, pa);
 }
@@ -103,7 +99,4 @@ inline void write_direct(DirectMap map, const float* lat, float* out, int64_t n,
   }
 }
 
-}  // namespace avx512
-}  // namespace parq
-
-#endif  // __AVX512F__
+PARQ_CPU_END

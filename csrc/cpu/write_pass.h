@@ -13,9 +13,10 @@
 #include "../levels.h"
 #include "../quant_prox.h"
 #include "project4.h"
+#include "level.h"
 #include "row_stats.h"
 
-namespace parq {
+PARQ_CPU_BEGIN
 
 // What the write pass needs besides the row pointers.
 struct WriteArgs {
@@ -244,4 +245,4 @@ Partial write_chunk(const Src& src, int64_t o, int64_t n, bool first, const Writ
   return out;
 }
 
-}  // namespace parq
+PARQ_CPU_END

@@ -1,0 +1,171 @@
+// The fused step's base update in vector registers, every level and dtype (simd.h): the
+// update of one Pack<T> (kW float32 elements, or 2 kW bf16 / fp16 elements converted in
+// registers), the loop of non-update steps (update, finiteness, projection onto the stored
+// levels, streaming store of p: one pass per vector, nothing through memory buffers) and
+// the first pass of update steps (the new latent into a float32 buffer).
+//
+// The same float operations in the same order as the scalar update_element (sources.h,
+// base_update.h) and project4 (project4.h), so every level gives the same bits as the
+// scalar code. No FMA: each multiply and add rounds as in the scalar code. The head of a
+// row (until p is aligned for streaming stores) and its tail go through the scalar code.
+#pragma once
+
+#include <cstdint>
+
+#include "../base_update.h"
+#include "level.h"
+#include "project4.h"
+#include "simd.h"
+#include "sources.h"
+
+PARQ_CPU_BEGIN
+
+// StepArgs' multipliers broadcast once per row range (outside the loops).
+struct StepV {
+  Vec gsign, l2, neg_lr, momentum, keep_grad, nest_g, nest_b, decay, lerp_w, lerp_w_comp,
+      lerp_a, lerp_b, beta2, one_minus_beta2, eps, neg_step_size, inv_bc2_sqrt;
+  explicit StepV(const StepArgs& s)
+      : gsign(s.gsign), l2(s.l2), neg_lr(s.neg_lr), momentum(s.momentum),
+        keep_grad(s.keep_grad), nest_g(s.nest_g), nest_b(s.nest_b), decay(s.decay),
+        lerp_w(s.lerp_w), lerp_w_comp(s.lerp_w_comp), lerp_a(s.lerp_a), lerp_b(s.lerp_b),
+        beta2(s.beta2), one_minus_beta2(s.one_minus_beta2), eps(s.eps),
+        neg_step_size(s.neg_step_size), inv_bc2_sqrt(s.inv_bc2_sqrt) {}
+};
+
+// Prefetch of the streams the update reads, kPrefetch elements ahead of element i.
+template <Pattern P, typename T>
+inline __attribute__((always_inline)) void prefetch_update(const T* L, const T* G,
+                                                           const T* B1, const T* B2,
+                                                           const T* B3, int64_t i) {
+  prefetch(L + i + kPrefetch);
+  prefetch(G + i + kPrefetch);
+  if constexpr (P != Pattern::kSgd) prefetch(B1 + i + kPrefetch);
+  if constexpr (P == Pattern::kAdam || P == Pattern::kAdamAmsgrad) prefetch(B2 + i + kPrefetch);
+  if constexpr (P == Pattern::kAdamAmsgrad) prefetch(B3 + i + kPrefetch);
+}
+
+// The base update of one Pack at i (base_update.h, in its order; kInit: torch's first
+// momentum step, buf = g). New values are rounded to T before the finiteness check, as
+// stored; the rejected lanes (a non-finite new latent or state) keep their old values.
+// Returns the latent as stored; ok collects the accepted lanes.
+template <Pattern P, bool kInit, typename T>
+inline __attribute__((always_inline)) Pack<T> update_pack(const StepV& s, T* L, const T* G,
+                                                          T* B1, T* B2, T* B3, int64_t i,
+                                                          Mask& ok) {
+  using PK = Pack<T>;
+  constexpr int N = PK::N;
+  constexpr bool kAdamLike = P == Pattern::kAdam || P == Pattern::kAdamAmsgrad;
+  constexpr bool kAms = P == Pattern::kAdamAmsgrad;
+  const PK l0 = PK::load(L + i), gr = PK::load(G + i);
+  PK w, n1, n2, n3, o1, o2, o3;
+  if constexpr (P != Pattern::kSgd) o1 = PK::load(B1 + i);
+  if constexpr (kAdamLike) o2 = PK::load(B2 + i);
+  if constexpr (kAms) o3 = PK::load(B3 + i);
+  for (int j = 0; j < N; ++j) {
+    Vec g = gr.v[j] * s.gsign;
+    if constexpr (!kAdamLike) {
+      g = g + s.l2 * l0.v[j];
+      if constexpr (P == Pattern::kSgdMomentum) {
+        const Vec buf = kInit ? g : o1.v[j] * s.momentum + s.keep_grad * g;
+        n1.v[j] = buf;
+        g = s.nest_g * g + s.nest_b * buf;
+      }
+      w.v[j] = l0.v[j] + s.neg_lr * g;
+    } else {
+      const Vec wd = l0.v[j] * s.decay;
+      g = g + s.l2 * wd;
+      const Vec m0 = o1.v[j], d = g - m0;
+      const Vec m = s.lerp_a * (m0 + s.lerp_w * d) + s.lerp_b * (g - d * s.lerp_w_comp);
+      const Vec v = o2.v[j] * s.beta2 + s.one_minus_beta2 * g * g;
+      Vec vv = v;
+      if constexpr (kAms) {  // torch.maximum: NaN propagates
+        n3.v[j] = select(mask_or(gt(v, o3.v[j]), unordered(v)), o3.v[j], v);
+        vv = n3.v[j];
+      }
+      const Vec denom = vv.sqrt() * s.inv_bc2_sqrt + s.eps;
+      w.v[j] = wd + (s.neg_step_size * m) / denom;
+      n1.v[j] = m;
+      n2.v[j] = v;
+    }
+  }
+  w.round();
+  if constexpr (P != Pattern::kSgd) n1.round();
+  if constexpr (kAdamLike) n2.round();
+  if constexpr (kAms) n3.round();
+  PK lt;
+  for (int j = 0; j < N; ++j) {
+    Mask fine = finite_mask(w.v[j]);
+    if constexpr (P != Pattern::kSgd) fine = mask_and(fine, finite_mask(n1.v[j]));
+    if constexpr (kAdamLike) fine = mask_and(fine, finite_mask(n2.v[j]));
+    if constexpr (kAms) fine = mask_and(fine, finite_mask(n3.v[j]));
+    ok = mask_and(ok, fine);
+    lt.v[j] = select(fine, l0.v[j], w.v[j]);
+    if constexpr (P != Pattern::kSgd) n1.v[j] = select(fine, o1.v[j], n1.v[j]);
+    if constexpr (kAdamLike) n2.v[j] = select(fine, o2.v[j], n2.v[j]);
+    if constexpr (kAms) n3.v[j] = select(fine, o3.v[j], n3.v[j]);
+  }
+  if constexpr (P != Pattern::kSgd) n1.store(B1 + i);
+  if constexpr (kAdamLike) n2.store(B2 + i);
+  if constexpr (kAms) n3.store(B3 + i);
+  lt.store(L + i);
+  return lt;
+}
+
+// The base update of n elements into xs (the first pass of update steps: sources.h); the
+// vector body, then the rest per element. Returns 1 if a lane kept its old values.
+template <Pattern P, bool kInit, typename T>
+int update_into(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ G,
+                T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3,
+                float* __restrict__ xs, int64_t n) {
+  const StepArgs s = s_arg;  // a local copy: its scalars stay in registers
+  const StepV sv(s);
+  constexpr int64_t E = Pack<T>::kElems;
+  int kept = 0;
+  Mask ok = all_lanes();
+  int64_t i = 0;
+  for (; i + E <= n; i += E) {
+    prefetch_update<P>(L, G, B1, B2, B3, i);
+    const Pack<T> lt = update_pack<P, kInit>(sv, L, G, B1, B2, B3, i, ok);
+    for (int j = 0; j < Pack<T>::N; ++j) lt.v[j].store(xs + i + j * kW);
+  }
+  for (; i < n; ++i) {
+    xs[i] = static_cast<float>(update_element<P, kInit>(s, L, G, B1, B2, B3, i, kept));
+  }
+  return kept | (all_set(ok) ? 0 : 1);
+}
+
+// The non-update step over one row range of n elements (pointers at its start): update,
+// project onto the stored levels, store p. Returns 1 if a lane kept its old values.
+template <Pattern P, int PROX, typename T>
+int step_loop(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ G,
+              T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3, T* __restrict__ out,
+              int64_t n, const Levels4& lv_arg, const ProjectArgs& pa_arg) {
+  // Local copies of the scalars and levels, broadcast once: the loop's stores cannot
+  // reach them (through the references GCC reloaded and re-broadcast them per vector).
+  const StepArgs s = s_arg;
+  const Levels4 lv = lv_arg;
+  const ProjectArgs pa = pa_arg;
+  const StepV sv(s);
+  const LevelsV lvv(lv, pa);
+  constexpr int64_t E = Pack<T>::kElems;
+  int kept = 0;
+  auto scalar = [&](int64_t i) {
+    const float x = static_cast<float>(update_element<P, false>(s, L, G, B1, B2, B3, i, kept));
+    out[i] = static_cast<T>(project4<PROX>(x, lv, pa));
+  };
+  int64_t i = 0;
+  for (; i < n && !stream_aligned(out + i); ++i) scalar(i);
+  Mask ok = all_lanes();
+  for (; i + E <= n; i += E) {
+    prefetch_update<P>(L, G, B1, B2, B3, i);
+    Pack<T> x = update_pack<P, false>(sv, L, G, B1, B2, B3, i, ok);
+    if constexpr (PROX != kNone) {
+      for (int j = 0; j < Pack<T>::N; ++j) x.v[j] = project_vec<PROX>(x.v[j], lvv);
+    }
+    x.stream(out + i);
+  }
+  for (; i < n; ++i) scalar(i);
+  return kept | (all_set(ok) ? 0 : 1);
+}
+
+PARQ_CPU_END
