@@ -44,9 +44,10 @@ from benchmarks import cpu_info, environment, report
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NA = cpu_info.NOT_AVAILABLE
 PICK_SKIP = ("stream", "reference(compile)")
-# per suite: (column, variant or a prefix ending in ":", row key); first fused backend wins
+# per suite: (column, variant or prefixes ending in ":" joined by "|", row key)
 COLUMNS = {
-    "step": [("fused", "fused:", "time_vs_base"), ("fused-prox", "fused-prox:", "time_vs_base"),
+    "step": [("fused", "fused:|diffq:", "time_vs_base"),
+             ("fused-prox", "fused-prox:", "time_vs_base"),
              ("public/fused", "fused:", "speedup_vs_reference")],
     "fakequant": [("kernel/composed", "torch kernel", "time_vs_base"),
                   ("qat/float", "qat:w8a8", "time_vs_base")],
@@ -55,7 +56,8 @@ COLUMNS = {
 
 
 LEGEND = {
-    "step": "fused = the fused step / torch's fused=True step; fused-prox = "
+    "step": "fused = the fused step / torch's fused=True step (DiffQ rows: the DiffQ step / "
+    "the plain step); fused-prox = "
     "fuse_base_step=False / torch's step; public/fused = the public-style step / the fused "
     "step (x faster; quant_period=1 only)",
     "fakequant": "kernel/composed = torch's fake-quantize kernel / the composed ops "
@@ -113,14 +115,18 @@ def served_text(level: str, payload: dict) -> str:
 
 
 def _pick(rows: dict[str, dict], variant: str) -> str | None:
-    """``variant``, or for a prefix (``fused:``; ``""``: the op suite's backends) the
-    first compiled backend's variant present, else the reference backend's."""
+    """``variant``, or for prefixes (``fused:|diffq:``; ``""``: the op suite's backends)
+    the first compiled backend's variant of the first prefix present, else the
+    reference backend's."""
     if variant and not variant.endswith(":"):
         return variant
-    names = [v for v in rows if v.startswith(variant) and v not in PICK_SKIP
-             and (variant or ":" not in v)]  # fmt: skip
-    names.sort(key=lambda v: v.endswith("reference"))
-    return names[0] if names else None
+    for prefix in variant.split("|"):
+        names = [v for v in rows if v.startswith(prefix) and v not in PICK_SKIP
+                 and (prefix or ":" not in v)]  # fmt: skip
+        names.sort(key=lambda v: v.endswith("reference"))
+        if names:
+            return names[0]
+    return None
 
 
 def side_by_side(payloads: dict[str, dict]) -> list[dict]:

@@ -171,3 +171,15 @@ def test_parq_annealed_case_times_only_hard_steps():
     for p in opt.param_groups[0]["params"]:  # hard: every weight is one of its row's levels
         q = opt.state[p]["quants"]
         assert (p.detach()[:, :, None] == q[:, None, :]).any(-1).all()
+
+
+def test_side_by_side_diffq_and_fakequant_columns():
+    rows = [
+        _row("diffq/mlp4x256/g8/b64", "base", time_vs_base=1.0),
+        _row("diffq/mlp4x256/g8/b64", "diffq:cpu", time_vs_base=1.5, speedup_vs_reference=3.0),
+        {**_row("fake_quantize/2x4x8x8", "torch kernel", time_vs_base=4.0), "suite": "fakequant"},
+    ]
+    (diffq, fq) = levels.side_by_side({"avx2": _payload("AVX2", None, rows)})
+    assert diffq["avx2 fused"] == 1.5 and diffq["avx2 public/fused"] is None
+    assert fq == {"suite": "fakequant", "case": "fake_quantize/2x4x8x8",
+                  "avx2 kernel/composed": 4.0, "avx2 qat/float": None}  # fmt: skip
