@@ -135,3 +135,32 @@ def test_qat_from_a_full_precision_optimizer_checkpoint(fused):
         assert float(opt.state[p]["step"]) == 5  # AdamW's state carried on
     assert opt.num_steps == 2
     assert opt.param_groups[1]["params"][0].unique().numel() > 4  # not quantized
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_steps_like_the_original(fused, how):
+    """copy.deepcopy / pickle of a QuantOptimizer (with its model) work as for any torch
+    optimizer, mid-annealing, and the copy goes on bitwise like the original."""
+    import copy
+    import pickle
+
+    from parq.optim import QuantOptimizer
+
+    model = _fp_then_qat_model()
+    base = torch.optim.AdamW(_groups(model), lr=1e-2)
+    opt = QuantOptimizer(base, LSBQuantizer(), ProxPARQ(1, 8), quant_period=2, fused=fused)
+    _steps(model, opt, 3, seed=1)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert type(opt2) is QuantOptimizer and opt2.defaults == opt.defaults
+    assert opt2.param_groups[0]["params"][0] is model2[0].weight
+    _steps(model, opt, 4, seed=2)
+    _steps(model2, opt2, 4, seed=2)
+    assert opt2.num_steps == opt.num_steps == 7
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+        for key, value in opt.state[a].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt2.state[b][key])), key

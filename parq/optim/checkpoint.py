@@ -14,6 +14,11 @@ checkpoint lacks keep the value the wrapper has now (``quant_bits`` as the user 
 checkpoint loads the base optimizer's state and keeps quantizing. Keys the checkpoint has
 win, as torch's do (a QAT checkpoint resumes as it was saved).
 
+``copy.deepcopy`` / ``pickle`` (:func:`getstate` / :func:`setstate`): torch's
+``Optimizer.__getstate__`` saves ``defaults``, ``state`` and ``param_groups``, which here are
+properties of the base optimizer; the wrapper pickles its own attributes instead (the base
+optimizer among them, pickled by torch), less the caches that the next step rebuilds.
+
 Checkpoints with ``torch.distributed.checkpoint`` need ``latent`` / ``quants`` entries
 even before quantization starts (:func:`parq.optim.sharding.add_state_placeholders`);
 those placeholders are added for DTensor parameters only, so that an ordinary
@@ -86,3 +91,18 @@ def load_state_dict(opt, sd: dict, start_step: int | None = None) -> None:
         opt.num_steps = start_step
     for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
         post_hook(opt)
+
+
+CACHES = ("_fused_views", "_shard_plans")  # views / plans of the current tensors
+
+
+def getstate(opt) -> dict:
+    """``QuantOptimizer.__getstate__``: its attributes (base optimizer included), no caches."""
+    return {k: v for k, v in opt.__dict__.items() if k not in CACHES}
+
+
+def setstate(opt, state: dict) -> None:
+    """``QuantOptimizer.__setstate__``: the attributes back, and torch's step profiling hook
+    (a class attribute, patched again in a fresh interpreter)."""
+    opt.__dict__.update(state)
+    opt._patch_step_function()
