@@ -201,7 +201,7 @@ def _check_levels(path: str, header: Header, raw: dict[str, Tensor]) -> None:
         unsorted = levels[:, 1:] < levels[:, :-1]
         for bad, what in ((~torch.isfinite(levels), "are not finite"),
                           (unsorted, "are not sorted ascending")):  # fmt: skip
-            rows = bad.reshape(p.rows, -1).any(1).nonzero().flatten()
+            rows = bad.any(1).nonzero().flatten()
             if rows.numel():
                 r = int(rows[0])
                 raise PackedFormatError(f"{path}: parameter {p.name!r}: its levels {what} "
