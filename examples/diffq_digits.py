@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,37 +41,62 @@ if str(_ROOT) not in sys.path:
 from models import build_model  # noqa: E402
 from qat_digits import evaluate, load_data  # noqa: E402
 
+from benchmarks.cli_checks import check_out_dir, finite_float  # noqa: E402
 from parq.diffq import DiffQuantizer  # noqa: E402
 
 PENALTIES = (0.0, 2.0, 10.0, 50.0, 200.0, 1000.0)
 MB = 2**23  # bits
+MIN_BITS, MAX_BITS = 2, 15  # DiffQuantizer's defaults, which train() uses
+MARKERS = "s^Dv<>pP*Xh"  # one per PARQ / FP32 point (cycled beyond)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--penalties", type=float, nargs="+", default=list(PENALTIES),
+    p.add_argument("--penalties", type=finite_float, nargs="+", default=list(PENALTIES),
                    help="size penalties (per MB) to train with")  # fmt: skip
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the weights")
-    p.add_argument("--lr-logits", type=float, default=5e-2, help="learning rate of the logits")
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--init-bits", type=float, default=8.0)
+    p.add_argument("--lr", type=finite_float, default=2e-3,
+                   help="AdamW learning rate of the weights")  # fmt: skip
+    p.add_argument("--lr-logits", type=finite_float, default=5e-2,
+                   help="learning rate of the logits")  # fmt: skip
+    p.add_argument("--group-size", type=int, default=8,
+                   help="weights per learned bit width (0: one per tensor)")  # fmt: skip
+    p.add_argument("--init-bits", type=finite_float, default=8.0,
+                   help=f"initial bits, in [{MIN_BITS}, {MAX_BITS}]")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (>= 1)")
     p.add_argument("--smoke", action="store_true", help="2 epochs, 512 images, 2 penalties")
-    p.add_argument("--out", type=Path, default=_ROOT / "benchmarks" / "results")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=_ROOT / "benchmarks" / "results",
+        help="directory for the table, JSON and chart (default benchmarks/results)",
+    )
     args = p.parse_args(argv)
-    if any(not math.isfinite(x) or x < 0 for x in args.penalties):
-        p.error("--penalties must be finite and >= 0")
-    if args.epochs < 1 or args.batch_size < 1 or args.group_size < 0:
-        p.error("--epochs and --batch-size must be >= 1, --group-size >= 0")
-    if not args.lr > 0 or not args.lr_logits > 0:
-        p.error("--lr and --lr-logits must be > 0")
+    check_args(p, args)
     if args.smoke:
         args.epochs, args.penalties = 2, args.penalties[:1] + args.penalties[-1:]
-    args.out.mkdir(parents=True, exist_ok=True)
     return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad values with argparse's message naming the argument (exit 2), before any
+    work (``qat_cli.check_args`` is the model)."""
+    if any(x < 0 for x in args.penalties):
+        p.error("--penalties must be finite and >= 0")
+    for name in ("epochs", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.group_size < 0:
+        p.error(f"--group-size must be >= 0 (0: one group per tensor), got {args.group_size}")
+    for name in ("lr", "lr_logits"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not MIN_BITS <= args.init_bits <= MAX_BITS:
+        p.error(f"--init-bits must be in [{MIN_BITS}, {MAX_BITS}] (DiffQuantizer's min_bits, "
+                f"max_bits), got {args.init_bits}")  # fmt: skip
+    check_out_dir(p, args.out)
 
 
 def train(penalty: float, data: tuple[torch.Tensor, ...], args: argparse.Namespace) -> dict:
@@ -163,7 +188,7 @@ def chart(results: list[dict], points: list[dict], path: Path) -> bool:
     for r in results:
         ax.annotate(f"{r['penalty']:g}", (r["true_size_kb"], r["test_acc"]), fontsize=7,
                     textcoords="offset points", xytext=(3, 3))  # fmt: skip
-    for r, marker in zip(points, "s^Dv", strict=False):
+    for r, marker in zip(points, itertools.cycle(MARKERS)):
         ax.plot([r["true_size_kb"]], [r["test_acc"]], marker, label=r["method"])
     ax.set_xscale("log")
     ticks = [t for t in (4, 5, 6, 8, 10, 15, 20, 30, 60) if min(xs) / 1.2 <= t <= 70]

@@ -56,6 +56,16 @@ def test_size_formula(group, G, ng, float16):
     assert q.true_model_size() == pytest.approx((other + _size(G, ng, 8.0)) / MB)
 
 
+@pytest.mark.parametrize("group", [5000, 5001, 10**6])
+def test_size_counts_a_group_at_most_the_tensor(group):
+    """A group larger than its tensor counts the tensor's numel, not group_size elements
+    (SPEC.md §11): one 5000-element group, as with group_size=0."""
+    q = DiffQuantizer(_model(), group_size=group)
+    for exact in (False, True):
+        got = float(q.model_size(exact=exact).detach()) * MB
+        assert got == pytest.approx(160 * 32 + _size(5000, 1, 8.0), rel=1e-6)
+
+
 def test_size_uses_extra_bits_and_rounds_when_exact():
     q = DiffQuantizer(_model(), group_size=0, init_bits=5.3, extra_bits=1)
     assert float(q.model_size().detach()) * MB == pytest.approx(
@@ -199,7 +209,9 @@ def test_setup_optimizer_bad_arguments():
     [({"group_size": -1}, "group_size"), ({"param": "bit"}, "param"),
      ({"noise": "laplace"}, "noise"), ({"min_bits": 8, "max_bits": 4}, "min_bits"),
      ({"init_bits": 16}, "init_bits"), ({"min_size": -1}, "min_size"),
-     ({"max_bits": 16}, "max_bits"), ({"suffix": ""}, "suffix")],
+     ({"max_bits": 16}, "max_bits"), ({"suffix": ""}, "suffix"),
+     ({"extra_bits": float("nan")}, "extra_bits"), ({"extra_bits": float("inf")}, "extra_bits"),
+     ({"init_bits": float("nan")}, "init_bits"), ({"min_size": float("nan")}, "min_size")],
 )  # fmt: skip
 def test_bad_arguments_leave_no_state(kwargs, name):
     model = _model()

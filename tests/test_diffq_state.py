@@ -157,3 +157,23 @@ def test_lsq_and_uniform_bad_arguments():
     with pytest.raises(RuntimeError, match="setup_optimizer"):
         LSQ(model, min_size=0)
         model(torch.randn(2, 40))
+
+
+def test_lsq_on_a_zero_weight_starts_from_a_tiny_positive_step():
+    """A zero-initialised weight gives 2 mean|w| / sqrt(2^(b-1)) = 0: the step is clamped to
+    float32's tiny, so the forward, backward and state are finite and the step can learn."""
+    model = _model()
+    with torch.no_grad():
+        model[0].weight.zero_()
+    q = LSQ(model, bits=4, min_size=0, exclude=["bias"])
+    assert model[0].weight_lsq.item() == torch.finfo(torch.float32).tiny
+    q.setup_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    out = model(torch.randn(5, 40))
+    out.square().sum().backward()
+    assert torch.isfinite(out).all()
+    for p in model.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+    assert _eval_out(model, torch.randn(3, 40)).isfinite().all()
+    fresh = _model(seed=5)
+    restore_quantized_state(fresh, q.get_quantized_state())
+    assert torch.equal(fresh[0].weight.detach(), torch.zeros(64, 40))

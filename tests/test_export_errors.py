@@ -165,3 +165,62 @@ def test_nan_weights_are_rejected_at_save(tmp_path):
         model.vec[3] = float("nan")
     with pytest.raises(ValueError, match="parameter 'vec' holds NaN/Inf"):
         save_quantized(tmp_path / "m.safetensors", model, opt)
+
+
+def _set_meta(path, key, value) -> None:
+    """Replace one entry of the safetensors metadata map (the raw 'parq' string, or the map)."""
+    header, data = _split(path)
+    if key is None:
+        header["__metadata__"] = value
+    else:
+        header["__metadata__"][key] = value
+    _write(path, header, data)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda p: _set_meta(p, "parq", "[1, 2]"), "'parq' metadata is not a JSON object"),
+        (lambda p: _set_meta(p, "parq", '"text"'), "'parq' metadata is not a JSON object"),
+        (lambda p: _set_meta(p, None, ["parq"]), "metadata is not a string map"),
+        (lambda p: _write(p, [1, 2], b""), "header is not a JSON object"),
+        (lambda p: _edit_parq(p, lambda d: d.update(params=[1, 2])), "'params' is not an object"),
+        (lambda p: _edit_parq(p, lambda d: d.update(tensors=5)), "'tensors' is not a list"),
+        (lambda p: _edit_parq(p, lambda d: d.update(tensors=[3])), "'tensors' is not a list"),
+        (lambda p: _edit_parq(p, lambda d: d["params"].update(vec=[1])), "parameter 'vec'"),
+        (lambda p: _edit_parq(p, lambda d: d.update(levels_dtype=[1])), "levels dtype"),
+    ],
+    ids=["list", "string", "map-list", "header-list", "params-list", "tensors-int",
+         "tensors-ints", "entry-list", "levels-dtype-list"],
+)  # fmt: skip
+def test_metadata_of_the_wrong_json_type(saved, edit, match, capsys):
+    """Valid JSON that is not what the format says: PackedFormatError naming the file, and
+    the CLI exits 2 with one line (no traceback)."""
+    from parq.export.__main__ import main
+
+    _, path = saved
+    edit(path)
+    _rejects(path, Net(), match)
+    for command in ("info", "report"):
+        capsys.readouterr()
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "unsorted"])
+def test_levels_that_are_not_finite_or_not_sorted_are_rejected(saved, bad):
+    """save_quantized never writes such levels; a file that holds them is refused on load."""
+    from safetensors.torch import load_file
+
+    _, path = saved
+    tensors = load_file(str(path))
+    header, _ = _split(path)
+    levels = tensors["fc.weight.qlevels"]
+    if bad == "unsorted":
+        levels[2] = levels[2].flip(0)
+    else:
+        levels[2, 1] = float(bad)
+    save_file(tensors, str(path), metadata=header["__metadata__"])
+    _rejects(path, Net(), r"parameter 'fc.weight': its levels (are not finite|are not sorted)"
+                          r".* first row 2")  # fmt: skip

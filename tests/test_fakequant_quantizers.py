@@ -257,3 +257,40 @@ def test_qfmt_per_channel_hand_values():
 def test_quantizer_bad_arguments(make, exc, match):
     with pytest.raises(exc, match=match):
         make()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_exp_avg_skips_a_non_finite_batch(bad):
+    # one Inf/NaN batch (an fp16 AMP overflow the GradScaler skips) must not poison the
+    # average for good: the batch is skipped, the range stays what it was
+    obs = ExpAvgMinMax(0.9)
+    obs.observe_batch(t(-2.0, 1.0))
+    before = [v.clone() for v in obs.get_ranges()]
+    obs.observe_batch(t(1.0, bad))
+    assert [v.item() for v in obs.get_ranges()] == [v.item() for v in before]
+    for _ in range(3):
+        obs.observe_batch(t(-2.0, 1.0))
+    mn, mx = obs.get_ranges()
+    assert mn.item() == pytest.approx(-2.0) and mx.item() == pytest.approx(1.0)
+    q = AffineQuantizer(8, obs)
+    assert torch.isfinite(q(torch.randn(16))).all()
+
+
+def test_exp_avg_non_finite_first_batch_and_per_channel():
+    obs = ExpAvgMinMax(0.5)
+    obs.observe_batch(t(float("nan"), 1.0))  # nothing finite seen yet: the range is [0, 0]
+    assert [v.item() for v in obs.get_ranges()] == [0.0, 0.0]
+    obs.observe_batch(t(-1.0, 2.0))  # the first finite batch counts as the first
+    assert [v.item() for v in obs.get_ranges()] == [-1.0, 2.0]
+    pc = ExpAvgMinMax(0.5, per_channel=True)
+    pc.observe_batch(torch.tensor([[0.0, 1.0], [-1.0, 3.0]]))
+    pc.observe_batch(torch.tensor([[0.0, 5.0], [-1.0, float("inf")]]))  # one channel bad
+    mn, mx = pc.get_ranges()
+    assert torch.equal(mn, t(0.0, -1.0)) and torch.equal(mx, t(1.0, 3.0))
+
+
+def test_batch_min_max_recovers_after_a_non_finite_batch():
+    obs = BatchMinMax()
+    obs.observe_batch(t(1.0, float("inf")))
+    obs.observe_batch(t(-1.0, 2.0))
+    assert [v.item() for v in obs.get_ranges()] == [-1.0, 2.0]

@@ -128,6 +128,9 @@ def test_empty_parameters_and_rows(backend):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("oname", ["sgd-mom-wd", "sgd-mom-first", "adam-amsgrad", "adamw"])
 @pytest.mark.parametrize("update", [True, False])
+# an Inf gradient makes Adam's m and v Inf, so the discarded update is Inf / Inf = NaN by
+# design; the Triton interpreter computes it in numpy, which warns (4 warnings per run)
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")
 def test_nonfinite_gradient_keeps_the_element(backend, bad, oname, update):
     """A NaN/Inf gradient: that element keeps its latent and state, is projected from
     them, and its parameter (only) is flagged, like the reference."""

@@ -460,10 +460,11 @@ def test_non_contiguous_empty_and_zero_rows(per_channel):
         torch.manual_seed(0)
         t = nn.Parameter(torch.randn(6, 4).t())  # non-contiguous (4, 6)
         e = nn.Parameter(torch.empty(0, 5))
+        e0 = nn.Parameter(torch.empty(4, 0))  # rows of length 0
         z = nn.Parameter(torch.randn(3, 5))
         with torch.no_grad():
             z[1] = 0
-        base = torch.optim.SGD([{"params": [t, e, z], "quant_bits": 2}], lr=0.1)
+        base = torch.optim.SGD([{"params": [t, e, e0, z], "quant_bits": 2}], lr=0.1)
         opt = QuantOptimizer(
             base,
             UnifQuantizer(),
@@ -477,15 +478,17 @@ def test_non_contiguous_empty_and_zero_rows(per_channel):
             z.grad = torch.zeros(3, 5)
             z.grad[0] = 1.0
             e.grad = torch.empty(0, 5)
+            e0.grad = torch.empty(4, 0)
             opt.step()
         assert not t.is_contiguous()
-        for p in (t, e, z):
+        for p in (t, e, e0, z):
             assert torch.isfinite(p).all() and torch.isfinite(opt.state[p]["quants"]).all()
         assert_on_levels(t, opt.state[t]["quants"], 4, per_channel)
-        assert e.shape == (0, 5)
+        assert e.shape == (0, 5) and e0.shape == (4, 0)
+        assert opt.state[e0]["quants"].shape == ((4, 4) if per_channel else (4,))
         if per_channel:
             assert z.detach()[1].abs().max() < 1e-37  # levels scale with tiny
-        runs.append([p.detach().clone() for p in (t, e, z)])
+        runs.append([p.detach().clone() for p in (t, e, e0, z)])
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
 

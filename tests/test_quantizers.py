@@ -279,6 +279,19 @@ def test_empty_tensor():
         assert torch.isfinite(Q).all()
 
 
+@pytest.mark.parametrize("shape, rows", [((4, 0), 4), ((0,), 1), ((2, 3, 0), 6), ((0, 4), 0)])
+def test_empty_rows_per_channel(shape, rows):
+    """Rows of length 0 (a (4, 0) weight per channel) are valid (SPEC.md §6): one level set
+    per row, finite (scale clamps to tiny)."""
+    for make, b in [(UnifQuantizer, 2), (MaxUnifQuantizer, 2), (TernaryUnifQuantizer, 0),
+                    (AsymUnifQuantizer, 2), (LSBQuantizer, 2), (LSBQuantizer, 0),
+                    (lambda: LSBQuantizer(optimal=True), 2),
+                    (lambda: LSBQuantizer(refine_rounds=2), 2)]:  # fmt: skip
+        q, Q = make().quantize(torch.zeros(shape), b, -1)
+        assert q.shape == shape and Q.shape == (rows, make().get_quant_size(b))
+        assert torch.isfinite(Q).all()
+
+
 # ---------------------------------------------------------------------------
 # Optimal LSBQ
 # ---------------------------------------------------------------------------

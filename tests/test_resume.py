@@ -91,3 +91,76 @@ def test_group_keys_are_in_state_dict():
     assert "quant_bits" not in groups[1] and "cumu_lr" not in groups[1]
     state = opt.state_dict()["state"]
     assert {"latent", "quants", "momentum_buffer"} <= set(state[0])
+
+
+def _fp_then_qat_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _groups(model):
+    weights = [model[0].weight, model[2].weight]
+    return [{"params": weights, "quant_bits": 2}, {"params": [model[0].bias, model[2].bias]}]
+
+
+def _steps(model, opt, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x, y = torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_qat_from_a_full_precision_optimizer_checkpoint(fused):
+    """The public release's flow: train in full precision, then wrap a fresh base optimizer
+    for QAT and load the plain optimizer's state dict. torch replaces the groups' keys on
+    load; the wrapper's QAT keys (quant_bits, ...) the checkpoint lacks must be kept."""
+    from parq.optim import ProxHardQuant, QuantOptimizer
+
+    model = _fp_then_qat_model()
+    plain = torch.optim.AdamW([{"params": g["params"]} for g in _groups(model)], lr=1e-2)
+    _steps(model, plain, 3, seed=1)
+    fp_state = plain.state_dict()
+
+    base = torch.optim.AdamW(_groups(model), lr=1e-2)
+    opt = QuantOptimizer(base, UnifQuantizer(), ProxHardQuant(), quant_period=1, fused=fused)
+    opt.load_state_dict(fp_state)
+    assert opt.param_groups[0]["quant_bits"] == 2 and "quant_bits" not in opt.param_groups[1]
+    assert opt.param_groups[0]["initial_wd"] == 1e-2 and opt.num_steps == 0
+    _steps(model, opt, 2, seed=2)
+    for p in opt.param_groups[0]["params"]:
+        assert p.unique().numel() <= 4  # hard-quantized to the 4 two-bit levels
+        assert float(opt.state[p]["step"]) == 5  # AdamW's state carried on
+    assert opt.num_steps == 2
+    assert opt.param_groups[1]["params"][0].unique().numel() > 4  # not quantized
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_optimizer_steps_like_the_original(fused, how):
+    """copy.deepcopy / pickle of a QuantOptimizer (with its model) work as for any torch
+    optimizer, mid-annealing, and the copy goes on bitwise like the original."""
+    import copy
+    import pickle
+
+    from parq.optim import QuantOptimizer
+
+    model = _fp_then_qat_model()
+    base = torch.optim.AdamW(_groups(model), lr=1e-2)
+    opt = QuantOptimizer(base, LSBQuantizer(), ProxPARQ(1, 8), quant_period=2, fused=fused)
+    _steps(model, opt, 3, seed=1)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert type(opt2) is QuantOptimizer and opt2.defaults == opt.defaults
+    assert opt2.param_groups[0]["params"][0] is model2[0].weight
+    _steps(model, opt, 4, seed=2)
+    _steps(model2, opt2, 4, seed=2)
+    assert opt2.num_steps == opt.num_steps == 7
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+        for key, value in opt.state[a].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt2.state[b][key])), key

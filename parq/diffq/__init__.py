@@ -15,7 +15,7 @@ multi-tensor ops (:mod:`parq_kernels.diffq_ops`).
 from parq.diffq.base import BaseQuantizer
 from parq.diffq.diffq import DiffQuantizer
 from parq.diffq.lsq import LSQ
-from parq.diffq.state import restore_quantized_state
+from parq.diffq.restore import restore_quantized_state
 from parq.diffq.uniform import UniformQuantizer
 
 __all__ = ["BaseQuantizer", "DiffQuantizer", "LSQ", "UniformQuantizer",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import math
 import numbers
 import zlib
 from dataclasses import dataclass, field
@@ -37,12 +38,14 @@ class QParam:
 
 def _check_float(name: str, value, low: float | None = None) -> float:
     """``float(value)`` for a real number (numpy scalars and 1-element tensors too), else
-    ``TypeError``; ``ValueError`` below ``low``."""
+    ``TypeError``; ``ValueError`` for NaN / Inf and below ``low``."""
     if isinstance(value, Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if low is not None and not value >= low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     return value

@@ -141,7 +141,7 @@ class DiffQuantizer(BaseQuantizer):
                           self.extra_bits)  # fmt: skip
         else:
             b = self.extra_bits + self._get_bits(qp.logit)
-        G, ng = self._group(qp), b.numel()
+        G, ng = min(self._group(qp), max(1, qp.param.numel())), b.numel()  # G <= numel
         span = max(1.0, 1 + round(float(b.detach().max())) - self.min_bits)
         return G * b.sum() + 64 + 8 + math.ceil(math.log2(span)) * ng
 

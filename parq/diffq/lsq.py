@@ -1,7 +1,8 @@
 """``LSQ``: learned step size quantization (Esser et al., 2020), SPEC.md §11.
 
 One learned step ``s`` per tensor, registered as ``<name><suffix>`` and initialised to
-``2 * mean|w| / sqrt(2^(b-1))``; its gradient is scaled by ``g = 1 / sqrt(n * (2^(b-1) -
+``2 * mean|w| / sqrt(2^(b-1))``, at least float32's ``tiny`` (an all-zero weight would
+give ``0 / 0`` in ``w / s``); its gradient is scaled by ``g = 1 / sqrt(n * (2^(b-1) -
 1))``; ``w_q = round_ste(clamp(w / s, -2^(b-1), 2^(b-1) - 1)) * s`` in training and eval.
 Size: ``bits * n + 32`` per parameter (the levels and one float32 step). The work is a
 handful of elementwise torch ops per parameter (no fused op).
@@ -53,6 +54,7 @@ class LSQ(BaseQuantizer):
         for qp in self._qparams:
             w = qp.param.detach().float()
             step = 2 * w.abs().mean() / math.sqrt(2 ** (bits - 1))
+            step = step.clamp_min(torch.finfo(torch.float32).tiny)  # all-zero w: 0 / 0
             self._register(qp, suffix, step.reshape(1))
 
     def _init_kwargs(self) -> dict:

@@ -1,5 +1,7 @@
 """The quantized state of the DiffQ-compatible quantizers: bit-packing of the integer
-levels with the packed-export ops of SPEC.md §10, and ``restore_quantized_state``.
+levels with the packed-export ops of SPEC.md §10, and writing entries back into a model
+(``restore_quantized_state``, which picks the quantizer class, is in :mod:`.restore`: this
+module is below the quantizers, which import it).
 
 An entry (one quantized parameter) holds ``shape``, ``dtype`` (a string), ``group_size``
 (``G``, the numel when the whole tensor is one group), ``bits`` (uint8, one per group:
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from parq_kernels.pack_ops import pack, unpack
 from parq_kernels.reference_diffq import expand_groups
@@ -110,24 +112,3 @@ def restore_entries(qparams: list, entries: list[dict]) -> None:
     for qp, entry, levels in zip(qparams, entries, unpack_levels(entries), strict=True):
         w = dequantize_entry(entry, levels).view(qp.param.shape)
         qp.param.data.copy_(w.to(qp.param.device))
-
-
-def restore_quantized_state(model: nn.Module, state: dict) -> None:
-    """Rebuild the quantizer described by ``state["meta"]`` on ``model``, write the
-    quantized weights into the model and remove the quantizer's hooks."""
-    from parq.diffq.diffq import DiffQuantizer
-    from parq.diffq.lsq import LSQ
-    from parq.diffq.uniform import UniformQuantizer
-
-    if not isinstance(state, dict) or "meta" not in state:
-        raise ValueError("state must be a dict from get_quantized_state() (no 'meta' entry)")
-    classes = {c.__name__: c for c in (DiffQuantizer, UniformQuantizer, LSQ)}
-    meta = state["meta"]
-    name = meta["klass"] if isinstance(meta["klass"], str) else meta["klass"].__name__
-    if name not in classes:
-        raise ValueError(f"state: unknown quantizer {name!r}; expected one of {list(classes)}")
-    quantizer = classes[name](model, **meta["init_kwargs"])
-    try:
-        quantizer.restore_quantized_state(state)
-    finally:
-        quantizer.detach()

@@ -5,10 +5,10 @@
   its level indices packed ``w = ceil(log2 K)`` bits each (:mod:`parq.export.format`);
   :func:`size_report` (:mod:`parq.export.size_report`) says what that saves.
   ``python -m parq.export report FILE`` prints the report of a saved file.
-* :mod:`parq.export.torchao_convert`: ``QuantOptimizer.torchao_convert`` /
-  ``get_filter_fns``, conversion to torchao's low-bit tensors (needs ``torchao``:
-  ``pip install "parq[torchao]"``); which torchao config each torchao quantizer
-  converts with is :mod:`parq.quant.config_torchao`'s.
+* conversion to torchao's low-bit tensors is the optimizer's own
+  (``QuantOptimizer.torchao_convert`` / ``get_filter_fns``, :mod:`parq.optim.torchao_convert`:
+  ``parq.optim`` never imports ``parq.export``); which torchao config each torchao
+  quantizer converts with is :mod:`parq.quant.config_torchao`'s.
 
 Nothing here imports torchao until it is used.
 """

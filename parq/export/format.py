@@ -167,13 +167,14 @@ def parse_header(head: bytes, file_size: int, where: str) -> Header:
         raw = json.loads(head[8 : 8 + n])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PackedFormatError(f"{where}: unreadable safetensors header ({exc})") from None
+    if not isinstance(raw, dict):
+        raise PackedFormatError(f"{where}: the safetensors header is not a JSON object")
     meta = raw.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise PackedFormatError(f"{where}: the safetensors metadata is not a string map")
     if "parq" not in meta:
         raise PackedFormatError(f"{where}: not a packed parq file (no 'parq' metadata entry)")
-    try:
-        doc = json.loads(meta["parq"])
-    except json.JSONDecodeError as exc:
-        raise PackedFormatError(f"{where}: unreadable 'parq' metadata ({exc})") from None
+    doc = _parq_document(meta["parq"], where)
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise PackedFormatError(f"{where}: format {doc.get('format')!r} version "
                                 f"{doc.get('version')!r} is not supported (this parq reads "
@@ -198,15 +199,37 @@ def parse_header(head: bytes, file_size: int, where: str) -> Header:
         tensors[key] = (code, shape, (begin, end))
     try:
         params = {name: PackedParam.from_json(name, entry) for name, entry in
-                  doc.get("params", {}).items()}  # fmt: skip
+                  doc["params"].items()}  # fmt: skip
     except PackedFormatError as exc:
         raise PackedFormatError(f"{where}: {exc}") from None
     levels_dtype = doc.get("levels_dtype")
-    if levels_dtype not in LEVEL_DTYPES:
+    if not isinstance(levels_dtype, str) or levels_dtype not in LEVEL_DTYPES:
         raise PackedFormatError(f"{where}: unknown levels dtype {levels_dtype!r}")
-    header = Header(tensors, params, list(doc.get("tensors", [])), levels_dtype, 8 + n)
+    header = Header(tensors, params, doc["tensors"], levels_dtype, 8 + n)
     check_tensors(header, where)
     return header
+
+
+def _parq_document(text: object, where: str) -> dict:
+    """The ``"parq"`` metadata entry parsed, with the JSON types of the module doc (``params``
+    an object, ``tensors`` a list of names; both may be absent)."""
+    try:
+        doc = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise PackedFormatError(f"{where}: unreadable 'parq' metadata ({exc})") from None
+    if not isinstance(doc, dict):
+        raise PackedFormatError(f"{where}: the 'parq' metadata is not a JSON object "
+                                f"(got {type(doc).__name__})")  # fmt: skip
+    doc.setdefault("params", {})
+    doc.setdefault("tensors", [])
+    if not isinstance(doc["params"], dict):
+        raise PackedFormatError(f"{where}: the 'parq' metadata's 'params' is not an object "
+                                f"(got {type(doc['params']).__name__})")  # fmt: skip
+    tensors = doc["tensors"]
+    if not isinstance(tensors, list) or not all(isinstance(t, str) for t in tensors):
+        raise PackedFormatError(f"{where}: the 'parq' metadata's 'tensors' is not a list of "
+                                f"names (got {tensors!r:.80})")  # fmt: skip
+    return doc
 
 
 def check_tensors(h: Header, where: str) -> None:

@@ -8,7 +8,7 @@ move is reported (a warning, and :attr:`ExportResult.max_moved`). The indices ar
 packed by ``parq_kernels::pack_`` (one call per index width and device).
 
 Loading parses and checks the whole file against the model first (format version,
-names, shapes, dtypes, sizes, and every index ``< K``), dequantizes with
+names, shapes, dtypes, sizes, levels finite and sorted, and every index ``< K``), dequantizes with
 ``parq_kernels::dequantize_`` on the parameter's device, and only then writes into the
 model: a rejected file leaves the model untouched. Only safetensors is read (no pickle).
 
@@ -193,6 +193,22 @@ def _read(path: str, keys: list[str]) -> dict[str, Tensor]:
         raise PackedFormatError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
+def _check_levels(path: str, header: Header, raw: dict[str, Tensor]) -> None:
+    """Every row of levels finite and sorted ascending, as ``save_quantized`` writes them
+    (a NaN level would load as NaN weights, unsorted ones break the nearest-level search)."""
+    for p in header.params.values():
+        levels = raw[f"{p.name}.qlevels"].float().reshape(p.rows, p.K)
+        unsorted = levels[:, 1:] < levels[:, :-1]
+        for bad, what in ((~torch.isfinite(levels), "are not finite"),
+                          (unsorted, "are not sorted ascending")):  # fmt: skip
+            rows = bad.any(1).nonzero().flatten()
+            if rows.numel():
+                r = int(rows[0])
+                raise PackedFormatError(f"{path}: parameter {p.name!r}: its levels {what} "
+                                        f"({rows.numel()} of {p.rows} rows, first row {r}: "
+                                        f"{levels[r, :8].tolist()})")  # fmt: skip
+
+
 def _dequantize_all(path: str, header: Header, raw: dict[str, Tensor],
                     targets: dict[str, Tensor]) -> dict[str, Tensor]:  # fmt: skip
     """Every quantized parameter's weights, on its device, in its dtype (when a float
@@ -239,6 +255,7 @@ def load_quantized(path: str | Path, model: torch.nn.Module) -> None:
     _check_against(header, targets, path)
     keys = [f"{n}.{s}" for n in header.params for s in ("qidx", "qlevels")] + header.plain
     raw = _read(path, keys)
+    _check_levels(path, header, raw)
     values = _dequantize_all(path, header, raw, targets)
     values.update({name: raw[name] for name in header.plain})
     for name, value in values.items():  # everything checked: now write

@@ -15,6 +15,13 @@ and bias-corrected: ``r_t = m r_{t-1} + (1 - m) x_t``, reported as ``r_t / (1 - 
 The correction ``c_t = 1 - m^t`` is kept as the same running average of ones
 (``c_t = m c_{t-1} + (1 - m)``), so ``force_ranges`` sets ``r = value, c = 1`` and later
 observations continue the average from the forced range.
+A batch whose range is not finite (a NaN or an Inf anywhere in ``x``, e.g. the forward of
+an fp16 step that the GradScaler then skips) is skipped by :class:`ExpAvgMinMax`: the
+average and its correction stay as they were (per channel, the whole batch is skipped), so
+one bad batch cannot poison the range for good; until a finite batch has been observed the
+range reads ``[0, 0]``. The skip is a ``torch.where`` on device, with no host sync.
+:class:`BatchMinMax` keeps no history: it reports the bad batch's range and recovers at the
+next one.
 
 The ranges are buffers (saved in ``state_dict``; a state dict of any number of channels
 loads). Reductions are one ``torch.aminmax`` pass, in float32; updates are in place
@@ -193,13 +200,16 @@ class ExpAvgMinMax(Observer):
                 )
             for name in ("ema_min", "ema_max"):  # a forced 0-d range, per channel from now on
                 self._set(name, getattr(self, name).expand_as(mn))
-        self.ema_min.mul_(m).add_(mn, alpha=1.0 - m)
-        self.ema_max.mul_(m).add_(mx, alpha=1.0 - m)
-        self.correction.mul_(m).add_(1.0 - m)
+        finite = torch.isfinite(mn).all() & torch.isfinite(mx).all()  # else skip (module doc)
+        for name, stat in (("ema_min", mn), ("ema_max", mx), ("correction", None)):
+            buf = getattr(self, name)
+            new = buf * m + ((1.0 - m) if stat is None else stat * (1.0 - m))
+            buf.copy_(torch.where(finite, new, buf))
         self._ready = True
 
     def _ranges(self) -> tuple[Tensor, Tensor]:
-        return self.ema_min / self.correction, self.ema_max / self.correction
+        c = self.correction.clamp_min(torch.finfo(torch.float32).tiny)  # 0 until a finite batch
+        return self.ema_min / c, self.ema_max / c
 
     def _force(self, mn: Tensor, mx: Tensor) -> None:
         self._set("ema_min", mn)

@@ -2,7 +2,7 @@
 
 The latent helpers of the public PARQ release (``restore_latent_params``,
 ``save_latent_params``, ``quantize_``) and ``torchao.prototype.parq``'s interop
-(``get_filter_fns``, ``torchao_convert``: :mod:`parq.export.torchao_convert`), as a
+(``get_filter_fns``, ``torchao_convert``: :mod:`parq.optim.torchao_convert`), as a
 mixin of :class:`parq.optim.QuantOptimizer`, which provides ``state`` and
 ``_quantized_params``.
 """
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from parq.optim import shard_plan
+from parq.optim import torchao_convert as torchao_conversion
 from parq.quant.quantizer import Quantizer
 
 
@@ -53,21 +54,19 @@ class PublicSurface:
         quants.copy_(Q)
         return q
 
-    # torchao interop (torchao.prototype.parq's surface; parq.export)
+    # torchao interop (torchao.prototype.parq's surface; parq.optim.torchao_convert)
 
     def get_filter_fns(self, model: torch.nn.Module) -> Iterator[Callable[..., bool]]:
         """One ``filter_fn(module, *args)`` per quantized group, in order: true for a
         module owning one of the group's parameters (``torchao.quantization.quantize_``)."""
-        from parq.export.torchao_convert import get_filter_fns
-
-        return get_filter_fns(self, model)
+        return torchao_conversion.get_filter_fns(self, model)
 
     def torchao_convert(
         self, model: torch.nn.Module, weight_only: bool = False, embed_weight_only: bool = False
     ) -> None:
         """Convert ``model`` in place to torchao's quantized tensors, as torchao's PARQ
         does (needs ``torchao``: ``pip install "parq[torchao]"``); see
-        :mod:`parq.export.torchao_convert`."""
-        from parq.export.torchao_convert import torchao_convert
-
-        torchao_convert(self, model, weight_only=weight_only, embed_weight_only=embed_weight_only)
+        :mod:`parq.optim.torchao_convert`."""
+        torchao_conversion.torchao_convert(
+            self, model, weight_only=weight_only, embed_weight_only=embed_weight_only
+        )

@@ -43,22 +43,8 @@ from parq.optim.nonfinite import NonFiniteFlags, NonFiniteParameterError, split_
 from parq.optim.proxmap import ProxMap
 from parq.optim.public_surface import PublicSurface
 from parq.quant.quantizer import Quantizer
-from parq_kernels import backends
 
 __all__ = ["QuantOptimizer", "NonFiniteParameterError"]
-
-
-def _checked_backend(backend: str | None, groups: list[dict]) -> str | None:
-    """Reject an unknown or unavailable explicit backend before anything is stepped."""
-    if backend in (None, "", "auto"):
-        return None
-    devices = {p.device for g in groups if g.get("quant_bits", 16) < 16 for p in g["params"]}
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"backend must be one of {backends.BACKENDS} (or None), got {backend!r}")
-    for device in devices:
-        if device.type != "meta":
-            backends.resolve(device, backend)  # raises BackendUnavailableError, saying why
-    return backend
 
 
 class QuantOptimizer(PublicSurface, Optimizer):
@@ -139,7 +125,7 @@ class QuantOptimizer(PublicSurface, Optimizer):
         self.quant_shrink = quant_shrink
         self.anneal_wd_frac = anneal_wd_frac
         self.group_quantizer_map = group_quantizer_map
-        self.backend = _checked_backend(backend, self.param_groups)
+        self.backend = routing.checked_backend(backend, self.param_groups)
         self.fused = fused
         self.fuse_base_step = fuse_base_step
         self.check_finite = check_finite
@@ -207,6 +193,12 @@ class QuantOptimizer(PublicSurface, Optimizer):
         ``num_steps``, as in the public release."""
         self.__dict__.pop("_fused_views", None)  # fused_step's views of the old state
         checkpoint.load_state_dict(self, state_dict, start_step)
+
+    def __getstate__(self) -> dict:  # copy.deepcopy, pickle (parq.optim.checkpoint)
+        return checkpoint.getstate(self)
+
+    def __setstate__(self, state: dict) -> None:
+        checkpoint.setstate(self, state)
 
     def __getattr__(self, name: str):
         """Attributes the wrapper lacks are read from the base optimizer (public release)."""

@@ -22,11 +22,26 @@ from torch import Tensor
 from parq.optim import fused_step, shard_plan, sharding
 from parq.optim.proxmap import KernelProxMap
 from parq.quant.quantizer import KernelQuantizer, Quantizer
+from parq_kernels import backends
 
 FUSED_STEP = "fused step"
 FUSED_PROX = "base step + fused prox"
 GENERIC = "base step + generic prox"
 SHARDED = "base step + sharded prox"
+
+
+def checked_backend(backend: str | None, groups: list[dict]) -> str | None:
+    """Reject an unknown or unavailable explicit backend before anything is stepped."""
+    if backend in (None, "", "auto"):
+        return None
+    devices = {p.device for g in groups if g.get("quant_bits", 16) < 16 for p in g["params"]}
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"backend must be one of {backends.BACKENDS} (or None), got {backend!r}")
+    for device in devices:
+        if device.type != "meta":
+            backends.resolve(device, backend)  # raises BackendUnavailableError, saying why
+    return backend
+
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from abc import ABC, abstractmethod
 
@@ -30,8 +31,10 @@ def rows_view(p: Tensor, dim: int | None) -> Tensor:
     x = p.detach().float()
     if dim is None:
         return x.reshape(1, -1)
-    # contiguous rows: a row's reductions then run in the same order as in the fused op
-    return x.movedim(dim, -1).reshape(-1, p.size(dim)).contiguous()
+    # contiguous rows: a row's reductions then run in the same order as in the fused op;
+    # the row count is explicit: an empty row (a (4, 0) parameter) is valid (SPEC.md §6)
+    x = x.movedim(dim, -1)
+    return x.reshape(math.prod(x.shape[:-1]), x.size(-1)).contiguous()
 
 
 def from_rows(q_rows: Tensor, p: Tensor, dim: int | None) -> Tensor:

@@ -33,8 +33,11 @@ from torch import nn
 from parq._torchao import require_torchao
 
 if TYPE_CHECKING:
-    from parq.optim.quantopt import QuantOptimizer
     from parq.quant.quantizer import Quantizer
+
+# ``optimizer`` below is a parq.optim.QuantOptimizer (which imports this module through
+# its public_surface mixin: annotated as torch's Optimizer so that no import goes back)
+QuantOptimizer = torch.optim.Optimizer
 
 
 def _data_ptr(t: torch.Tensor) -> int | None:
