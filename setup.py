@@ -52,6 +52,7 @@ CPU_LEVELS = {
         "-mf16c",
         "-mbmi2",
         "-mprefer-vector-width=512",
+        "-Wno-maybe-uninitialized",  # GCC 12's own AVX-512 headers (_mm512_undefined_ps)
     ],
 }
 
@@ -134,6 +135,7 @@ def native_extensions() -> tuple[list, dict]:
         "-ffp-contract=off",
         "-fno-trapping-math",
         "-fno-math-errno",
+        "-Wno-unknown-pragmas",  # ATen's vec headers carry nvcc's `#pragma unroll`
     ]
     macros = [(f"PARQ_LEVEL_{lv.upper()}", "1") for lv in levels if lv != "default"]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))

@@ -16,7 +16,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <bit>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -45,18 +48,48 @@ inline Mask mask_or(Mask a, Mask b) { return a | b; }
 inline Mask all_lanes() { return static_cast<Mask>(0xFFFF); }
 inline bool all_set(Mask m) { return m == all_lanes(); }
 inline Vec select(Mask m, Vec no, Vec yes) { return _mm512_mask_blend_ps(m, no, yes); }
+#elif defined(CPU_CAPABILITY_AVX2)
+using Mask = __m256;  // all-ones lanes are true
+inline Mask lt(Vec a, Vec b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+inline Mask gt(Vec a, Vec b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+inline Mask ge(Vec a, Vec b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+inline Mask eq(Vec a, Vec b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
+inline Mask unordered(Vec a) { return _mm256_cmp_ps(a, a, _CMP_UNORD_Q); }
+inline Mask mask_and(Mask a, Mask b) { return _mm256_and_ps(a, b); }
+inline Mask mask_or(Mask a, Mask b) { return _mm256_or_ps(a, b); }
+inline Mask all_lanes() { return _mm256_castsi256_ps(_mm256_set1_epi32(-1)); }
+inline bool all_set(Mask m) { return _mm256_movemask_ps(m) == 0xFF; }
+inline Vec select(Mask m, Vec no, Vec yes) { return _mm256_blendv_ps(no, yes, m); }
 #else
-using Mask = Vec;  // all-ones lanes are true (ATen's comparison results)
-inline Mask lt(Vec a, Vec b) { return a < b; }
-inline Mask gt(Vec a, Vec b) { return a > b; }
-inline Mask ge(Vec a, Vec b) { return a >= b; }
-inline Mask eq(Vec a, Vec b) { return a == b; }
-inline Mask unordered(Vec a) { return a != a; }
+// The baseline level: GCC vector extensions as wide as ATen's Vec (SSE2 on x86-64, NEON on
+// aarch64): ATen's generic comparisons and blendv branch per lane.
+typedef float VecF __attribute__((vector_size(sizeof(Vec))));
+typedef int32_t VecI __attribute__((vector_size(sizeof(Vec))));
+using Mask = VecI;  // -1 lanes are true
+inline VecF raw(Vec v) {
+  VecF r;
+  std::memcpy(&r, &v, sizeof r);
+  return r;
+}
+inline Vec wrap(VecF r) {
+  Vec v;
+  std::memcpy(&v, &r, sizeof r);
+  return v;
+}
+inline Mask lt(Vec a, Vec b) { return raw(a) < raw(b); }
+inline Mask gt(Vec a, Vec b) { return raw(a) > raw(b); }
+inline Mask ge(Vec a, Vec b) { return raw(a) >= raw(b); }
+inline Mask eq(Vec a, Vec b) { return raw(a) == raw(b); }
+inline Mask unordered(Vec a) { return raw(a) != raw(a); }
 inline Mask mask_and(Mask a, Mask b) { return a & b; }
 inline Mask mask_or(Mask a, Mask b) { return a | b; }
-inline Mask all_lanes() { return Vec(0.0f) == Vec(0.0f); }
-inline bool all_set(Mask m) { return m.zero_mask() == 0; }  // no lane is 0 (all-ones: NaN)
-inline Vec select(Mask m, Vec no, Vec yes) { return Vec::blendv(no, yes, m); }
+inline Mask all_lanes() { return Mask{} == Mask{}; }
+inline bool all_set(Mask m) {
+  int32_t all = -1;
+  for (int64_t i = 0; i < kW; ++i) all &= m[i];
+  return all == -1;
+}
+inline Vec select(Mask m, Vec no, Vec yes) { return wrap(m ? raw(yes) : raw(no)); }
 #endif
 
 // a > b ? a : b and a < b ? a : b (b when unordered): x86's maxps / minps exactly.
@@ -66,7 +99,7 @@ inline Vec vmin(Vec a, Vec b) { return _mm512_min_ps(a, b); }
 #elif defined(CPU_CAPABILITY_AVX2)
 inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
 inline Vec vmin(Vec a, Vec b) { return _mm256_min_ps(a, b); }
-#else
+#else  // a > b ? a : b lane by lane
 inline Vec vmax(Vec a, Vec b) { return select(gt(a, b), b, a); }
 inline Vec vmin(Vec a, Vec b) { return select(lt(a, b), b, a); }
 #endif
@@ -154,14 +187,31 @@ struct Pack {
     store(p);
 #endif
   }
-  // Rounds the values to T and back: what storing them would keep.
-  void round() {
-    if constexpr (N == 2) {
-      auto [a, b] = at::vec::convert_to_float<T>(packed());
-      v[0] = a;
-      v[1] = b;
+  // The values of a vector of T (what storing `packed()` keeps).
+  template <typename P>
+  static Pack unpack(const P& t) {
+    if constexpr (N == 1) {
+      return Pack{{t}};
+    } else {
+      auto [a, b] = at::vec::convert_to_float<T>(t);
+      return Pack{{a, b}};
     }
   }
 };
+
+// Lanes whose value stays finite when stored as T: |v| below the smallest magnitude that
+// rounds (to nearest even) to infinity in T; false for NaN and +-Inf. For float32 the same
+// lanes as finite(v), for bf16 / fp16 the finite(T(v)) of the scalar code, without the
+// conversion.
+template <typename T>
+inline Mask stored_finite(Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return lt(v.abs(), Vec(INFINITY));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    return lt(v.abs(), Vec(std::bit_cast<float>(0x7F7F8000u)));  // a tie: rounds up to inf
+  } else {
+    return lt(v.abs(), Vec(65520.0f));  // halfway between 65504 (max) and 65536
+  }
+}
 
 PARQ_CPU_END

@@ -75,7 +75,7 @@ int update_rows_pass(const StepV& s, const RowPtrs& next, float* __restrict__ xs
   float* __restrict__ B1 = next.B1;
   float* __restrict__ B2 = next.B2;
   float* __restrict__ B3 = next.B3;
-  Mask ok = all_lanes();
+  bool ok = true;
   for (int64_t i = 0; i < n; i += kW) {
     prefetch_update<P>(L, G, B1, B2, B3, i);
     update_pack<P, false>(s, L, G, B1, B2, B3, i, ok).v[0].store(xs_next + i);
@@ -83,7 +83,7 @@ int update_rows_pass(const StepV& s, const RowPtrs& next, float* __restrict__ xs
       Pack<float>{{project_or_keep<PROX>(Vec::loadu(xs_cur + i), lv)}}.stream(out + i);
     }
   }
-  return all_set(ok) ? 0 : 1;
+  return ok ? 0 : 1;
 }
 
 // The last row's write (nothing left to update).

@@ -45,13 +45,14 @@ inline __attribute__((always_inline)) void prefetch_update(const T* L, const T* 
 }
 
 // The base update of one Pack at i (base_update.h, in its order; kInit: torch's first
-// momentum step, buf = g). New values are rounded to T before the finiteness check, as
-// stored; the rejected lanes (a non-finite new latent or state) keep their old values.
-// Returns the latent as stored; ok collects the accepted lanes.
+// momentum step, buf = g). A lane is accepted when its new latent and state are finite as
+// stored in T (stored_finite); a rejected lane keeps its old values and clears `ok`.
+// Returns the latent as stored. The common case, every lane accepted, stores the new
+// values converted once; only a vector with a rejected lane blends.
 template <Pattern P, bool kInit, typename T>
 inline __attribute__((always_inline)) Pack<T> update_pack(const StepV& s, T* L, const T* G,
                                                           T* B1, T* B2, T* B3, int64_t i,
-                                                          Mask& ok) {
+                                                          bool& ok) {
   using PK = Pack<T>;
   constexpr int N = PK::N;
   constexpr bool kAdamLike = P == Pattern::kAdam || P == Pattern::kAdamAmsgrad;
@@ -88,27 +89,36 @@ inline __attribute__((always_inline)) Pack<T> update_pack(const StepV& s, T* L, 
       n2.v[j] = v;
     }
   }
-  w.round();
-  if constexpr (P != Pattern::kSgd) n1.round();
-  if constexpr (kAdamLike) n2.round();
-  if constexpr (kAms) n3.round();
-  PK lt;
+  const auto w_stored = w.packed();
+  PK x = PK::unpack(w_stored);  // the new latent as stored
+  Mask fine[N];
+  bool all = true;
   for (int j = 0; j < N; ++j) {
-    Mask fine = finite_mask(w.v[j]);
-    if constexpr (P != Pattern::kSgd) fine = mask_and(fine, finite_mask(n1.v[j]));
-    if constexpr (kAdamLike) fine = mask_and(fine, finite_mask(n2.v[j]));
-    if constexpr (kAms) fine = mask_and(fine, finite_mask(n3.v[j]));
-    ok = mask_and(ok, fine);
-    lt.v[j] = select(fine, l0.v[j], w.v[j]);
-    if constexpr (P != Pattern::kSgd) n1.v[j] = select(fine, o1.v[j], n1.v[j]);
-    if constexpr (kAdamLike) n2.v[j] = select(fine, o2.v[j], n2.v[j]);
-    if constexpr (kAms) n3.v[j] = select(fine, o3.v[j], n3.v[j]);
+    fine[j] = stored_finite<T>(x.v[j]);
+    if constexpr (P != Pattern::kSgd) fine[j] = mask_and(fine[j], stored_finite<T>(n1.v[j]));
+    if constexpr (kAdamLike) fine[j] = mask_and(fine[j], stored_finite<T>(n2.v[j]));
+    if constexpr (kAms) fine[j] = mask_and(fine[j], stored_finite<T>(n3.v[j]));
+    all = all && all_set(fine[j]);
   }
+  if (__builtin_expect(all, 1)) {
+    w_stored.store(L + i);
+    if constexpr (P != Pattern::kSgd) n1.store(B1 + i);
+    if constexpr (kAdamLike) n2.store(B2 + i);
+    if constexpr (kAms) n3.store(B3 + i);
+    return x;
+  }
+  ok = false;
+  for (int j = 0; j < N; ++j) {  // stored as T, a kept old value is itself again
+    x.v[j] = select(fine[j], l0.v[j], x.v[j]);
+    if constexpr (P != Pattern::kSgd) n1.v[j] = select(fine[j], o1.v[j], n1.v[j]);
+    if constexpr (kAdamLike) n2.v[j] = select(fine[j], o2.v[j], n2.v[j]);
+    if constexpr (kAms) n3.v[j] = select(fine[j], o3.v[j], n3.v[j]);
+  }
+  x.store(L + i);
   if constexpr (P != Pattern::kSgd) n1.store(B1 + i);
   if constexpr (kAdamLike) n2.store(B2 + i);
   if constexpr (kAms) n3.store(B3 + i);
-  lt.store(L + i);
-  return lt;
+  return x;
 }
 
 // The base update of n elements into xs (the first pass of update steps: sources.h); the
@@ -121,7 +131,7 @@ int update_into(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ 
   const StepV sv(s);
   constexpr int64_t E = Pack<T>::kElems;
   int kept = 0;
-  Mask ok = all_lanes();
+  bool ok = true;
   int64_t i = 0;
   for (; i + E <= n; i += E) {
     prefetch_update<P>(L, G, B1, B2, B3, i);
@@ -131,7 +141,7 @@ int update_into(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ 
   for (; i < n; ++i) {
     xs[i] = static_cast<float>(update_element<P, kInit>(s, L, G, B1, B2, B3, i, kept));
   }
-  return kept | (all_set(ok) ? 0 : 1);
+  return kept | (ok ? 0 : 1);
 }
 
 // The non-update step over one row range of n elements (pointers at its start): update,
@@ -155,7 +165,7 @@ int step_loop(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ G,
   };
   int64_t i = 0;
   for (; i < n && !stream_aligned(out + i); ++i) scalar(i);
-  Mask ok = all_lanes();
+  bool ok = true;
   for (; i + E <= n; i += E) {
     prefetch_update<P>(L, G, B1, B2, B3, i);
     Pack<T> x = update_pack<P, false>(sv, L, G, B1, B2, B3, i, ok);
@@ -165,7 +175,7 @@ int step_loop(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ G,
     x.stream(out + i);
   }
   for (; i < n; ++i) scalar(i);
-  return kept | (all_set(ok) ? 0 : 1);
+  return kept | (ok ? 0 : 1);
 }
 
 PARQ_CPU_END
