@@ -21,7 +21,7 @@ PY := $(VENV)/bin/python
 endif
 PIP := $(PY) -m pip
 
-.PHONY: all setup build test bench demo lint clean check-portable
+.PHONY: all setup build test test-levels bench demo lint clean check-portable
 
 all: build bench demo
 
@@ -53,6 +53,15 @@ build: setup
 
 test: build
 	$(PY) -m pytest tests -q
+
+# The CPU kernels' tests again at the x86-64 baseline level (SPEC §14; torch too, through
+# its variable): the suite above ran them at this CPU's level, and tests/test_cpu_levels.py
+# checks every level this CPU runs against the baseline bit for bit.
+CPU_KERNEL_TESTS := tests/test_cpu_backend.py tests/test_fused_step_backends.py \
+	tests/test_cpu_step_loop.py tests/test_cpu_update_paths.py tests/test_export_ops.py \
+	tests/test_diffq_ops.py tests/test_fused_step.py
+test-levels: build
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(CPU_KERNEL_TESTS) -q -k "not triton and not cuda"
 
 bench: build
 	$(PY) -m benchmarks --quick

@@ -28,9 +28,18 @@
 
 #include "level.h"
 
+#if defined(CPU_CAPABILITY_DEFAULT) && (defined(__x86_64__) || defined(_M_X64))
+#define PARQ_VEC_SSE2 1
+#include "vec_sse2.h"
+#endif
+
 PARQ_CPU_BEGIN
 
-using Vec = at::vec::Vectorized<float>;
+#ifdef PARQ_VEC_SSE2
+using Vec = VecSse2;  // x86-64 baseline (vec_sse2.h)
+#else
+using Vec = at::vec::Vectorized<float>;  // AVX2, AVX-512; NEON on aarch64
+#endif
 constexpr int64_t kW = Vec::size();  // float lanes of this level
 
 inline Vec bc(float v) { return Vec(v); }
@@ -86,7 +95,7 @@ inline Mask mask_or(Mask a, Mask b) { return a | b; }
 inline Mask all_lanes() { return Mask{} == Mask{}; }
 inline bool all_set(Mask m) {
   int32_t all = -1;
-  for (int64_t i = 0; i < kW; ++i) all &= m[i];
+  for (int64_t i = 0; i < kW; ++i) all &= m[i];  // (4 lanes on x86-64, NEON's on aarch64)
   return all == -1;
 }
 inline Vec select(Mask m, Vec no, Vec yes) { return wrap(m ? raw(yes) : raw(no)); }
@@ -167,15 +176,26 @@ struct Pack {
     if constexpr (N == 1) {
       return Pack{{Vec::loadu(p)}};
     } else {
+#ifdef PARQ_VEC_SSE2
+      Pack r;
+      sse2_to_float(p, r.v[0], r.v[1]);
+      return r;
+#else
       auto [a, b] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
       return Pack{{a, b}};
+#endif
     }
   }
+  // The values as one vector of T (a Vec for float32).
   auto packed() const {
     if constexpr (N == 1) {
       return v[0];
     } else {
+#ifdef PARQ_VEC_SSE2
+      return sse2_from_float<T>(v[0], v[1]);
+#else
       return at::vec::convert_from_float<T>(v[0], v[1]);
+#endif
     }
   }
   void store(T* p) const { packed().store(p); }
@@ -193,8 +213,14 @@ struct Pack {
     if constexpr (N == 1) {
       return Pack{{t}};
     } else {
+#ifdef PARQ_VEC_SSE2
+      Pack r;
+      sse2_to_float(t.vals, r.v[0], r.v[1]);
+      return r;
+#else
       auto [a, b] = at::vec::convert_to_float<T>(t);
       return Pack{{a, b}};
+#endif
     }
   }
 };
