@@ -21,7 +21,7 @@ PY := $(VENV)/bin/python
 endif
 PIP := $(PY) -m pip
 
-.PHONY: all setup build test test-levels bench demo lint clean check-portable
+.PHONY: all setup build test test-levels bench demo lint clean check-portable gpu-check triton-aot
 
 all: build bench demo
 
@@ -74,6 +74,22 @@ demo: build
 # and Haswell (AVX2) against the reference (SPEC.md §14; needs apt-get install qemu-user)
 check-portable: build
 	$(PY) -m benchmarks.portable_check
+
+# The first GPU minutes (README): build for the GPU present, warm Triton's cache, the CUDA /
+# Triton tests, the quick GPU benchmark; <= 8 min on an H100, results in benchmarks/results.
+# On a CUDA machine with torch preinstalled: make gpu-check TORCH_VERSION=system.
+# DRY_RUN=1: the same stages on the CPU (Triton interpreter, tiny shapes, no build).
+DRY_RUN ?=
+gpu-check:
+	$(PY) -m benchmarks.gpu_check $(if $(DRY_RUN),--dry-run)
+
+# Every recorded Triton launch compiled for sm_90a and the CUDA sources for sm_90, no GPU
+# needed: registers / spills per kernel in benchmarks/results/{triton_aot,cuda_ptxas}_sm90.*
+# (RECORD=1: record the Triton tests' launches again first, minutes under the interpreter)
+RECORD ?=
+triton-aot:
+	$(PY) -m benchmarks.triton_aot $(if $(RECORD),--record)
+	$(PY) -m benchmarks.nvcc_check
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
