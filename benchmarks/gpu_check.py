@@ -217,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[gpu-check] {stage.name} (budget {stage.budget_s:.0f} s) ...", flush=True)
             run_stage(stage, env)
             print(f"[gpu-check] {stage.name}: {stage.status} in {stage.seconds} s", flush=True)
+    sm = arch.replace(".", "") if arch else None
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     stem = args.out / f"gpu-check_{environment.device_slug(device)}_{date}"
     if args.dry_run:
         stem = stem.with_name(stem.name + "_dry-run")
     result = {
         "dry_run": args.dry_run,
-        "device": environment.device_name(device) + (f" (sm_{arch.replace('.', '')})" if arch else ""),
+        "device": environment.device_name(device) + (f" (sm_{sm})" if sm else ""),
         "torch": torch.__version__,
         "date_utc": date,
         "stages": [{k: v for k, v in asdict(s).items() if k != "output"} for s in all_stages],
