@@ -121,8 +121,20 @@ def native_extensions() -> tuple[list, dict]:
     levels = cpu_levels()
     # a change to any of these relinks the extension (setuptools compares them with the .so)
     depends = sorted(level_sources + glob.glob("csrc/**/*.h", recursive=True))
-    import torch
-    from torch.utils import cpp_extension
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ModuleNotFoundError as exc:  # pip's isolated build environment has no torch
+        raise SystemExit(
+            f"parq: building the C++ extension needs torch, and this build cannot import it "
+            f"({exc}). pip builds in an isolated environment without torch even when it is "
+            "installed. Install torch first (pin it: an unpinned `torch` may pull a multi-GB "
+            "CUDA build), then build without isolation:\n"
+            "    pip install torch==2.13.0\n"
+            "    pip install --no-build-isolation .\n"
+            "or, for a pure-Python install (reference and triton backends only):\n"
+            "    PARQ_SKIP_NATIVE=1 pip install ."
+        ) from None
 
     debug = _flag("PARQ_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]

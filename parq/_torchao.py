@@ -13,7 +13,7 @@ from types import ModuleType
 from typing import Any
 
 TORCHAO_VERSION = "0.18.0"  # the release the extra pins and the tests run against
-TORCHAO_INSTALL = 'pip install "parq[torchao]"'
+TORCHAO_INSTALL = 'pip install "torchao==0.18.0"'
 
 
 def torchao_missing(what: str, cause: BaseException | None = None) -> ImportError:

@@ -2,7 +2,7 @@
 ``(QuantConfig, filter_fn)`` pairs.
 
 ``QuantConfig``'s default quantizers and :func:`create_optimizer` need ``torchao``
-(``pip install "parq[torchao]"``); with an explicit ``quantizer`` (any parq
+(``pip install "torchao==0.18.0"``); with an explicit ``quantizer`` (any parq
 ``Quantizer``), :func:`create_param_groups_and_group_quantizer_map` works without it.
 """
 

@@ -28,7 +28,7 @@ from parq.optim.parq import normalized_mirror_sigmoid
 from parq.quant import LSBQuantizer, MaxUnifQuantizer, Quantizer, UnifQuantizer
 from parq.utils import channel_bucketize, is_dtensor
 
-INSTALL = 'pip install "parq[torchao]"'
+INSTALL = 'pip install "torchao==0.18.0"'
 
 # ---------------------------------------------------------------------------
 # parq.utils

@@ -1,6 +1,6 @@
 """The torchao surface (SPEC.md §1) against torchao's own PARQ (``torchao.prototype.parq``).
 
-Needs ``torchao`` (``pip install "parq[torchao]"``; ``make setup`` installs it): skipped
+Needs ``torchao`` (``pip install "torchao==0.18.0"``; ``make setup`` installs it): skipped
 with the reason without it. Everything here compares bitwise: our torchao quantizers
 against torchao's, a model trained with our ``QuantOptimizer`` against the same model
 trained with torchao's, and ``torchao_convert``'s converted tensors and outputs against
@@ -19,7 +19,7 @@ import torch
 from foundation_models import one_thread  # noqa: F401
 from torch import nn
 
-torchao = pytest.importorskip("torchao", reason='needs torchao: pip install "parq[torchao]"')
+torchao = pytest.importorskip("torchao", reason='needs torchao: pip install "torchao==0.18.0"')
 
 import torchao.prototype.parq as ao_parq  # noqa: E402
 from torchao.prototype.parq import api as ao_api  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 from foundation_models import one_thread  # noqa: F401
 from torch import nn
 
-pytest.importorskip("torchao", reason='needs torchao: pip install "parq[torchao]"')
+pytest.importorskip("torchao", reason='needs torchao: pip install "torchao==0.18.0"')
 
 from torchao.quantization.granularity import PerGroup  # noqa: E402
 from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig  # noqa: E402

@@ -65,7 +65,7 @@ class PublicSurface:
         self, model: torch.nn.Module, weight_only: bool = False, embed_weight_only: bool = False
     ) -> None:
         """Convert ``model`` in place to torchao's quantized tensors, as torchao's PARQ
-        does (needs ``torchao``: ``pip install "parq[torchao]"``); see
+        does (needs ``torchao``: ``pip install "torchao==0.18.0"``); see
         :mod:`parq.optim.torchao_convert`."""
         torchao_conversion.torchao_convert(
             self, model, weight_only=weight_only, embed_weight_only=embed_weight_only

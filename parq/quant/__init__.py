@@ -2,7 +2,7 @@
 
 The torchao quantizers (``UnifTorchaoQuantizer``, ``StretchedUnifTorchaoQuantizer``,
 ``Int4UnifTorchaoQuantizer``) and ``StretchedIntxWeightConfig`` are imported on first
-use and need ``torchao`` (``pip install "parq[torchao]"``).
+use and need ``torchao`` (``pip install "torchao==0.18.0"``).
 """
 
 from typing import Any
