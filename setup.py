@@ -132,8 +132,8 @@ def native_extensions() -> tuple[list, dict]:
             "CUDA build), then build without isolation:\n"
             "    pip install torch==2.13.0\n"
             "    pip install --no-build-isolation .\n"
-            "or, for a pure-Python install (reference and triton backends only):\n"
-            "    PARQ_SKIP_NATIVE=1 pip install ."
+            "or, for a pure-Python install (reference and triton backends only), the same with\n"
+            "    PARQ_SKIP_NATIVE=1 pip install --no-build-isolation ."
         ) from None
 
     debug = _flag("PARQ_DEBUG")
