@@ -31,8 +31,9 @@ from torch import Tensor
 from parq_kernels.triton.plan import _offset
 
 # tile table fields (int64)
-T_IN, T_OUT, T_LEV, T_G0, T_N, T_COLS, T_K, T_PIDX = range(8)
-NF = 8
+# (globals that a kernel reads must be constexpr: the real lowering rejects plain ones)
+T_IN, T_OUT, T_LEV, T_G0, T_N, T_COLS, T_K, T_PIDX = (tl.constexpr(i) for i in range(8))
+NF = tl.constexpr(8)
 GROUPS = 256  # groups of 8 elements per program (2048 elements)
 INTERPRET_GROUPS = 4096  # under the Triton interpreter a program costs milliseconds
 
@@ -139,7 +140,7 @@ def _table(ins: list[Tensor], outs: list[Tensor], levels: list[Tensor] | None,
         groups = (n + 7) // 8
         for g0 in range(0, groups, G):
             rows.append([in_off, out_off, lev_off, g0, n, max(cols[i], 1), K, i])
-    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, NF).to(device)
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, int(NF)).to(device)
     _CACHE[key] = (table, len(rows))
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
