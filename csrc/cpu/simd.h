@@ -154,6 +154,8 @@ inline void stream_raw(void* p, __m256i v) {
 inline void stream_fence() { _mm_sfence(); }
 #else
 constexpr int64_t kStreamAlign = 0;
+template <typename V>
+inline void stream_raw(void*, V) {}  // never called: kStreamAlign == 0 stores normally
 inline void stream_fence() {}
 #endif
 
@@ -201,11 +203,11 @@ struct Pack {
   void store(T* p) const { packed().store(p); }
   // A streaming store where the level has them (p aligned: stream_aligned), else a store.
   void stream(T* p) const {
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    stream_raw(p, packed());
-#else
-    store(p);
-#endif
+    if constexpr (kStreamAlign == 0) {
+      store(p);
+    } else {
+      stream_raw(p, packed());
+    }
   }
   // The values of a vector of T (what storing `packed()` keeps).
   template <typename P>
