@@ -238,16 +238,19 @@ def write_chart(rows: list[dict], title: str, path: Path) -> None:
                 and r["variant"] != STREAM_VARIANT]  # fmt: skip
         cases = list(dict.fromkeys(r["case"] for r in data))
         variants = list(dict.fromkeys(r["variant"] for r in data))
-        height = 0.8 / max(1, len(variants))
-        for v_i, variant in enumerate(variants):
-            ys, xs = [], []
-            for c_i, case in enumerate(cases):
-                for r in data:
-                    if r["case"] == case and r["variant"] == variant:
-                        ys.append(c_i + v_i * height)
-                        xs.append(r[key])
-            ax.barh(ys, xs, height=height, label=variant)
-        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cases))], cases, fontsize=7)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        labelled: set[str] = set()
+        for c_i, case in enumerate(cases):  # a case's own variants, centred on its tick
+            own = [r for r in data if r["case"] == case]
+            height = 0.8 / max(1, len(own))
+            for k, r in enumerate(own):
+                v = r["variant"]
+                ax.barh(c_i + (k - (len(own) - 1) / 2) * height, r[key], height=height,
+                        color=colors[variants.index(v) % len(colors)],
+                        label=None if v in labelled else v)  # fmt: skip
+                labelled.add(v)
+        ax.set_yticks(range(len(cases)), cases, fontsize=7)
+        ax.set_ylim(-0.5, len(cases) - 0.5)
         ax.invert_yaxis()
         ax.set_title(label, fontsize=9)
         if suite != "op" and data:
@@ -256,6 +259,6 @@ def write_chart(rows: list[dict], title: str, path: Path) -> None:
         if variants:
             ax.legend(fontsize=7, loc="lower right" if suite != "fakequant" else "best")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=110)
     plt.close(fig)
