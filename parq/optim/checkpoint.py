@@ -93,7 +93,7 @@ def load_state_dict(opt, sd: dict, start_step: int | None = None) -> None:
         post_hook(opt)
 
 
-CACHES = ("_fused_views", "_shard_plans")  # views / plans of the current tensors
+CACHES = ("_fused_views", "_shard_plans", "_level_keys")  # rebuilt at the next step
 
 
 def getstate(opt) -> dict:

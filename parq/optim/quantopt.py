@@ -36,7 +36,16 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from parq.optim import checkpoint, freeze, fused_step, prox_paths, routing, shard_plan, sharding
+from parq.optim import (
+    checkpoint,
+    freeze,
+    fused_step,
+    prox_paths,
+    routing,
+    shard_plan,
+    sharding,
+    stale_levels,
+)
 from parq.optim.fused_step import GroupPath
 from parq.optim.layout import RowLayout, check_quantized_group, group_bits, row_layout
 from parq.optim.nonfinite import NonFiniteFlags, NonFiniteParameterError, split_group_error
@@ -192,6 +201,7 @@ class QuantOptimizer(PublicSurface, Optimizer):
         """Load a checkpoint (:mod:`parq.optim.checkpoint`); ``start_step`` overrides
         ``num_steps``, as in the public release."""
         self.__dict__.pop("_fused_views", None)  # fused_step's views of the old state
+        self.__dict__.pop(stale_levels.ATTR, None)  # the loaded levels' setup is unknown
         checkpoint.load_state_dict(self, state_dict, start_step)
 
     def __getstate__(self) -> dict:  # copy.deepcopy, pickle (parq.optim.checkpoint)
@@ -293,7 +303,8 @@ class QuantOptimizer(PublicSurface, Optimizer):
             self._apply_corrections(group, params, corrections)
             quantizer = self._quantizer_for(qi)
             gamma = self._shrink_gamma(group) if self.quant_shrink else 1.0
-            args = (index, group, params, quantizer, gamma, update, n)
+            fresh = stale_levels.needs_update(self, index, group, params, quantizer)
+            args = (index, group, params, quantizer, gamma, update or fresh, n)
             self.prox_map.begin_group(group)
             path = routes[index][0]
             if path == routing.FUSED_STEP:
