@@ -198,3 +198,24 @@ def test_check_finite_false_turns_the_error_off(fused):
     latent = opt.state[params[0]]["latent"]
     assert torch.isfinite(latent).all() and latent[0, 0] == before[0, 0]
     assert torch.isfinite(params[0]).all()
+
+
+def test_tied_weight_listed_twice_is_refused():
+    """Issue 22 item 4: a tensor listed twice in a quantized group (a tied embedding and
+    head collected by hand) would get one latent overwritten by the other's projection."""
+    emb = torch.nn.Embedding(16, 8)
+    head = torch.nn.Linear(8, 16, bias=False)
+    head.weight = emb.weight
+    weights = [emb.weight, head.weight]
+    with pytest.warns(UserWarning, match="duplicate"):  # torch's own warning
+        base = torch.optim.SGD([{"params": weights, "quant_bits": 2}], lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[1\].*same tensor as params\[0\]"):
+        QuantOptimizer(base, UnifQuantizer(), ProxHardQuant())
+    once = [p for _, p in torch.nn.ModuleDict({"e": emb, "h": head}).named_parameters()]
+    assert len(once) == 1  # named_parameters lists the tie once: the supported way
+    opt = QuantOptimizer(torch.optim.SGD([{"params": once, "quant_bits": 2}], lr=0.1),
+                         UnifQuantizer(), ProxHardQuant())  # fmt: skip
+    extra = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="same tensor"), pytest.warns(UserWarning):
+        opt.add_param_group({"params": [extra, extra], "quant_bits": 2})
+    assert len(opt.param_groups) == 1 and extra not in opt.state

@@ -94,8 +94,15 @@ def check_quantized_group(
                 f"param_groups[{index}]: quant_block_size must be a positive int, got {given!r}"
             )
         group["quant_block_size"] = block_size
+    first: dict[int, int] = {}  # id(tensor) -> its first index in the group
     for j, p in enumerate(group["params"]):
         where = f"param_groups[{index}] params[{j}] (shape {tuple(p.shape)}): "
+        if first.setdefault(id(p), j) != j:  # one latent per tensor: a tie listed twice
+            raise ValueError(
+                f"{where}the same tensor as params[{first[id(p)]}] (a tied weight listed "
+                "twice?): list each tensor once in a quantized group, e.g. collect them from "
+                "model.named_parameters(), which lists a tied weight once"
+            )
         if not p.is_floating_point() or p.is_complex():
             raise TypeError(
                 f"{where}quantized parameters must be real floating point, got {p.dtype}"
