@@ -261,8 +261,8 @@ class QuantOptimizer(PublicSurface, Optimizer):
             if group_bits(group, index) is not None:
                 yield index, group, [p for p in group["params"] if p.requires_grad]
 
-    # -- the step ----------------------------------------------------------------
-
+    # -- the step (torch.compile of a function calling it runs it eagerly: a graph break) --
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         n = self.num_steps
