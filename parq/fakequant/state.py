@@ -119,7 +119,13 @@ class QModule(nn.Module):
 
     @property
     def actions(self) -> Actions:
-        return ACTIONS[self.qstate]
+        # int comparisons, not ACTIONS[self.qstate]: torch.compile guards a compared int
+        # attribute (a state change recompiles) but not a dict lookup keyed by an enum one
+        state = int(self.qstate)
+        for s, actions in ACTIONS.items():
+            if state == int(s):
+                return actions
+        raise ValueError(f"qstate must be a QModuleState, got {self.qstate!r}")
 
     def extra_repr(self) -> str:
         return f"qstate={self.qstate.name}"

@@ -1,0 +1,52 @@
+"""A compiled model follows its QModule states (issue 22 item 1): after
+``set_qmodule_state`` the compiled model observes, quantizes or bypasses as the state
+says, like the eager model (before, dynamo kept the first state's graph: QUANT_EVAL still
+updated the observer, BYPASSED still quantized). In a child process: dynamo's caches and
+patches are process-wide. backend="eager": what is tested is dynamo's guards, not a
+compiler."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = textwrap.dedent(
+    """
+    import copy
+    import torch
+    from torch import nn
+    from parq.fakequant import AffineQuantizer, ExpAvgMinMax, QModuleState, QWrapper
+    from parq.fakequant import set_qmodule_state
+
+    torch.manual_seed(0)
+    m = QWrapper(nn.Linear(8, 8), acts_quantizer=AffineQuantizer(8, ExpAvgMinMax(0.9)))
+    twin = copy.deepcopy(m)  # stepped eagerly
+    cm = torch.compile(m, backend="eager")
+    S = QModuleState
+    order = [S.QUANT_AWARE_TRAIN, S.QUANT_EVAL, S.BYPASSED, S.CALIBRATION, S.QUANT_AWARE_TRAIN,
+             S.QUANT_EVAL_ACT_ONLY, S.BYPASSED, S.QUANT_EVAL]
+    for i, state in enumerate(order):
+        set_qmodule_state(m, state)
+        set_qmodule_state(twin, state)
+        x = torch.randn(4, 8) * (1 + i)
+        y, want = cm(x), twin(x)
+        assert torch.equal(y, want), (state, (y - want).abs().max())
+        for (k, a), (_, b) in zip(m.state_dict().items(), twin.state_dict().items()):
+            assert torch.equal(a, b), (state, k)
+        print("ok", state.name)
+    """
+)
+
+
+def test_compiled_model_follows_each_state_change():
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("ok") == 8, out.stdout
