@@ -105,15 +105,11 @@ def _device_ok(name: str, device: torch.device) -> str:
 
 
 def availability(device: torch.device | str = "cpu") -> dict[str, str]:
-    """For each backend: ``""`` if it can serve ``device``, else the reason."""
+    """For each backend: ``""`` if it can serve ``device``, else the reason (a backend that
+    cannot load says so first: "triton import failed ..." rather than which device it
+    would serve)."""
     device = torch.device(device)
-    out = {}
-    for name in BACKENDS:
-        why = _device_ok(name, device)
-        if not why:
-            why = _load(name)[1]
-        out[name] = why
-    return out
+    return {name: _load(name)[1] or _device_ok(name, device) for name in BACKENDS}
 
 
 def resolve(device: torch.device | str, requested: str | None = None, op: str | None = None) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from parq_kernels import ops
+from parq_kernels import backends, ops
 from parq_kernels.kinds import OptimKind, ProxKind, QuantKind, num_levels
 
 HP = [0.05, 0.9, 0.0, 1e-3, 0.0, 0.0, 0.0]  # SGD: lr, momentum, dampening, wd, nesterov, ...
@@ -56,3 +56,17 @@ def test_fake_tensors_go_through_the_fake_impl():
                         int(ProxKind.HARD), 0.0, 1.0, "cpu")  # fmt: skip
     assert not ops._eager(fake["params"], fake["nonfinite"])
     assert ops._eager(real["params"], real["nonfinite"])
+
+
+def test_availability_says_a_missing_backend_is_missing(monkeypatch):
+    """Without triton installed, the table says the import failed, not which device triton
+    would serve (issue 22)."""
+    real = backends._load
+
+    def fake(name):
+        return (None, "triton import failed: ModuleNotFoundError: No module named 'triton'") \
+            if name == "triton" else real(name)  # fmt: skip
+
+    monkeypatch.setattr(backends, "_load", fake)
+    why = backends.availability("cpu")["triton"]
+    assert "No module named 'triton'" in why and "serves" not in why
