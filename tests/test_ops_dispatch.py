@@ -68,5 +68,6 @@ def test_availability_says_a_missing_backend_is_missing(monkeypatch):
             if name == "triton" else real(name)  # fmt: skip
 
     monkeypatch.setattr(backends, "_load", fake)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (conftest sets it)
     why = backends.availability("cpu")["triton"]
     assert "No module named 'triton'" in why and "serves" not in why
