@@ -63,12 +63,18 @@ CPU_KERNEL_TESTS := tests/test_cpu_backend.py tests/test_fused_step_backends.py 
 test-levels: build
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(CPU_KERNEL_TESTS) -q -k "not triton and not cuda"
 
+# where make all / bench / demo write their results: a git-ignored folder, so that a run
+# leaves the checkout clean (committed runs are copied to benchmarks/results/ by hand)
+RESULTS ?= benchmarks/results/local
+
 bench: build
-	$(PY) -m benchmarks --quick
+	mkdir -p $(RESULTS)
+	$(PY) -m benchmarks --quick --out $(RESULTS)
 
 demo: build
-	$(PY) examples/qat_digits.py
-	$(PY) examples/diffq_digits.py
+	mkdir -p $(RESULTS)
+	$(PY) examples/qat_digits.py --out $(RESULTS)
+	$(PY) examples/diffq_digits.py --out $(RESULTS)
 
 # one build runs on older CPUs: the fused step under qemu-user as Nehalem (x86-64 baseline)
 # and Haswell (AVX2) against the reference (SPEC.md §14; needs apt-get install qemu-user)
