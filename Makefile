@@ -95,6 +95,9 @@ gpu-check:
 RECORD ?=
 triton-aot:
 	$(PY) -m benchmarks.triton_aot $(if $(RECORD),--record)
+	TRITON_INTERPRET=1 $(PY) -m benchmarks.triton_record_models
+	$(PY) -m benchmarks.triton_aot --launches benchmarks/results/triton_launches_models.json \
+		--min-tile 1 --name triton_aot_sm90_models
 	$(PY) -m benchmarks.nvcc_check
 
 lint: setup

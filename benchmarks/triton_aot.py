@@ -252,6 +252,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--arch", type=int, default=90, help="compute capability (default 90)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--out", type=Path, default=RESULTS, help="report directory")
+    p.add_argument("--name", default=None, help="report file stem (default triton_aot_sm<arch>)")
     p.add_argument("--fail-on-spill", action="store_true", help="exit 1 if any launch spills")
     return p.parse_args(argv)
 
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "launches_file": str(args.launches.relative_to(ROOT) if args.launches.is_relative_to(
                 ROOT) else args.launches)}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"triton_aot_sm{args.arch}"
+    stem = args.out / (args.name or f"triton_aot_sm{args.arch}")
     report = {**meta, "summary": summary(rows), "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     text = markdown(rows, args.arch, meta)

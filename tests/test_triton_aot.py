@@ -72,3 +72,24 @@ def test_representative_subset_compiles_for_sm90_without_spills(tmp_path):
         assert 0 < r["registers"] <= 255
         assert (r["spill_stores"], r["spill_loads"]) == (0, 0), r
     assert proc.returncode == (1 if KNOWN_FAILING else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_model_sets_record_the_planner_tiles():
+    """benchmarks.triton_record_models keeps one parameter per tile the GPU planner gives the
+    benchmark's sets (8 x Linear(1024, 1024): 4 x 1024; ResNet / ViT / Llama: ...)."""
+    import torch
+
+    from benchmarks import shapes, triton_record_models
+    from parq_kernels.triton import plan
+
+    def gpu_tiles(params):  # meta tensors: the GPU planner's sizes, not the interpreter's
+        return plan.tile_shape([p.to("meta") for p in params])
+
+    params = triton_record_models.model_params(shapes.linear_stack())
+    assert [tuple(p.shape) for p in params] == [(4, 1024)]
+    assert gpu_tiles(params) == [(4, 1024)]
+    tiles = set()
+    for specs in (shapes.resnet20(), shapes.llama_1b()):
+        tiles |= set(gpu_tiles(triton_record_models.model_params(specs)))
+    assert {(16, 32), (16, 64), (16, 256), (2, 2048), (1, 4096)} <= tiles
+    assert all(p.dtype == torch.float32 for p in params)
