@@ -6,9 +6,9 @@ planner gives the benchmark's sets other tiles (8 x Linear(1024, 1024): 4 x 1024
 ResNet / ViT / Llama sets: 8 x 512, 16 x 256, 16 x 32, 16 x 64, 2 x 2048, 64 x 64, ...).
 This runs ``QuantOptimizer`` steps with the Triton backend under the interpreter (GPU tile
 sizes) on one parameter per distinct tile of those sets (as many rows as one tile holds,
-the set's own columns), over SGD-momentum / AdamW, PARQ / hard, per channel / per tensor,
-fp32 / bf16, level updates and steps between, and writes the distinct launches as JSON for
-``python -m benchmarks.triton_aot --launches``.
+the set's own columns), over 2-bit uniform and LSBQ and 4-bit MaxUnif, SGD-momentum / AdamW,
+PARQ / hard, per channel / per tensor, fp32 / bf16, level updates and steps between, and
+writes the distinct launches as JSON for ``python -m benchmarks.triton_aot --launches``.
 """
 
 from __future__ import annotations
@@ -57,28 +57,34 @@ def run_steps() -> None:
 
 
 def _run_set(base_weights: list) -> None:
+    import itertools
+
     import torch
 
     from parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
-    from parq.quant import UnifQuantizer
+    from parq.quant import LSBQuantizer, MaxUnifQuantizer, UnifQuantizer
 
-    for dtype in (torch.float32, torch.bfloat16):
-        for optim in ("sgd", "adamw"):
-            for prox in ("parq", "hard"):
-                for per_channel in (True, False):
-                    ps = [torch.nn.Parameter(w.to(dtype)) for w in base_weights]
-                    group = [{"params": ps, "quant_bits": 2}]
-                    base = (torch.optim.SGD(group, lr=0.01, momentum=0.9) if optim == "sgd"
-                            else torch.optim.AdamW(group, lr=1e-3))  # fmt: skip
-                    pm = ProxPARQ(0, 100) if prox == "parq" else ProxHardQuant()
-                    opt = QuantOptimizer(base, UnifQuantizer(), pm, quant_period=2,
-                                         quant_per_channel=per_channel,
-                                         backend="triton")  # fmt: skip
-                    for _ in range(2):  # a level update, then a step between
-                        for p in ps:
-                            p.grad = torch.randn_like(p) * 0.01
-                        opt.step()
-                    print(f"  {dtype} {optim} {prox} per_channel={per_channel}: ok", flush=True)
+    quantizers = {
+        "uniform2": (UnifQuantizer, 2),
+        "lsbq2": (LSBQuantizer, 2),
+        "maxunif4": (MaxUnifQuantizer, 4),
+    }  # the headline's and the 4-bit recipe's
+    grid = itertools.product(quantizers, (torch.float32, torch.bfloat16), ("sgd", "adamw"),
+                             ("parq", "hard"), (True, False))  # fmt: skip
+    for qname, dtype, optim, prox, per_channel in grid:
+        make_quantizer, bits = quantizers[qname]
+        ps = [torch.nn.Parameter(w.to(dtype)) for w in base_weights]
+        group = [{"params": ps, "quant_bits": bits}]
+        base = (torch.optim.SGD(group, lr=0.01, momentum=0.9) if optim == "sgd"
+                else torch.optim.AdamW(group, lr=1e-3))  # fmt: skip
+        pm = ProxPARQ(0, 100) if prox == "parq" else ProxHardQuant()
+        opt = QuantOptimizer(base, make_quantizer(), pm, quant_period=2,
+                             quant_per_channel=per_channel, backend="triton")  # fmt: skip
+        for _ in range(2):  # a level update, then a step between
+            for p in ps:
+                p.grad = torch.randn_like(p) * 0.01
+            opt.step()
+    print(f"  {len(quantizers) * 16} option sets: ok", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
