@@ -38,9 +38,10 @@ def _launch(kernel, grid: tuple[int], *args, **meta) -> None:
 
 
 def _warps(tc: plans.TileClass) -> int:
-    """8 warps for full 4096-element tiles: at most 128 registers per thread on sm_90
-    (ptxas, no spills) where 4 warps need up to 165 and cap occupancy."""
-    return 8 if tc.rows * tc.block >= 4096 else 4
+    """8 warps for full tiles (4096 elements, 1024 with more than 4 levels: plan.full_tile):
+    at most 128 registers per thread on sm_90 (ptxas, no spills) where 4 warps need up to
+    165 and cap occupancy; the planner chose it (TileClass.warps)."""
+    return tc.warps
 
 
 def _check(params, latents, quants, nonfinite, K: int) -> None:

@@ -26,6 +26,10 @@ import torch
 from torch import Tensor
 
 TILE = 4096  # elements per tile of short rows
+# ... and with more than 4 levels: the fused step's 15-level PARQ projection spilled registers
+# for sm_90 at 16 x 256 tiles (8 or 16 warps) and 8 B at 8 x 256; none at 1024-element tiles
+# (benchmarks/results/triton_aot_sm90_models.md)
+TILE_MANY_LEVELS = 1024
 # Under the Triton interpreter (CPU tensors) each program costs milliseconds of Python,
 # whatever its size: pack more rows per tile there.
 INTERPRET_TILE = 65536
@@ -51,6 +55,7 @@ class TileClass:
     table: Tensor  # (n_tiles, NF) int64 on the device
     n_tiles: int
     align: int  # every tile offset and row stride is a multiple of this (16-byte vectors)
+    warps: int = 4  # num_warps of its launches: 8 for full tiles
 
 
 @dataclass
@@ -76,20 +81,26 @@ def _offset(t: Tensor, base: Tensor, what: str, i: int) -> int:
     return diff // size
 
 
-def tile_rows(device: torch.device, width: int, most: int) -> int:
+def full_tile(K: int | None = None) -> int:
+    """Elements per tile of short rows on a GPU for level sets of ``K`` levels."""
+    return TILE_MANY_LEVELS if K is not None and K > 4 else TILE
+
+
+def tile_rows(device: torch.device, width: int, most: int, K: int | None = None) -> int:
     """Rows per tile of ``width`` columns, for at most ``most`` rows (a power of 2)."""
-    tile = INTERPRET_TILE if device.type == "cpu" else TILE
+    interpreted = device.type == "cpu" and INTERPRET_TILE != TILE  # (recording: GPU sizes)
+    tile = INTERPRET_TILE if interpreted else full_tile(K)
     return max(1, min(tile // width, _next_pow2(max(most, 1))))
 
 
-def tile_shape(params: list[Tensor]) -> list[tuple[int, int]]:
+def tile_shape(params: list[Tensor], K: int | None = None) -> list[tuple[int, int]]:
     """``(ROWS, BLOCK)`` of the tiles of each parameter (shared by all of its class)."""
     blocks = [MAX_BLOCK if n > MAX_BLOCK else max(MIN_BLOCK, _next_pow2(n)) for _, n in
               (p.shape for p in params)]  # fmt: skip
     most: dict[int, int] = {}
     for p, block in zip(params, blocks, strict=True):
         most[block] = max(most.get(block, 0), p.size(0) if p.size(1) <= MAX_BLOCK else 1)
-    rows = {block: tile_rows(params[0].device, block, m) for block, m in most.items()}
+    rows = {block: tile_rows(params[0].device, block, m, K) for block, m in most.items()}
     return [(rows[block], block) for block in blocks]
 
 
@@ -105,7 +116,7 @@ def _alignment(tiles: list[list[int]], params: list[Tensor], latents: list[Tenso
 
 def _build(params: list[Tensor], latents: list[Tensor], quants: list[Tensor], K: int) -> Plan:
     device = params[0].device
-    shapes = tile_shape(params)
+    shapes = tile_shape(params, K)
     by_class: dict[tuple[int, int], list[list[int]]] = {}
     row_pslot, row_count, row_len = [], [], []
     row_base = pslot = 0
@@ -144,6 +155,7 @@ def _build(params: list[Tensor], latents: list[Tensor], quants: list[Tensor], K:
             torch.tensor(t, dtype=torch.int64).to(device),
             len(t),
             _alignment(t, params, latents),
+            8 if rows * block >= full_tile(K) else 4,
         )  # fmt: skip
         for (rows, block), t in sorted(by_class.items())
         if t
