@@ -6,13 +6,10 @@ In a child process: dynamo patches torch.optim process-wide once it has compiled
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from child_process import run_child
+
 CHILD = textwrap.dedent(
     """
     import torch
@@ -50,10 +47,5 @@ CHILD = textwrap.dedent(
 
 
 def test_compiled_step_equals_the_eager_step():
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("ok") == 3, out.stdout
+    out = run_child(CHILD)
+    assert out.count("ok") == 3, out

@@ -14,14 +14,12 @@ into it, chosen at run time.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from child_process import run_child
 from kernel_harness import PROX_CONFIGS, QUANT_CONFIGS, ProxConfig, make_rows, run_op
 from step_harness import OC, run_step
 
@@ -88,6 +86,17 @@ def _equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     assert bool(same.all()), f"{what}: {int((~same).sum())} elements differ"
 
 
+def _same_results(a, b, ctx: str, nbufs: int = 0) -> None:
+    """Two runs' flags, weights, latents, levels (and ``nbufs`` state buffers) bitwise equal."""
+    _equal(a.flags, b.flags, f"{ctx} flags")
+    for i in range(len(a.params)):
+        _equal(a.params[i], b.params[i], f"{ctx} params[{i}]")
+        _equal(a.latents[i], b.latents[i], f"{ctx} latent[{i}]")
+        _equal(a.quants[i], b.quants[i], f"{ctx} quants[{i}]")
+        for k in range(nbufs):
+            _equal(a.bufs[k][i], b.bufs[k][i], f"{ctx} bufs{k + 1}[{i}]")
+
+
 def _step_at(level, latents, grads, bufs, oc, qc, pc, update, quants):
     with backends.forced_cpu_level(level):
         return run_step("cpu", latents, grads, bufs, oc, qc, pc, update, 1.0, quants)
@@ -130,13 +139,7 @@ def test_fused_step_same_bits_on_every_level(level, dtype, optim):
                 a = _step_at("default", latents, grads, bufs, oc, qc, pc, update, q)
                 b = _step_at(level, latents, grads, bufs, oc, qc, pc, update, q)
                 ctx = f"{level} {optim} {qname} {pname} {shapes} update={update}"
-                _equal(a.flags, b.flags, f"{ctx} flags")
-                for i in range(len(latents)):
-                    _equal(a.params[i], b.params[i], f"{ctx} params[{i}]")
-                    _equal(a.latents[i], b.latents[i], f"{ctx} latent[{i}]")
-                    _equal(a.quants[i], b.quants[i], f"{ctx} quants[{i}]")
-                    for k in range(oc.nbufs):
-                        _equal(a.bufs[k][i], b.bufs[k][i], f"{ctx} bufs{k + 1}[{i}]")
+                _same_results(a, b, ctx, oc.nbufs)
 
 
 @pytest.mark.parametrize("level", _higher_levels() or ["(none)"])
@@ -157,11 +160,7 @@ def test_quant_prox_same_bits_on_every_level(level, dtype):
                     with backends.forced_cpu_level(level):
                         b = run_op("cpu", params, qc, pc, update, 1.0, q)
                     ctx = f"{level} {qc.name} {pc.name} {shapes} update={update}"
-                    _equal(a.flags, b.flags, f"{ctx} flags")
-                    for i in range(len(params)):
-                        _equal(a.params[i], b.params[i], f"{ctx} params[{i}]")
-                        _equal(a.latents[i], b.latents[i], f"{ctx} latent[{i}]")
-                        _equal(a.quants[i], b.quants[i], f"{ctx} quants[{i}]")
+                    _same_results(a, b, ctx)
 
 
 def test_baseline_level_in_a_fresh_process():
@@ -184,11 +183,7 @@ def test_baseline_level_in_a_fresh_process():
         print("ok")
         """
     )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", PYTHONOPTIMIZE="")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    first, last = out.stdout.split("\n")[0], out.stdout.strip().split("\n")[-1]
+    out = run_child(code, timeout=300, ATEN_CPU_CAPABILITY="default", PYTHONOPTIMIZE="")
+    first, last = out.split("\n")[0], out.strip().split("\n")[-1]
     assert first.split()[-1] == "default", first
     assert last == "ok"

@@ -7,13 +7,10 @@ compiler."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from child_process import run_child
+
 CHILD = textwrap.dedent(
     """
     import copy
@@ -43,10 +40,5 @@ CHILD = textwrap.dedent(
 
 
 def test_compiled_model_follows_each_state_change():
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("ok") == 8, out.stdout
+    out = run_child(CHILD)
+    assert out.count("ok") == 8, out
