@@ -15,7 +15,6 @@ into it, chosen at run time.
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +27,6 @@ from parq_kernels.kinds import ProxKind
 
 _WHY = backends.availability("cpu")["cpu"]
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=_WHY or "ok")
-ROOT = Path(__file__).resolve().parents[1]
 QC = {c.name: c for c in QUANT_CONFIGS}
 PC = {c.name: c for c in PROX_CONFIGS} | {
     "pq-l1": ProxConfig("pq-l1", ProxKind.PROXQUANT_L1, 0.02),
