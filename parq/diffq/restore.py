@@ -5,7 +5,8 @@ quantized state without the quantizer object (SPEC.md §11).
 rebuilt on ``model``, writes the weights (:meth:`BaseQuantizer.restore_quantized_state`,
 entry format in :mod:`parq.diffq.state`) and is detached again. This module sits above the
 three quantizers (it imports them; none of them imports it), so the dispatch needs no
-import inside a function.
+import inside a function. A state written by the public ``diffq`` 0.2.x (no ``"format"``
+entry) is read by :mod:`parq.diffq.diffq_files` instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from parq.diffq.diffq import DiffQuantizer
+from parq.diffq.diffq_files import is_diffq_state, restore_diffq_state
 from parq.diffq.lsq import LSQ
 from parq.diffq.uniform import UniformQuantizer
 
@@ -21,7 +23,11 @@ CLASSES = {c.__name__: c for c in (DiffQuantizer, UniformQuantizer, LSQ)}
 
 def restore_quantized_state(model: nn.Module, state: dict) -> None:
     """Rebuild the quantizer described by ``state["meta"]`` on ``model``, write the
-    quantized weights into the model and remove the quantizer's hooks."""
+    quantized weights into the model and remove the quantizer's hooks (a diffq 0.2.x state:
+    :func:`~parq.diffq.diffq_files.restore_diffq_state`)."""
+    if is_diffq_state(state):
+        restore_diffq_state(model, state)
+        return
     if not isinstance(state, dict) or "meta" not in state:
         raise ValueError("state must be a dict from get_quantized_state() (no 'meta' entry)")
     meta = state["meta"]
