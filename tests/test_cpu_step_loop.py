@@ -38,7 +38,8 @@ def _periodic(seed: int, scale: float, square: bool = False) -> torch.Tensor:
                          ids=lambda c: c.name)  # fmt: skip
 @pytest.mark.parametrize("pc", [c for c in PROX_CONFIGS if c.kind != ProxKind.SOFT],
                          ids=lambda c: c.name)  # fmt: skip
-def test_scalar_and_vector_positions_agree(oc, pc):
+@pytest.mark.parametrize("qname", ["unif-b2", "unif-b3-center", "lsbq-b4"])  # 4, 8, 16 levels
+def test_scalar_and_vector_positions_agree(oc, pc, qname):
     lat = [_offset_rows(_periodic(0, 0.2))]
     grad = _periodic(1, 2.0)  # updates as large as the weights: every rounding shows
     grad[3::PERIOD] = float("nan")  # a rejected element at every position class
@@ -46,7 +47,7 @@ def test_scalar_and_vector_positions_agree(oc, pc):
     bufs = [[], [], []]
     for k in range(oc.nbufs):
         bufs[k].append(_offset_rows(_periodic(2 + k, 0.02, square=k > 0)))
-    qc = next(c for c in QUANT_CONFIGS if c.name == "unif-b2")
+    qc = next(c for c in QUANT_CONFIGS if c.name == qname)
     quants = run_op("reference", lat, qc, PROX_CONFIGS[0], True, 1.0).quants
     # the op itself (a harness would copy the rows to aligned storage)
     params = [_offset_rows(torch.full((PERIOD * REPEATS,), float("nan")))]

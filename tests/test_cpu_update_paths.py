@@ -60,7 +60,10 @@ def _call(oc, qc, prox, shape, misalign: bool, nan_at: tuple[int, int] | None):
     return out
 
 
-QCS = [c for c in QUANT_CONFIGS if c.bits <= 2]  # K <= 4: every quantizer kind
+# K <= 4: every quantizer kind; and 3- and 4-bit level sets (8 and 16 levels, padded)
+QCS = [
+    c for c in QUANT_CONFIGS if c.bits <= 2 or c.name in ("unif-b3-center", "maxunif-b4", "lsbq-b4")
+]
 
 
 @pytest.mark.parametrize("oc", [c for c in OPTIM_CONFIGS if c.name != "sgd-mom-first"],

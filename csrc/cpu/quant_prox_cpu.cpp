@@ -19,7 +19,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -31,6 +30,7 @@
 #include "step_loop.h"
 #include "step_update.h"
 #include "write_direct.h"
+#include "row_split.h"
 #include "write_pass.h"
 
 PARQ_CPU_BEGIN
@@ -227,10 +227,9 @@ struct RowJob {
     if constexpr (std::is_same_v<decltype(src.lat), float*>) {  // write straight from the latent
       const auto map = direct_map(a, w.rq, K, a.gamma, w.clamp);
       if (!single && writes && map != DirectMap::kNone) {
-        const Levels4 lv = pad_levels(Q, std::max(K, 1));
         const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg};
         const auto write = [&](int64_t c) {
-          write_direct(map, src.lat + off(c), src.p + off(c), len(c), rq, lv, pa);
+          write_direct(map, src.lat + off(c), src.p + off(c), len(c), rq, Q, K, pa);
           return Partial{};
         };
         over_chunks(parallel, nchunks(), write, true);
@@ -244,67 +243,63 @@ struct RowJob {
   }
 };
 
-// One parameter of (rows, cols), its values seen through src (row r at src.at(r * cols)).
+// Rows [r0, r1) of one parameter of (rows, cols) whose values src gives (row r at
+// src.at(r * cols)) and whose levels are qp (K per row); row_split.h runs it over the rows
+// of all the call's parameters. Returns whether a row saw a non-finite value.
 template <typename Src>
-bool run_param(const OpArgs& a, const Src& src, int64_t rows, int64_t cols, float* qp) {
-  if (rows == 0) return false;
+bool run_rows(const OpArgs& a, const Src& src, int64_t r0, int64_t r1, int64_t cols,
+              float* qp) {
   const int64_t K = a.K;
-  // Few long rows: parallel over each row's chunks. Otherwise: parallel over rows.
-  if (cols >= 4 * kChunk && rows < 2 * at::get_num_threads()) {
-    Workspace ws;
-    bool bad = false;
-    for (int64_t r = 0; r < rows; ++r) {
-      RowJob<Src> job{a, src.at(r * cols), qp + r * K, cols, true, ws};
-      bad |= job.run();
-    }
-    stream_fence();
-    return bad;
-  }
-  // non-update fused steps: the rows go straight to the one loop (no per-row job)
-  bool one_loop = false, pipelined = false;
-  if constexpr (Src::kStep) one_loop = step_loop_serves(a, *src.s);
+  Workspace ws;
   if constexpr (std::is_same_v<Src, StepSource<float>>) {
-    pipelined = update_rows_serve(a, *src.s, src.p, cols);
+    if (update_rows_serve(a, *src.s, src.p, cols)) {  // row r + 1's update in row r's write
+      const auto levels = [&](const float* xs, float* Q) {
+        RowJob<BufSource> job{a, BufSource{xs}, Q, cols, false, ws};
+        RowQuant rq;
+        return job.quantize(rq);
+      };
+      return update_rows_any(src, a, r0, r1, cols, qp, levels);
+    }
   }
-  std::atomic<bool> bad{false};
-  const int64_t grain = std::max<int64_t>(1, (16 * kChunk) / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-    Workspace ws;
-    bool local = false;
-    if constexpr (std::is_same_v<Src, StepSource<float>>) {
-      if (pipelined) {  // update steps: row r + 1's update in row r's write (step_update.h)
-        const auto levels = [&](const float* xs, float* Q) {
-          RowJob<BufSource> job{a, BufSource{xs}, Q, cols, false, ws};
-          RowQuant rq;
-          return job.quantize(rq);
-        };
-        local = update_rows_any(src, a, b, e, cols, qp, levels);
-        stream_fence();
-        if (local) bad.store(true, std::memory_order_relaxed);
-        return;
-      }
+  bool bad = false;
+  if constexpr (Src::kStep) {  // non-update fused steps: straight to the one loop
+    if (step_loop_serves(a, *src.s)) {
+      for (int64_t r = r0; r < r1; ++r) bad |= step_loop_row(src, r * cols, cols, qp + r * K, a) > 0;
+      return bad;
     }
-    for (int64_t r = b; r < e; ++r) {
-      if constexpr (Src::kStep) {
-        if (one_loop) {
-          local |= step_loop_row(src, r * cols, cols, qp + r * K, a) > 0;
-          continue;
-        }
-      }
-      RowJob<Src> job{a, src.at(r * cols), qp + r * K, cols, false, ws};
-      local |= job.run();
-    }
-    stream_fence();
-    if (local) bad.store(true, std::memory_order_relaxed);
-  });
-  return bad.load();
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    RowJob<Src> job{a, src.at(r * cols), qp + r * K, cols, false, ws};
+    bad |= job.run();
+  }
+  return bad;
 }
 
-template <typename T>
-bool quant_prox_param(const OpArgs& a, const at::Tensor& p, const at::Tensor& lat,
-                      const at::Tensor& Q) {
-  const ParamSource<T> src{p.data_ptr<T>(), lat.data_ptr<T>(), a.gamma};
-  return run_param(a, src, p.size(0), p.size(1), Q.data_ptr<float>());
+// A parameter of few long rows (row_split.h: long_rows): each row's passes run in
+// parallel over its chunks.
+template <typename Src>
+bool run_long(const OpArgs& a, const Src& src, int64_t rows, int64_t cols, float* qp) {
+  Workspace ws;
+  bool bad = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    RowJob<Src> job{a, src.at(r * cols), qp + r * a.K, cols, true, ws};
+    bad |= job.run();
+  }
+  stream_fence();
+  return bad;
+}
+
+// fn(T{}) with the parameter dtype T (float, bf16 or fp16: validate_args).
+template <typename F>
+decltype(auto) with_dtype(at::ScalarType t, const F& fn) {
+  switch (t) {
+    case at::kFloat:
+      return fn(float{});
+    case at::kBFloat16:
+      return fn(c10::BFloat16{});
+    default:
+      return fn(c10::Half{});
+  }
 }
 
 template <typename T>
@@ -312,77 +307,75 @@ T* ptr_or_null(at::TensorList ts, size_t i) {
   return i < ts.size() ? ts[i].data_ptr<T>() : nullptr;
 }
 
-template <typename T>
-bool fused_step_param(const OpArgs& a, const StepArgs& s, size_t i, at::TensorList params,
-                      at::TensorList latents, at::TensorList grads, at::TensorList bufs1,
-                      at::TensorList bufs2, at::TensorList bufs3, const at::Tensor& Q) {
-  const at::Tensor& p = params[i];
-  const StepSource<T> src{p.data_ptr<T>(),        latents[i].data_ptr<T>(),
-                          grads[i].data_ptr<T>(), ptr_or_null<T>(bufs1, i),
-                          ptr_or_null<T>(bufs2, i), ptr_or_null<T>(bufs3, i),
-                          &s,                     a.gamma};
-  return run_param(a, src, p.size(0), p.size(1), Q.data_ptr<float>());
+std::vector<ParamShape> param_shapes(at::TensorList params, const char* op) {
+  std::vector<ParamShape> shapes;
+  shapes.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].device().is_cpu(), op, " (cpu): params[", i, "] must be a CPU tensor");
+    shapes.push_back({params[i].size(0), params[i].size(1)});
+  }
+  return shapes;
 }
 
 }  // namespace
 
 void quant_prox_level(at::TensorList params, at::TensorList latents, at::TensorList quants,
-                    const at::Tensor& nonfinite, int64_t quant_kind, int64_t bits,
-                    c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,
-                    double prox_arg, double gamma) {
+                      const at::Tensor& nonfinite, int64_t quant_kind, int64_t bits,
+                      c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,
+                      double prox_arg, double gamma) {
   const OpArgs a = validate_args(params, latents, quants, nonfinite, quant_kind, bits, qargs,
                                  center, update, prox_kind, prox_arg, gamma);
   TORCH_CHECK(nonfinite.device().is_cpu(), "quant_prox_ (cpu): nonfinite must be a CPU tensor");
-  int32_t* flags = nonfinite.data_ptr<int32_t>();
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].device().is_cpu(), "quant_prox_ (cpu): params[", i,
-                "] must be a CPU tensor");
-    bool bad = false;
-    switch (params[i].scalar_type()) {
-      case at::kFloat:
-        bad = quant_prox_param<float>(a, params[i], latents[i], quants[i]);
-        break;
-      case at::kBFloat16:
-        bad = quant_prox_param<c10::BFloat16>(a, params[i], latents[i], quants[i]);
-        break;
-      default:
-        bad = quant_prox_param<c10::Half>(a, params[i], latents[i], quants[i]);
-    }
-    if (bad) flags[i] = 1;
-  }
+  const std::vector<ParamShape> shapes = param_shapes(params, "quant_prox_");
+  const auto source = [&](size_t i, auto tag) {
+    using T = decltype(tag);
+    return ParamSource<T>{params[i].data_ptr<T>(), latents[i].data_ptr<T>(), a.gamma};
+  };
+  const auto rows = [&](size_t i, int64_t r0, int64_t r1) {
+    return with_dtype(params[i].scalar_type(), [&](auto tag) {
+      return run_rows(a, source(i, tag), r0, r1, shapes[i].cols, quants[i].data_ptr<float>());
+    });
+  };
+  const auto whole = [&](size_t i) {
+    return with_dtype(params[i].scalar_type(), [&](auto tag) {
+      return run_long(a, source(i, tag), shapes[i].rows, shapes[i].cols,
+                      quants[i].data_ptr<float>());
+    });
+  };
+  run_split(shapes, nonfinite.data_ptr<int32_t>(), rows, whole);
 }
 
 void fused_step_level(at::TensorList params, at::TensorList latents, at::TensorList grads,
-                    at::TensorList bufs1, at::TensorList bufs2, at::TensorList bufs3,
-                    at::TensorList quants, const at::Tensor& nonfinite, int64_t optim_kind,
-                    c10::ArrayRef<double> hparams, int64_t quant_kind, int64_t bits,
-                    c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,
-                    double prox_arg, double gamma) {
+                      at::TensorList bufs1, at::TensorList bufs2, at::TensorList bufs3,
+                      at::TensorList quants, const at::Tensor& nonfinite, int64_t optim_kind,
+                      c10::ArrayRef<double> hparams, int64_t quant_kind, int64_t bits,
+                      c10::ArrayRef<double> qargs, bool center, bool update, int64_t prox_kind,
+                      double prox_arg, double gamma) {
   const OpArgs a = validate_args(params, latents, quants, nonfinite, quant_kind, bits, qargs,
                                  center, update, prox_kind, prox_arg, gamma);
   const StepArgs s =
       validate_step_args(params, grads, bufs1, bufs2, bufs3, optim_kind, hparams);
   TORCH_CHECK(nonfinite.device().is_cpu(), "fused_step_ (cpu): nonfinite must be a CPU tensor");
-  int32_t* flags = nonfinite.data_ptr<int32_t>();
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].device().is_cpu(), "fused_step_ (cpu): params[", i,
-                "] must be a CPU tensor");
-    bool bad = false;
-    switch (params[i].scalar_type()) {
-      case at::kFloat:
-        bad = fused_step_param<float>(a, s, i, params, latents, grads, bufs1, bufs2, bufs3,
-                                      quants[i]);
-        break;
-      case at::kBFloat16:
-        bad = fused_step_param<c10::BFloat16>(a, s, i, params, latents, grads, bufs1, bufs2,
-                                              bufs3, quants[i]);
-        break;
-      default:
-        bad = fused_step_param<c10::Half>(a, s, i, params, latents, grads, bufs1, bufs2, bufs3,
-                                          quants[i]);
-    }
-    if (bad) flags[i] = 1;
-  }
+  const std::vector<ParamShape> shapes = param_shapes(params, "fused_step_");
+  const auto source = [&](size_t i, auto tag) {
+    using T = decltype(tag);
+    return StepSource<T>{params[i].data_ptr<T>(),  latents[i].data_ptr<T>(),
+                         grads[i].data_ptr<T>(),   ptr_or_null<T>(bufs1, i),
+                         ptr_or_null<T>(bufs2, i), ptr_or_null<T>(bufs3, i),
+                         &s,                       a.gamma};
+  };
+  const auto rows = [&](size_t i, int64_t r0, int64_t r1) {
+    return with_dtype(params[i].scalar_type(), [&](auto tag) {
+      return run_rows(a, source(i, tag), r0, r1, shapes[i].cols, quants[i].data_ptr<float>());
+    });
+  };
+  const auto whole = [&](size_t i) {
+    return with_dtype(params[i].scalar_type(), [&](auto tag) {
+      return run_long(a, source(i, tag), shapes[i].rows, shapes[i].cols,
+                      quants[i].data_ptr<float>());
+    });
+  };
+  run_split(shapes, nonfinite.data_ptr<int32_t>(), rows, whole);
 }
 
 PARQ_CPU_END

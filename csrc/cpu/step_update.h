@@ -12,7 +12,7 @@
 // own statistics code over the buffer; PARQ projects with project_vec as its write pass
 // does), so the bits are the same. Served: fp32 rows of cols % kW == 0 elements,
 // cols <= kChunk (one statistics chunk), p aligned for streaming stores, no shrink, not
-// the first step of a momentum buffer, prox NONE, or PARQ with K <= 4; the rest takes
+// the first step of a momentum buffer, prox NONE, or PARQ with K <= 16; the rest takes
 // the general path.
 #pragma once
 
@@ -22,7 +22,7 @@
 
 #include "../levels.h"
 #include "../quant_prox.h"
-#include "project4.h"
+#include "project_levels.h"
 #include "row_stats.h"
 #include "sources.h"
 #include "simd.h"
@@ -33,7 +33,8 @@ PARQ_CPU_BEGIN
 // Does the pipelined path serve this update step of (rows, cols) rows at p?
 inline bool update_rows_serve(const OpArgs& a, const StepArgs& s, const float* p,
                               int64_t cols) {
-  const bool parq = a.prox_kind == kParq && a.K <= 4 && std::isfinite(1.0f / a.prox_arg);
+  const bool parq =
+      a.prox_kind == kParq && a.K >= 1 && a.K <= kMaxFastLevels && std::isfinite(1.0f / a.prox_arg);
   return a.update && !s.init_buf && a.gamma == 1.0f && cols > 0 && cols <= kChunk &&
          cols % kW == 0 && stream_aligned(p) &&
          (a.prox_kind == kNone || parq);
@@ -55,21 +56,21 @@ inline RowPtrs row_ptrs(const StepSource<float>& src, int64_t off) {
 }
 
 // The projected x (PROX NONE: x itself).
-template <int PROX>
-inline __attribute__((always_inline)) Vec project_or_keep(Vec x, const LevelsV& lv) {
+template <int PROX, int NL>
+inline __attribute__((always_inline)) Vec project_or_keep(Vec x, const LevelsV<NL>& lv) {
   if constexpr (PROX == kNone) {
     return x;
   } else {
-    return project_vec<PROX>(x, lv);
+    return project_vec<PROX, NL>(x, lv);
   }
 }
 
 // Row `next`'s base update into xs_next, and (kWrite) row cur's projection from xs_cur
 // streamed to out, in one loop. Returns 1 if a lane of row next kept its old values.
-template <Pattern P, int PROX, bool kWrite>
+template <Pattern P, int PROX, int NL, bool kWrite>
 int update_rows_pass(const StepV& s, const RowPtrs& next, float* __restrict__ xs_next,
                      const float* __restrict__ xs_cur, float* __restrict__ out, int64_t n,
-                     const LevelsV& lv) {
+                     const LevelsV<NL>& lv) {
   float* __restrict__ L = next.L;
   const float* __restrict__ G = next.G;
   float* __restrict__ B1 = next.B1;
@@ -80,25 +81,25 @@ int update_rows_pass(const StepV& s, const RowPtrs& next, float* __restrict__ xs
     prefetch_update<P>(L, G, B1, B2, B3, i);
     update_pack<P, false>(s, L, G, B1, B2, B3, i, ok).v[0].store(xs_next + i);
     if constexpr (kWrite) {
-      Pack<float>{{project_or_keep<PROX>(Vec::loadu(xs_cur + i), lv)}}.stream(out + i);
+      Pack<float>{{project_or_keep<PROX, NL>(Vec::loadu(xs_cur + i), lv)}}.stream(out + i);
     }
   }
   return ok ? 0 : 1;
 }
 
 // The last row's write (nothing left to update).
-template <int PROX>
+template <int PROX, int NL>
 void write_row(const float* __restrict__ xs, float* __restrict__ out, int64_t n,
-               const LevelsV& lv) {
+               const LevelsV<NL>& lv) {
   for (int64_t i = 0; i < n; i += kW) {
-    Pack<float>{{project_or_keep<PROX>(Vec::loadu(xs + i), lv)}}.stream(out + i);
+    Pack<float>{{project_or_keep<PROX, NL>(Vec::loadu(xs + i), lv)}}.stream(out + i);
   }
 }
 
 // Rows [r0, r1) of cols elements; levels(xs, Q) computes a row's levels from its
 // buffer into Q (the general path's statistics) and returns its nonfinite flag.
 // Returns whether a row saw a non-finite value.
-template <Pattern P, int PROX, typename LevelsFn>
+template <Pattern P, int PROX, int NL, typename LevelsFn>
 bool update_rows(const StepSource<float>& src, const OpArgs& a, int64_t r0, int64_t r1,
                  int64_t cols, float* qp, const LevelsFn& levels) {
   const StepV s(*src.s);  // broadcast once, outside the loops
@@ -107,19 +108,19 @@ bool update_rows(const StepSource<float>& src, const OpArgs& a, int64_t r0, int6
   alignas(64) float buf[2][kChunk];
   float* cur = buf[0];
   float* nxt = buf[1];
-  const LevelsV none(Levels4{}, pa);
-  int bad = update_rows_pass<P, PROX, false>(s, row_ptrs(src, r0 * cols), cur, nullptr,
+  const LevelsV<NL> none(LevelsN<NL>{}, pa);
+  int bad = update_rows_pass<P, PROX, NL, false>(s, row_ptrs(src, r0 * cols), cur, nullptr,
                                              nullptr, cols, none);
   for (int64_t r = r0; r < r1; ++r) {
     float* Q = qp + r * K;
     bad |= levels(cur, Q);
-    const LevelsV lv(pad_levels(Q, K), pa);
+    const LevelsV<NL> lv(pad_levels<NL>(Q, K), pa);
     float* out = src.p + r * cols;
     if (r + 1 < r1) {
-      bad |= update_rows_pass<P, PROX, true>(s, row_ptrs(src, (r + 1) * cols), nxt, cur, out,
+      bad |= update_rows_pass<P, PROX, NL, true>(s, row_ptrs(src, (r + 1) * cols), nxt, cur, out,
                                              cols, lv);
     } else {
-      write_row<PROX>(cur, out, cols, lv);
+      write_row<PROX, NL>(cur, out, cols, lv);
     }
     std::swap(cur, nxt);
   }
@@ -132,9 +133,13 @@ bool update_rows_any(const StepSource<float>& src, const OpArgs& a, int64_t r0, 
                      int64_t cols, float* qp, const LevelsFn& levels) {
   const StepArgs& s = *src.s;
   const bool parq = a.prox_kind == kParq;
-#define PARQ_UPDATE_ROWS(PAT)                                                     \
-  return parq ? update_rows<PAT, kParq>(src, a, r0, r1, cols, qp, levels)         \
-              : update_rows<PAT, kNone>(src, a, r0, r1, cols, qp, levels);
+#define PARQ_UPDATE_ROWS(PAT)                                                              \
+  {                                                                                        \
+    if (!parq) return update_rows<PAT, kNone, 4>(src, a, r0, r1, cols, qp, levels);        \
+    return with_level_slots(a.K, [&](auto nl) {                                            \
+      return update_rows<PAT, kParq, decltype(nl)::value>(src, a, r0, r1, cols, qp, levels); \
+    });                                                                                    \
+  }
   if (s.kind == kSgd) {
     if (s.has_momentum) PARQ_UPDATE_ROWS(Pattern::kSgdMomentum)
     PARQ_UPDATE_ROWS(Pattern::kSgd)

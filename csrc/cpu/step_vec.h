@@ -5,7 +5,7 @@
 // the first pass of update steps (the new latent into a float32 buffer).
 //
 // The same float operations in the same order as the scalar update_element (sources.h,
-// base_update.h) and project4 (project4.h), so every level gives the same bits as the
+// base_update.h) and project_one (project_levels.h), so every level gives the same bits as the
 // scalar code. No FMA: each multiply and add rounds as in the scalar code. The head of a
 // row (until p is aligned for streaming stores) and its tail go through the scalar code.
 #pragma once
@@ -14,7 +14,7 @@
 
 #include "../base_update.h"
 #include "level.h"
-#include "project4.h"
+#include "project_levels.h"
 #include "simd.h"
 #include "sources.h"
 
@@ -146,22 +146,22 @@ int update_into(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ 
 
 // The non-update step over one row range of n elements (pointers at its start): update,
 // project onto the stored levels, store p. Returns 1 if a lane kept its old values.
-template <Pattern P, int PROX, typename T>
+template <Pattern P, int PROX, int NL, typename T>
 int step_loop(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ G,
               T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3, T* __restrict__ out,
-              int64_t n, const Levels4& lv_arg, const ProjectArgs& pa_arg) {
+              int64_t n, const LevelsN<NL>& lv_arg, const ProjectArgs& pa_arg) {
   // Local copies of the scalars and levels, broadcast once: the loop's stores cannot
   // reach them (through the references GCC reloaded and re-broadcast them per vector).
   const StepArgs s = s_arg;
-  const Levels4 lv = lv_arg;
+  const LevelsN<NL> lv = lv_arg;
   const ProjectArgs pa = pa_arg;
   const StepV sv(s);
-  const LevelsV lvv(lv, pa);
+  const LevelsV<NL> lvv(lv, pa);
   constexpr int64_t E = Pack<T>::kElems;
   int kept = 0;
   auto scalar = [&](int64_t i) {
     const float x = static_cast<float>(update_element<P, false>(s, L, G, B1, B2, B3, i, kept));
-    out[i] = static_cast<T>(project4<PROX>(x, lv, pa));
+    out[i] = static_cast<T>(project_one<PROX, NL>(x, lv, pa));
   };
   int64_t i = 0;
   for (; i < n && !stream_aligned(out + i); ++i) scalar(i);
@@ -170,7 +170,7 @@ int step_loop(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ G,
     prefetch_update<P>(L, G, B1, B2, B3, i);
     Pack<T> x = update_pack<P, false>(sv, L, G, B1, B2, B3, i, ok);
     if constexpr (PROX != kNone) {
-      for (int j = 0; j < Pack<T>::N; ++j) x.v[j] = project_vec<PROX>(x.v[j], lvv);
+      for (int j = 0; j < Pack<T>::N; ++j) x.v[j] = project_vec<PROX, NL>(x.v[j], lvv);
     }
     x.stream(out + i);
   }

@@ -7,8 +7,8 @@
 //
 // Served (update steps of rows longer than a chunk, non-update steps of quant_prox_):
 // float32, no shrink, no latent clamp, and either HARD with the row's fresh uniform
-// quantizer (q_uniform, not centered) or PARQ onto K <= 4 levels (project_vec). The same
-// float operations as the scalar code (levels.h, project4.h), so the same bits; a
+// quantizer (q_uniform, not centered) or PARQ onto K <= 16 levels (project_vec). The same
+// float operations as the scalar code (levels.h, project_levels.h), so the same bits; a
 // non-finite latent is written as it is, as the general pass does.
 #pragma once
 
@@ -18,13 +18,13 @@
 #include "../levels.h"
 #include "../quant_prox.h"
 #include "level.h"
-#include "project4.h"
+#include "project_levels.h"
 #include "simd.h"
 
 PARQ_CPU_BEGIN
 
 // Which map the direct pass applies.
-enum class DirectMap { kNone, kUniformHard, kParq4 };
+enum class DirectMap { kNone, kUniformHard, kParq };
 
 // The row's uniform quantizer broadcast once (outside the loop).
 struct UniformV {
@@ -46,57 +46,63 @@ inline DirectMap direct_map(const OpArgs& a, const RowQuant* rq, int K, float ga
   if (a.prox_kind == kHard && rq != nullptr && rq->kind == kUniform && !a.center) {
     return DirectMap::kUniformHard;
   }
-  if (a.prox_kind == kParq && K <= 4 && std::isfinite(1.0f / a.prox_arg)) {
-    return DirectMap::kParq4;
+  if (a.prox_kind == kParq && K >= 1 && K <= kMaxFastLevels && std::isfinite(1.0f / a.prox_arg)) {
+    return DirectMap::kParq;
   }
   return DirectMap::kNone;
 }
 
-template <DirectMap M>
-inline __attribute__((always_inline)) Vec map_vec(Vec x, const UniformV& u, const LevelsV& lv) {
+template <DirectMap M, int NL>
+inline __attribute__((always_inline)) Vec map_vec(Vec x, const UniformV& u,
+                                                  const LevelsV<NL>& lv) {
   if constexpr (M == DirectMap::kUniformHard) {
     return select(finite_mask(x), x, q_uniform_vec(x, u));
   } else {
-    return project_vec<kParq>(x, lv);  // keeps a non-finite x itself
+    return project_vec<kParq, NL>(x, lv);  // keeps a non-finite x itself
   }
 }
 
-template <DirectMap M>
-inline float map1(float x, const RowQuant& rq, const Levels4& lv, const ProjectArgs& pa) {
+template <DirectMap M, int NL>
+inline float map1(float x, const RowQuant& rq, const LevelsN<NL>& lv, const ProjectArgs& pa) {
   if constexpr (M == DirectMap::kUniformHard) {
     return x - x == 0.0f ? q_uniform(rq, x) : x;
   } else {
-    return project4<kParq>(x, lv, pa);
+    return project_one<kParq, NL>(x, lv, pa);
   }
 }
 
 // p[0, n) = map(lat[0, n)): the head until p is aligned for streaming stores and the tail
 // per element, the body a vector at a time with streaming stores (p is written, never read).
-template <DirectMap M>
+template <DirectMap M, int NL>
 void write_direct(const float* __restrict__ lat, float* __restrict__ out, int64_t n,
-                  const RowQuant& rq_arg, const Levels4& lv_arg, const ProjectArgs& pa_arg) {
+                  const RowQuant& rq_arg, const LevelsN<NL>& lv_arg, const ProjectArgs& pa_arg) {
   const RowQuant rq = rq_arg;  // local copies, broadcast once (step_vec.h)
-  const Levels4 lv = lv_arg;
+  const LevelsN<NL> lv = lv_arg;
   const ProjectArgs pa = pa_arg;
   const UniformV u(rq);
-  const LevelsV lvv(lv, pa);
+  const LevelsV<NL> lvv(lv, pa);
   int64_t i = 0;
-  for (; i < n && !stream_aligned(out + i); ++i) out[i] = map1<M>(lat[i], rq, lv, pa);
+  for (; i < n && !stream_aligned(out + i); ++i) out[i] = map1<M, NL>(lat[i], rq, lv, pa);
   for (; i + kW <= n; i += kW) {
     prefetch(lat + i + kPrefetch);
-    Pack<float>{{map_vec<M>(Vec::loadu(lat + i), u, lvv)}}.stream(out + i);
+    Pack<float>{{map_vec<M, NL>(Vec::loadu(lat + i), u, lvv)}}.stream(out + i);
   }
-  for (; i < n; ++i) out[i] = map1<M>(lat[i], rq, lv, pa);
+  for (; i < n; ++i) out[i] = map1<M, NL>(lat[i], rq, lv, pa);
 }
 
-// write_direct with the map chosen at run time (direct_map's answer, not kNone).
+// write_direct with the map chosen at run time (direct_map's answer, not kNone), onto the
+// row's K levels Q (PARQ) or its quantizer rq (uniform HARD).
 inline void write_direct(DirectMap map, const float* lat, float* out, int64_t n,
-                         const RowQuant& rq, const Levels4& lv, const ProjectArgs& pa) {
+                         const RowQuant& rq, const float* Q, int K, const ProjectArgs& pa) {
   if (map == DirectMap::kUniformHard) {
-    write_direct<DirectMap::kUniformHard>(lat, out, n, rq, lv, pa);
-  } else {
-    write_direct<DirectMap::kParq4>(lat, out, n, rq, lv, pa);
+    const float none = 0.0f;
+    write_direct<DirectMap::kUniformHard, 4>(lat, out, n, rq, pad_levels<4>(&none, 1), pa);
+    return;
   }
+  with_level_slots(K, [&](auto nl) {
+    constexpr int NL = decltype(nl)::value;
+    write_direct<DirectMap::kParq, NL>(lat, out, n, rq, pad_levels<NL>(Q, K), pa);
+  });
 }
 
 PARQ_CPU_END

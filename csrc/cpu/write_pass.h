@@ -12,7 +12,7 @@
 
 #include "../levels.h"
 #include "../quant_prox.h"
-#include "project4.h"
+#include "project_levels.h"
 #include "level.h"
 #include "row_stats.h"
 
@@ -68,7 +68,7 @@ inline void interval_small(const float* Q, int K, const float* xs, int64_t n, fl
   }
 }
 
-// Fused single-sweep versions for the commonest small level sets (K = 2, 3, 4):
+// Fused single-sweep versions for small level sets (K = 2, 3, 4; up to 16 padded):
 // the level loop unrolls and the element loop vectorizes.
 template <int KC>
 inline void nearest_fixed(const float* Qp, const float* Mp, const float* xs, int64_t n,
@@ -105,6 +105,12 @@ inline void hard_block(const float* xs, int64_t n, const WriteArgs& w, float* hs
         case 4:
           return nearest_fixed<4>(w.Q, w.near.a, xs, n, hs);
         default:
+          if (w.K <= kMaxFastLevels) {  // padded to 8 or 16 (the same nearest level)
+            return with_level_slots(w.K, [&](auto nl) {
+              const auto l = pad_levels<decltype(nl)::value>(w.Q, w.K);
+              nearest_fixed<decltype(nl)::value>(l.Q, l.M, xs, n, hs);
+            });
+          }
           return nearest_small(w.Q, w.near.a, w.K, xs, n, hs);
       }
     }
@@ -188,8 +194,11 @@ inline float* prox_block(float* xs, int64_t n, const WriteArgs& w, float* hs) {
       const float* Q = w.Q;
       const int last = w.K - 1;
       const float inv_rho = 1.0f / a.prox_arg;
-      if (a.prox_kind == kParq && w.inter.mode == 0 && w.K <= 4 && std::isfinite(inv_rho)) {
-        project_block<kParq>(xs, n, pad_levels(Q, w.K), ProjectArgs{inv_rho, 0.0f, 0.0f});
+      if (a.prox_kind == kParq && w.K >= 1 && w.K <= kMaxFastLevels && std::isfinite(inv_rho)) {
+        with_level_slots(w.K, [&](auto nl) {
+          constexpr int NL = decltype(nl)::value;
+          project_block<kParq, NL>(xs, n, pad_levels<NL>(Q, w.K), ProjectArgs{inv_rho, 0.0f, 0.0f});
+        });
         break;
       }
       if (w.inter.mode == 0) {
