@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
-from parq.optim import shard_plan, sharding
+from parq.optim import fused_call, shard_plan, sharding
 from parq.optim.prox_paths import latent_of, reusable_levels
 from parq_kernels.kinds import OptimKind
 from parq_kernels.ops import fused_step_, quant_prox_
@@ -305,15 +305,23 @@ def step_group(
     qkind, qargs = quantizer.kernel_spec(bits)
     K = quantizer.get_quant_size(bits)
     prox_kind, prox_arg, rho = opt.prox_map.schedule(n)
+    qa = (int(qkind), bits, list(qargs), quantizer.center)
+    keys = _state_keys(kind, group)
+    call = fused_call.take(opt, index)  # kept from the last step, checked by routing (ready)
+    if call is not None:
+        tag = (call.step,) if kind != OptimKind.SGD else ((False,) if keys else ())
+        tail = (*qa[:2], tuple(qargs), quantizer.center, update, int(prox_kind),
+                float(prox_arg), float(gamma))  # fmt: skip
+        fused_call.run(opt, index, call, _hparams(kind, group, tag), tail, n)
+        return rho
     buckets: dict[tuple, list[_Item]] = {}
-    ctx = _GroupCtx(_views_cache(opt), _state_keys(kind, group), _layout_key(opt, group, K))
+    ctx = _GroupCtx(_views_cache(opt), keys, _layout_key(opt, group, K))
     states = opt.state
     for j, p in enumerate(params):
         state = states[p]
         fresh = update or "quants" not in state
         item, tag = _prepare(opt, ctx, kind, group, index, j, p, state, K, fresh)
         buckets.setdefault((p.device, p.dtype, fresh, tag), []).append(item)
-    qa = (int(qkind), bits, list(qargs), quantizer.center)
     stepped: list[Tensor] = []
     for (device, _dtype, fresh, tag), items in buckets.items():
         flags = torch.zeros(len(items), dtype=torch.int32, device=device)
@@ -337,4 +345,13 @@ def step_group(
         opt._note_nonfinite(index, [(it.j, it.p) for it in items], flags, n)
     if stepped:
         torch._foreach_add_(stepped, 1)
+    fused_call.forget(opt, index)
+    if len(buckets) == 1:  # one op call on plain tensors: kept for the next step
+        (_, _, _, tag), items = next(iter(buckets.items()))
+        if (
+            len(items) == len(params)
+            and tag != ("nograd",)
+            and not any(it.writeback or shard_plan.is_dtensor(it.p) for it in items)
+        ):
+            fused_call.build(opt, index, group, quantizer, kind, keys, items, tag)
     return rho

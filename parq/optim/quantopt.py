@@ -361,9 +361,12 @@ class QuantOptimizer(PublicSurface, Optimizer):
                 and not shard_plan.is_dtensor(p)}  # fmt: skip
 
     def _base_step_without(self, skip: set[int]) -> None:
-        """``base_optimizer.step()`` over every group but ``skip`` (its hooks still run)."""
+        """``base_optimizer.step()`` over every group but ``skip`` (with its hooks, if any)."""
         groups = self.base_optimizer.param_groups
-        self.base_optimizer.param_groups = [g for i, g in enumerate(groups) if i not in skip]
+        rest = [g for i, g in enumerate(groups) if i not in skip]
+        if not rest and not routing.has_step_hooks(self.base_optimizer):
+            return
+        self.base_optimizer.param_groups = rest
         try:
             self.base_optimizer.step()
         finally:

@@ -1,7 +1,9 @@
 """Which path each quantized group takes through ``QuantOptimizer.step()``, and why.
 
 Decided afresh at every step (the checks are cheap attribute and dtype reads), so
-that a change of options, dtypes or parameters between steps is honoured:
+that a change of options, dtypes or parameters between steps is honoured; a group that
+took the fused step at its last step and whose parameters, state and options are still
+those of that step keeps it without the per-parameter checks (:mod:`parq.optim.fused_call`):
 
 * ``FUSED_STEP``: the base update fused with quantize + prox (SPEC.md §8,
   :mod:`parq.optim.fused_step`): built-in quantizer and prox map, ``fused`` and
@@ -18,8 +20,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as torch_optimizer
 
-from parq.optim import fused_step, shard_plan, sharding
+from parq.optim import fused_call, fused_step, shard_plan, sharding
 from parq.optim.proxmap import KernelProxMap
 from parq.quant.quantizer import KernelQuantizer, Quantizer
 from parq_kernels import backends
@@ -107,6 +110,9 @@ def routes(opt) -> dict[int, tuple[str, str]]:
     out = {}
     for qi, (index, group, params) in enumerate(opt._quantized_params()):
         quantizer = opt._quantizer_for(qi)
+        if fused_call.ready(opt, index, group, params, quantizer):  # as at its last step
+            out[index] = (FUSED_STEP, "")
+            continue
         local = shard_plan.local_tensors(params)
         host = host_levels(quantizer, group["quant_bits"])
         if shard_plan.has_dtensor(params) and host:
@@ -138,3 +144,13 @@ def fused_step_reason(opt, group: dict, params: list[Tensor]) -> str:
     if opt._base_kind is None:
         return opt._base_kind_reason
     return fused_step.group_reason(group, params)
+
+
+def has_step_hooks(base: torch.optim.Optimizer) -> bool:
+    """Does ``base.step()`` run hooks (its own or torch's global ones)? A base step over no
+    group is skipped only without them (QuantOptimizer._base_step_without)."""
+    own = (getattr(base, "_optimizer_step_pre_hooks", None),
+           getattr(base, "_optimizer_step_post_hooks", None))  # fmt: skip
+    glob = (getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
+            getattr(torch_optimizer, "_global_optimizer_post_hooks", None))  # fmt: skip
+    return any(bool(h) for h in (*own, *glob))
