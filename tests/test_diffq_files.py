@@ -210,3 +210,14 @@ def test_another_model_is_refused(make, name, variant):
     with pytest.raises(ValueError, match="diffq state: "):
         restore_quantized_state(model, _state(name, variant))
     assert all(torch.equal(v, before[k]) for k, v in _params(model).items())
+
+
+def test_a_quantizers_own_method_refuses_a_diffq_state_saying_how():
+    """The method reads this package's states only: a diffq state is refused, naming the
+    function that reads it, and the model is left as it was."""
+    model = fixtures.build_model(seed=7)
+    quantizer = DiffQuantizer(model, group_size=8)
+    before = _params(model)
+    with pytest.raises(ValueError, match=r"parq\.diffq\.restore_quantized_state"):
+        quantizer.restore_quantized_state(_state("diffq_group8", "packed"))
+    assert all(torch.equal(v, before[k]) for k, v in _params(model).items())

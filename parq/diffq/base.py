@@ -248,6 +248,9 @@ class BaseQuantizer:
         the model."""
         if not isinstance(state, dict) or "quantized" not in state or "others" not in state:
             raise ValueError("state must be a dict from get_quantized_state()")
+        if "meta" in state and "format" not in state:  # diffq_files.is_diffq_state
+            raise ValueError("state was written by the public diffq package: restore it with "
+                             "parq.diffq.restore_quantized_state(model, state)")  # fmt: skip
         if len(state["quantized"]) != len(self._qparams) or len(state["others"]) != len(
             self._others
         ):
