@@ -22,6 +22,7 @@ steps is not seen (replacing the tensor is).
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ class GroupCall:
     watched: list[tuple]  # per parameter: the state's tensors, in `keys` order
     keys: tuple[str, ...]  # the state entries watched ("latent", "quants", buffers, "step")
     shapes: list[tuple[int, int]]
+    views: list[int]  # per parameter, how its gradient becomes (rows, cols): _view_mode()
     dtype: torch.dtype
     kind: OptimKind
     outs: list[Tensor]
@@ -67,6 +69,17 @@ def route_key(opt, group: dict, quantizer) -> tuple:
             group.get("quant_block_size"), opt.quant_per_channel,
             group.get("decoupled_weight_decay"), group.get("momentum"),
             group.get("amsgrad"))  # fmt: skip
+
+
+def _view_mode(shape: torch.Size, shape2d: tuple[int, int]) -> int:
+    """0: the gradient is (rows, cols) already (a Linear weight per channel); 1: its
+    ``flatten(1)`` is (a conv weight per channel); 2: ``view(rows, cols)``. (A view costs
+    microseconds, more than the rest of a parameter's checks.)"""
+    if tuple(shape) == shape2d:
+        return 0
+    if len(shape) > 2 and shape[0] == shape2d[0]:
+        return 1
+    return 2
 
 
 def _impl_key(device: torch.device, backend: str | None) -> tuple:
@@ -101,6 +114,9 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
         watched=[tuple(st[k] for k in watched_keys) for st in states],
         keys=watched_keys,
         shapes=[tuple(it.out.shape) for it in items],
+        views=[
+            _view_mode(p.shape, tuple(it.out.shape)) for p, it in zip(params, items, strict=True)
+        ],
         dtype=params[0].dtype,
         kind=kind,
         outs=[it.out for it in items],
@@ -141,19 +157,18 @@ def ready(opt, index: int, group: dict, params: list[Tensor], quantizer) -> bool
         return False
     keys, dtype, strided = call.keys, call.dtype, torch.strided
     grads = []
-    for p, q, ptr, st, watched, shape in zip(params, call.params, call.ptrs, call.states,
-                                             call.watched, call.shapes, strict=True):  # fmt: skip
+    for p, q, ptr, st, watched, shape, mode in zip(params, call.params, call.ptrs, call.states,
+                                                   call.watched, call.shapes, call.views,
+                                                   strict=True):  # fmt: skip
         g = p.grad
         if p is not q or g is None or p.data_ptr() != ptr or state.get(p) is not st:
             return False
-        if g.dtype != dtype or g.layout != strided or g.shape != p.shape:
+        # (torch's grad setter keeps the gradient's dtype and shape those of p)
+        if g.layout is not strided or not g.is_contiguous() or p.dtype is not dtype:
             return False
-        if not g.is_contiguous() or p.dtype != dtype:
+        if not all(map(operator.is_, map(st.get, keys), watched)):
             return False
-        for k, t in zip(keys, watched, strict=True):
-            if st.get(k) is not t:
-                return False
-        grads.append(g.view(shape))
+        grads.append(g if mode == 0 else (g.flatten(1) if mode == 1 else g.view(shape)))
     call.grads = grads
     return True
 
