@@ -13,7 +13,7 @@ import argparse
 import datetime
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 
@@ -25,6 +25,7 @@ from benchmarks import (
     environment,
     fakequant_bench,
     levels,
+    memory,
     op_bench,
     pack_bench,
     report,
@@ -37,6 +38,13 @@ SUITES = ("op", "step", "fakequant")
 # quick mode's hard-phase and bf16 step cases: 3 timed repeats (the headline 9), and no
 # `base` (torch's default kernels) nor bf16 `generic`, so that they add < ~40 s on 2 cores
 QUICK_ADDED_REPEATS = 3
+# the headline's model sets (ResNet-20, ViT-B/16 blocks, Llama-style blocks, the 4-bit recipe)
+# get 5 in quick mode and leave out `base`; the 3- / 4-bit cases get 3, SGD only (both bases
+# in full mode), and time neither `base`, `generic` nor `fused-prox` (the fused step against
+# torch's fused step only)
+QUICK_MODEL_REPEATS = 5
+QUICK_LOW_BIT_BASES = ("sgd",)
+QUICK_LOW_BIT_SKIP = ("base", "generic", "fused-prox")
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,7 @@ class Mode:
     fused_reference: bool = True  # time fused:reference steps when a compiled backend exists
     pack_cases: list = field(default_factory=list)  # packed-export ops (op suite)
     diffq_cases: list = field(default_factory=list)  # DiffQ training steps (step suite)
+    memory_cases: list = field(default_factory=list)  # state and peak memory (step suite)
 
 
 def mode_config(name: str) -> Mode:
@@ -66,11 +75,17 @@ def mode_config(name: str) -> Mode:
             copy_bytes=1 << 22,
             pack_cases=pack_bench.smoke_grid(),
             fakequant_cases=fakequant_bench.smoke_cases(),
+            memory_cases=step_bench.smoke_cases()[:1],
         )
     if name == "quick":
+        headline = step_bench.issue4_cases(repeats=9)
+        models = step_bench.headline_model_cases(quick=True, repeats=QUICK_MODEL_REPEATS)
+        models = [replace(c, skip=("base",)) for c in models]
         return Mode(
             op_cases=op_bench.quick_grid(),
-            step_cases=step_bench.issue4_cases(repeats=9)
+            step_cases=headline
+            + models
+            + step_bench.low_bit_cases(QUICK_LOW_BIT_BASES, QUICK_ADDED_REPEATS, QUICK_LOW_BIT_SKIP)
             + step_bench.hard_phase_cases(repeats=QUICK_ADDED_REPEATS, skip=("base",))
             + step_bench.bf16_cases(repeats=QUICK_ADDED_REPEATS, skip=("base", "generic"))
             + step_bench.model_cases(quick=True),
@@ -83,10 +98,13 @@ def mode_config(name: str) -> Mode:
             fused_reference=False,
             pack_cases=pack_bench.quick_grid(),
             diffq_cases=diffq_bench.quick_cases(),
+            memory_cases=memory_cases(headline + models),
         )
+    headline = step_bench.issue4_cases() + step_bench.headline_model_cases(quick=False)
     return Mode(
         op_cases=op_bench.full_grid(),
-        step_cases=step_bench.issue4_cases()
+        step_cases=headline
+        + step_bench.low_bit_cases()
         + step_bench.hard_phase_cases()
         + step_bench.bf16_cases()
         + step_bench.model_cases(quick=False),
@@ -98,7 +116,14 @@ def mode_config(name: str) -> Mode:
         pack_cases=pack_bench.full_grid(),
         diffq_cases=diffq_bench.full_cases(),
         fakequant_cases=fakequant_bench.full_cases(),
+        memory_cases=memory_cases(headline),
     )
+
+
+def memory_cases(headline: list) -> list:
+    """The headline's sets at ``quant_period`` 10, one case per set, base and quantizer:
+    8 x Linear(1024, 1024) uniform 2-bit + PARQ with SGD and AdamW, the model sets."""
+    return [c for c in headline if c.period == 10 and c.per_channel and c.quantizer != "lsbq"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -228,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     step_cases = mode.step_cases if "step" in args.suites else []
     diffq_cases = mode.diffq_cases if "step" in args.suites else []
     fq_cases = list(mode.fakequant_cases) if "fakequant" in args.suites else []
+    mem_cases = mode.memory_cases if "step" in args.suites else []
     total = len(op_cases) + len(pack_cases) + len(step_cases) + len(diffq_cases) + len(fq_cases)
+    total += len(mem_cases)
     progress = Progress(total, tqdm)
     rows: list[dict] = []
     n_tensors, n_rows, n_cols = mode.op_shape
@@ -267,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(report.make_row("step", case.name, variant, case.numel,
                                         case.bytes(variant), timing, note))  # fmt: skip
         progress.step(case.name)
+    mem_backend = next((b for b in available if b != "reference"), "reference")  # compiled
+    mem_rows = []
+    for case in mem_cases:  # state bytes and one step's peak (benchmarks/memory.py)
+        mem_rows.append(memory.measure_case(case, device, mem_backend))
+        progress.step(f"memory {case.name}")
     for case in fq_cases:
         for variant, timing, note in fakequant_bench.run_case(
             case, device, compile_baseline=not args.no_compile, repeats=repeats,
@@ -282,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         if any(r["suite"] == suite for r in rows):
             note = report.fakequant_level_note(env) if suite == "fakequant" else ""
             print(f"\n== {title} ==\n" + (f"{note}\n" if note else "") + report.table(rows, suite))
+        if suite == "step" and mem_rows:
+            print(f"\n== {report.MEMORY_TITLE} ==\n" + memory.table(mem_rows))
     elapsed = time.perf_counter() - t_start
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     stem = args.out / f"{environment.device_slug(device)}_{date}_{args.mode}"
@@ -304,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
             "fakequant": fakequant_bench.__doc__.split("Byte model")[1].strip(),
         },
         "rows": rows,
+        "memory": mem_rows,
+        "memory_method": memory.__doc__.split("\n\n", 1)[1].strip(),
     }
     report.write_csv(rows, stem.with_suffix(".csv"))
     report.write_json(payload, stem.with_suffix(".json"))
-    report.write_markdown(rows, env, copy_gbps, stem.with_suffix(".md"))
+    report.write_markdown(rows, env, copy_gbps, stem.with_suffix(".md"), mem_rows)
     suffixes = "csv,json,md"
     if matplotlib is not None:
         title = f"parq benchmarks, {env['device_name']} ({args.mode}, {date})"

@@ -27,7 +27,7 @@ import csv
 import json
 from pathlib import Path
 
-from benchmarks import cpu_info
+from benchmarks import cpu_info, memory
 
 COLUMNS = [
     "suite",
@@ -58,6 +58,7 @@ SUITE_TITLES = {
     "step": "QuantOptimizer.step()",
     "fakequant": "fake quantization (parq.fakequant), forward + backward",
 }
+MEMORY_TITLE = "memory: optimizer state and one step's peak (step suite)"
 TABLE_COLUMNS = [
     ("case", "case", "{}"),
     ("variant", "variant", "{}"),
@@ -201,7 +202,8 @@ def fakequant_level_note(env: dict) -> str:
             f"{cpu['torch_capability']} (other levels: `--levels --suites fakequant`)")  # fmt: skip
 
 
-def write_markdown(rows: list[dict], env: dict, copy_gbps: float, path: Path) -> None:
+def write_markdown(rows: list[dict], env: dict, copy_gbps: float, path: Path,
+                   memory_rows: list[dict] | None = None) -> None:  # fmt: skip
     text = [cpu_headline(env), "", "```", environment_text(env, copy_gbps), "```", ""]
     headings = {
         "op": "Ops",
@@ -213,6 +215,8 @@ def write_markdown(rows: list[dict], env: dict, copy_gbps: float, path: Path) ->
         if any(r["suite"] == suite for r in rows):  # a partial run: its suites only
             note = [notes[suite], ""] if notes.get(suite) else []
             text += [f"### {heading}", "", *note, table(rows, suite, markdown=True), ""]
+        if suite == "step" and memory_rows:
+            text += ["### Memory", "", memory.table(memory_rows, markdown=True), ""]
     path.write_text("\n".join(text))
 
 

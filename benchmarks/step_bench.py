@@ -30,22 +30,26 @@ ViT-B/16 blocks 1.6x).
 Quick mode leaves out ``fused:reference`` / ``fused-prox:reference`` when a compiled
 backend is available (the op suite compares the backends).
 
-Cases: the headline set (:func:`issue4_cases`), the hard phase on it
-(:func:`hard_phase_cases`: ``ProxHardQuant`` per channel, ``ProxPARQ`` past its
-``anneal_end`` per channel and per tensor; in this phase the steps between level updates
-only map to the nearest level), the same set with bf16 parameters (:func:`bf16_cases`),
-and model-shaped sets (:func:`model_cases`). A case may leave variants out (``skip``:
-quick mode's added cases time neither ``base`` nor, in bf16, ``generic``).
+Cases: the headline: the issue-4 set (:func:`issue4_cases`) and the model sets
+(:func:`headline_model_cases`: ResNet-20, ViT-B/16 blocks, Llama-style blocks from module
+trees where installed, :mod:`benchmarks.model_sets`, and the 4-bit recipe); 3 and 4 bits
+on the issue-4 set (:func:`low_bit_cases`: uniform, ``MaxUnifQuantizer``, LSBQ, hard and
+PARQ); the hard phase on it (:func:`hard_phase_cases`: ``ProxHardQuant`` per channel,
+``ProxPARQ`` past its ``anneal_end`` per channel and per tensor; in this phase the steps
+between level updates only map to the nearest level), the same set with bf16 parameters
+(:func:`bf16_cases`), and whole-model shapes (:func:`model_cases`). A case may leave
+variants out (``skip``: quick mode's added cases time no ``base``, neither the 3- / 4-bit
+nor the bf16 cases ``generic``, and the 3- / 4-bit cases no ``fused-prox``).
 
 Byte model (minimal traffic per element of itemsize ``s``, per step):
-SGD with momentum reads ``p, grad, buf`` and writes ``buf, p`` (``5 s``); AdamW reads
-``p, grad, m, v`` and writes ``p, m, v`` (``7 s``); plain SGD ``3 s``. The fused step
-adds one write per quantized element (it reads the latent where the base step reads
-``p``, and writes both the latent and the projected ``p``): ``+1 s`` (level updates of
-rows that fit on chip add nothing; long rows add a read of the latent per extra
-statistics pass, not counted). The unfused paths (``fused-prox``, ``generic``) add the
-latent restore (read latent, write p: ``2 s``) and the quantize/prox pass (read p, write
-latent, write p: ``3 s``): ``+5 s``.
+SGD with momentum reads ``p, grad, buf`` and writes ``buf, p`` (``5 s``); AdamW (also
+``adamw95``: betas (0.9, 0.95)) reads ``p, grad, m, v`` and writes ``p, m, v`` (``7 s``);
+plain SGD ``3 s``. The fused step adds one write per quantized element (it reads the
+latent where the base step reads ``p``, and writes both the latent and the projected
+``p``): ``+1 s`` (level updates of rows that fit on chip add nothing; long rows add a
+read of the latent per extra statistics pass, not counted). The unfused paths
+(``fused-prox``, ``generic``) add the latent restore (read latent, write p: ``2 s``) and
+the quantize/prox pass (read p, write latent, write p: ``3 s``): ``+5 s``.
 """
 
 from __future__ import annotations
@@ -57,26 +61,29 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from benchmarks import shapes
+from benchmarks import model_sets, shapes
 from benchmarks.op_bench import STREAM, stream_fn
 from benchmarks.shapes import ParamSpec
 from benchmarks.timing import Timing, measure_interleaved
 from parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer
 from parq.quant import (
     LSBQuantizer,
+    MaxUnifQuantizer,
     TernaryThresholdQuantizer,
     TernaryUnifQuantizer,
     UnifQuantizer,
 )
 
-BASE_BYTES = {"sgd": 5, "adamw": 7}  # per element, in units of the itemsize
+BASE_BYTES = {"sgd": 5, "adamw": 7, "adamw95": 7}  # per element, in units of the itemsize
 FUSED_EXTRA_BYTES = 1  # fused step: the projected weights are written too
 UNFUSED_EXTRA_BYTES = 5  # restore (2) + quantize/prox pass (3)
 HEADLINE = "8xLinear1024"  # the issue-4 set: 8 x Linear(1024, 1024)
+FUSED_BASE = "base(fused=True)"  # torch's fused=True step: the yardstick
 PARQ_ANNEALED_END = 1  # parq-annealed: ProxPARQ(anneal_start=0, anneal_end=1)
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 QUANTIZERS = {
     "uniform": UnifQuantizer,
+    "maxunif": MaxUnifQuantizer,
     "lsbq": LSBQuantizer,
     "lsbq_opt": lambda: LSBQuantizer(optimal=True),
     "ternary": TernaryUnifQuantizer,
@@ -96,7 +103,8 @@ class StepCase:
     dtype: torch.dtype = torch.float32
     period: int = 1  # quant_period; one timed call = one period of steps
     repeats: int | None = None  # timed repeats, when the case needs more than its mode's
-    skip: tuple[str, ...] = ()  # variants this case leaves out (to keep a mode's time)
+    skip: tuple[str, ...] = ()  # variants (or kinds: "fused-prox") left out, for a mode's time
+    source: str = field(default=model_sets.SHAPES, compare=False)  # where the shapes came from
 
     @property
     def name(self) -> str:
@@ -130,7 +138,7 @@ class StepCase:
 
     def memory_needed(self) -> int:
         """Bytes one variant holds: params, grads, optimizer state, latents."""
-        states = 1 if self.base == "sgd" else 2
+        states = 1 if self.base == "sgd" else 2  # momentum; Adam's two moments
         return (3 + states) * self.numel * self.itemsize
 
 
@@ -184,18 +192,58 @@ def bf16_cases(
     ]
 
 
+def headline_model_cases(quick: bool, repeats: int | None = None) -> list[StepCase]:
+    """The headline's model sets (:func:`benchmarks.model_sets.headline_sets`): ResNet-20
+    with SGD (momentum 0.9), ViT-B/16 blocks and Llama-style blocks with AdamW, 2-bit
+    uniform + PARQ per channel; and the 4-bit recipe: the Llama-style blocks, 4-bit
+    ``MaxUnifQuantizer`` + ``ProxHardQuant`` per channel, ``AdamW(betas=(0.9, 0.95))``
+    (``adamw95``); ``quant_period`` 10 and 1."""
+    sets = model_sets.headline_sets(quick)
+    kinds = [
+        (name, specs, source, base, "uniform", 2, "parq")
+        for (name, specs, source), base in zip(sets, ("sgd", "adamw", "adamw"), strict=True)
+    ]
+    name, specs, source = sets[-1]
+    kinds.append((name, specs, source, "adamw95", "maxunif", 4, "hard"))  # the 4-bit recipe
+    return [
+        StepCase(name, tuple(specs), quantizer, bits, prox, True, base, period=period,
+                 repeats=repeats, source=source)
+        for period in (10, 1)
+        for name, specs, source, base, quantizer, bits, prox in kinds
+    ]  # fmt: skip
+
+
+def low_bit_cases(
+    bases: tuple[str, ...] = ("sgd", "adamw"),
+    repeats: int | None = None,
+    skip: tuple[str, ...] = (),
+) -> list[StepCase]:
+    """3 and 4 bits on the headline set: uniform (``UnifQuantizer``), ``MaxUnifQuantizer``
+    and LSBQ greedy, each with ``ProxHardQuant`` and PARQ, per channel, ``quant_period``
+    10 and 1."""
+    specs = tuple(shapes.linear_stack(8, 1024))
+    one = StepCase(HEADLINE, specs, repeats=repeats, skip=skip)
+    return [
+        replace(one, quantizer=quantizer, bits=bits, prox=prox, base=base, period=period)
+        for period in (10, 1)
+        for base in bases
+        for bits in (3, 4)
+        for quantizer in ("uniform", "maxunif", "lsbq")
+        for prox in ("hard", "parq")
+    ]
+
+
 def model_cases(quick: bool) -> list[StepCase]:
-    """ResNet-20, ResNet-50, ViT-B/16, Llama-1B shapes (scaled down when ``quick``)."""
+    """ResNet-50, ViT-B/16, Llama-1B shapes, whole models (scaled down when ``quick``),
+    ``quant_period`` 10 (ResNet-20 is in :func:`headline_model_cases`)."""
     if quick:
         sets = [
-            ("resnet20", shapes.resnet20(), "sgd"),
             ("resnet50/4", shapes.resnet50(scale=0.25), "sgd"),
             ("vit_b16/4x4L", shapes.vit_b16(scale=0.25, depth=4), "adamw"),
             ("llama1b/8x2L", shapes.llama_1b(scale=0.125, depth=2, vocab=8192), "adamw"),
         ]
     else:
         sets = [
-            ("resnet20", shapes.resnet20(), "sgd"),
             ("resnet50", shapes.resnet50(), "sgd"),
             ("vit_b16", shapes.vit_b16(), "adamw"),
             ("llama1b", shapes.llama_1b(), "adamw"),
@@ -217,8 +265,9 @@ def _base_optimizer(case: StepCase, groups: list[dict], fused: bool) -> torch.op
     flag = {"fused": True} if fused else {}
     if case.base == "sgd":
         return torch.optim.SGD(groups, lr=0.01, momentum=0.9, weight_decay=1e-4, **flag)
-    if case.base == "adamw":
-        return torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.01, **flag)
+    if case.base in ("adamw", "adamw95"):  # adamw95: the 4-bit recipe's betas
+        betas = (0.9, 0.95) if case.base == "adamw95" else (0.9, 0.999)
+        return torch.optim.AdamW(groups, lr=1e-3, betas=betas, weight_decay=0.01, **flag)
     raise ValueError(f"unknown base optimizer {case.base!r}")
 
 
@@ -287,11 +336,11 @@ def build(case: StepCase, device: torch.device, variant: str) -> Callable[[], ob
 def variants(case: StepCase, backend_names: list[str], fused_reference: bool) -> list[str]:
     """The variants timed for ``case`` (module doc)."""
     fused = [b for b in backend_names if b != "reference" or fused_reference] or ["reference"]
-    out = ["base", "base(fused=True)"]
+    out = ["base", FUSED_BASE]
     if case.period == 1:
         out.append("generic")
     out += [f"fused-prox:{b}" for b in fused] + [f"fused:{b}" for b in fused]
-    return [v for v in [*out, STREAM] if v not in case.skip]
+    return [v for v in [*out, STREAM] if v not in case.skip and v.split(":")[0] not in case.skip]
 
 
 def available_memory(device: torch.device) -> int:

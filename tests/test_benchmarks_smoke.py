@@ -59,6 +59,7 @@ def test_smoke_writes_all_outputs(smoke_run):
     assert payload["mode"] == "smoke" and len(payload["rows"]) == len(rows)
     assert payload["copy_bandwidth_gbps"] > 0
     assert "3 * itemsize" in payload["byte_models"]["op"]
+    assert [m["set"] for m in payload["memory"]] == ["2xLinear64"] and "### Memory" in md
 
 
 def test_smoke_times_the_packed_export_ops(smoke_run):
@@ -390,5 +391,6 @@ def test_quick_mode_times_the_headline_step_cases_more():
     headline = [c for c in cases if c in step_bench.issue4_cases(repeats=9)]
     assert len(headline) == 12 and all(c.repeats == 9 for c in headline)
     added = [c for c in cases if c.model == "8xLinear1024" and c not in headline]
-    assert len(added) == 20 and all(c.repeats == cli.QUICK_ADDED_REPEATS for c in added)
-    assert all(c.repeats is None for c in cases if c.model != "8xLinear1024")
+    assert len(added) == 44 and all(c.repeats == cli.QUICK_ADDED_REPEATS for c in added)
+    models = [c for c in cases if c.model != "8xLinear1024"]  # the headline's: 5, others: 3
+    assert {c.repeats for c in models} == {cli.QUICK_MODEL_REPEATS, None}
