@@ -5,12 +5,17 @@
 #                          installs go to that interpreter, e.g. a CUDA machine)
 #   TRITON_VERSION=3.9.0   triton pinned into the venv ("none" to skip)
 #   TORCHAO_VERSION=0.18.0 torchao pinned into the venv ("none" to skip; its tests then skip)
+#   TRANSFORMERS_VERSION=5.25.0  transformers + accelerate (ACCELERATE_VERSION=1.16.0) for
+#                          examples/llm_qat.py ("none" to skip; its test then skips); installed
+#                          with the torch present pinned, so they never replace it
 #   PYTHON=python3         interpreter that creates the venv
 SHELL := /bin/bash
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 TRITON_VERSION ?= 3.9.0
 TORCHAO_VERSION ?= 0.18.0
+TRANSFORMERS_VERSION ?= 5.25.0
+ACCELERATE_VERSION ?= 1.16.0
 SAFETENSORS_VERSION ?= 0.8.0
 VENV ?= .venv
 
@@ -45,6 +50,10 @@ endif
 		"safetensors==$(SAFETENSORS_VERSION)"
 ifneq ($(TORCHAO_VERSION),none)
 	$(PIP) install --quiet "torchao==$(TORCHAO_VERSION)"
+endif
+ifneq ($(TRANSFORMERS_VERSION),none)
+	$(PIP) install --quiet "transformers==$(TRANSFORMERS_VERSION)" \
+		"accelerate==$(ACCELERATE_VERSION)" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
 endif
 
 build: setup

@@ -20,13 +20,14 @@ from child_process import ROOT, run_child
 
 README = ROOT / "README.md"
 # the ```python blocks README.md holds now: a parser that finds fewer (or more) fails here
-EXPECTED_BLOCKS = 5
+EXPECTED_BLOCKS = 6
 FENCE_LANGUAGES = {"python", "bash", ""}  # a ```py or ```pycon block would go unrun
 # optional packages a block may import: its test skips, saying so, without them
 OPTIONAL = {
     "torchao": 'pip install "torchao==0.18.0"',
     "triton": "pip install triton",
     "torchvision": "pip install torchvision",
+    "transformers": 'pip install "transformers==5.25.0" "accelerate==1.16.0"',
 }
 TIMEOUT_S = 120
 # the blocks' ops are tiny: one thread each, so that on a busy machine OpenMP's threads
