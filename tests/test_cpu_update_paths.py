@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(bool(_WHY), reason=_WHY or "ok")
 # several rows per task (the pipeline's prologue, middle and last row), and the
 # largest row it serves (one statistics chunk)
 SHAPES = [(7, 64), (3, 4096), (1, 32)]
-PROX = [(ProxKind.PARQ, 0.3), (ProxKind.PARQ, 1.0), (ProxKind.NONE, 0.0)]
+PROX = [(ProxKind.PARQ, 0.3), (ProxKind.PARQ, 1.0), (ProxKind.NONE, 0.0), (ProxKind.HARD, 0.0)]
 
 
 def _placed(t: torch.Tensor, misalign: bool) -> torch.Tensor:

@@ -253,9 +253,8 @@ bool run_rows(const OpArgs& a, const Src& src, int64_t r0, int64_t r1, int64_t c
   Workspace ws;
   if constexpr (std::is_same_v<Src, StepSource<float>>) {
     if (update_rows_serve(a, *src.s, src.p, cols)) {  // row r + 1's update in row r's write
-      const auto levels = [&](const float* xs, float* Q) {
+      const auto levels = [&](const float* xs, float* Q, RowQuant& rq) {
         RowJob<BufSource> job{a, BufSource{xs}, Q, cols, false, ws};
-        RowQuant rq;
         return job.quantize(rq);
       };
       return update_rows_any(src, a, r0, r1, cols, qp, levels);

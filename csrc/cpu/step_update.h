@@ -12,8 +12,9 @@
 // own statistics code over the buffer; PARQ projects with project_vec as its write pass
 // does), so the bits are the same. Served: fp32 rows of cols % kW == 0 elements,
 // cols <= kChunk (one statistics chunk), p aligned for streaming stores, no shrink, not
-// the first step of a momentum buffer, prox NONE, or PARQ with K <= 16; the rest takes
-// the general path.
+// the first step of a momentum buffer, prox NONE, PARQ with K <= 16, or HARD with the row's
+// fresh uniform quantizer (not centered: q_uniform, as the direct write pass maps it); the
+// rest takes the general path.
 #pragma once
 
 #include <cmath>
@@ -23,6 +24,7 @@
 #include "../levels.h"
 #include "../quant_prox.h"
 #include "project_levels.h"
+#include "write_direct.h"
 #include "row_stats.h"
 #include "sources.h"
 #include "simd.h"
@@ -35,9 +37,10 @@ inline bool update_rows_serve(const OpArgs& a, const StepArgs& s, const float* p
                               int64_t cols) {
   const bool parq =
       a.prox_kind == kParq && a.K >= 1 && a.K <= kMaxFastLevels && std::isfinite(1.0f / a.prox_arg);
+  const bool uniform_hard = a.prox_kind == kHard && a.quant_kind == kUniform && !a.center;
   return a.update && !s.init_buf && a.gamma == 1.0f && cols > 0 && cols <= kChunk &&
          cols % kW == 0 && stream_aligned(p) &&
-         (a.prox_kind == kNone || parq);
+         (a.prox_kind == kNone || parq || uniform_hard);
 }
 
 // The row pointers of row r (cols elements from each start).
@@ -55,13 +58,23 @@ inline RowPtrs row_ptrs(const StepSource<float>& src, int64_t off) {
   return {src.lat + off, src.grad + off, at(src.b1), at(src.b2), at(src.b3), src.p + off};
 }
 
-// The projected x (PROX NONE: x itself).
+// A row's map broadcast once: its levels (PARQ) or its fresh uniform quantizer (HARD).
+template <int NL>
+struct RowMapV {
+  LevelsV<NL> lv;
+  UniformV u;
+  RowMapV(const LevelsN<NL>& l, const ProjectArgs& pa, const RowQuant& rq) : lv(l, pa), u(rq) {}
+};
+
+// The projected x (PROX NONE: x itself; HARD: q_uniform, a non-finite x kept as it is).
 template <int PROX, int NL>
-inline __attribute__((always_inline)) Vec project_or_keep(Vec x, const LevelsV<NL>& lv) {
+inline __attribute__((always_inline)) Vec project_or_keep(Vec x, const RowMapV<NL>& m) {
   if constexpr (PROX == kNone) {
     return x;
+  } else if constexpr (PROX == kHard) {
+    return select(finite_mask(x), x, q_uniform_vec(x, m.u));
   } else {
-    return project_vec<PROX, NL>(x, lv);
+    return project_vec<PROX, NL>(x, m.lv);
   }
 }
 
@@ -70,7 +83,7 @@ inline __attribute__((always_inline)) Vec project_or_keep(Vec x, const LevelsV<N
 template <Pattern P, int PROX, int NL, bool kWrite>
 int update_rows_pass(const StepV& s, const RowPtrs& next, float* __restrict__ xs_next,
                      const float* __restrict__ xs_cur, float* __restrict__ out, int64_t n,
-                     const LevelsV<NL>& lv) {
+                     const RowMapV<NL>& lv) {
   float* __restrict__ L = next.L;
   const float* __restrict__ G = next.G;
   float* __restrict__ B1 = next.B1;
@@ -90,14 +103,14 @@ int update_rows_pass(const StepV& s, const RowPtrs& next, float* __restrict__ xs
 // The last row's write (nothing left to update).
 template <int PROX, int NL>
 void write_row(const float* __restrict__ xs, float* __restrict__ out, int64_t n,
-               const LevelsV<NL>& lv) {
+               const RowMapV<NL>& lv) {
   for (int64_t i = 0; i < n; i += kW) {
     Pack<float>{{project_or_keep<PROX, NL>(Vec::loadu(xs + i), lv)}}.stream(out + i);
   }
 }
 
-// Rows [r0, r1) of cols elements; levels(xs, Q) computes a row's levels from its
-// buffer into Q (the general path's statistics) and returns its nonfinite flag.
+// Rows [r0, r1) of cols elements; levels(xs, Q, rq) computes a row's quantizer rq and
+// levels Q from its buffer (the general path's statistics) and returns its nonfinite flag.
 // Returns whether a row saw a non-finite value.
 template <Pattern P, int PROX, int NL, typename LevelsFn>
 bool update_rows(const StepSource<float>& src, const OpArgs& a, int64_t r0, int64_t r1,
@@ -108,13 +121,14 @@ bool update_rows(const StepSource<float>& src, const OpArgs& a, int64_t r0, int6
   alignas(64) float buf[2][kChunk];
   float* cur = buf[0];
   float* nxt = buf[1];
-  const LevelsV<NL> none(LevelsN<NL>{}, pa);
+  const RowMapV<NL> none(LevelsN<NL>{}, pa, RowQuant{});
   int bad = update_rows_pass<P, PROX, NL, false>(s, row_ptrs(src, r0 * cols), cur, nullptr,
                                              nullptr, cols, none);
   for (int64_t r = r0; r < r1; ++r) {
     float* Q = qp + r * K;
-    bad |= levels(cur, Q);
-    const LevelsV<NL> lv(pad_levels<NL>(Q, K), pa);
+    RowQuant rq{};
+    bad |= levels(cur, Q, rq);
+    const RowMapV<NL> lv(pad_levels<NL>(Q, K), pa, rq);
     float* out = src.p + r * cols;
     if (r + 1 < r1) {
       bad |= update_rows_pass<P, PROX, NL, true>(s, row_ptrs(src, (r + 1) * cols), nxt, cur, out,
@@ -132,9 +146,10 @@ template <typename LevelsFn>
 bool update_rows_any(const StepSource<float>& src, const OpArgs& a, int64_t r0, int64_t r1,
                      int64_t cols, float* qp, const LevelsFn& levels) {
   const StepArgs& s = *src.s;
-  const bool parq = a.prox_kind == kParq;
+  const bool parq = a.prox_kind == kParq, hard = a.prox_kind == kHard;
 #define PARQ_UPDATE_ROWS(PAT)                                                              \
   {                                                                                        \
+    if (hard) return update_rows<PAT, kHard, 4>(src, a, r0, r1, cols, qp, levels);         \
     if (!parq) return update_rows<PAT, kNone, 4>(src, a, r0, r1, cols, qp, levels);        \
     return with_level_slots(a.K, [&](auto nl) {                                            \
       return update_rows<PAT, kParq, decltype(nl)::value>(src, a, r0, r1, cols, qp, levels); \
