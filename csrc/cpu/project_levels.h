@@ -101,7 +101,8 @@ struct LevelsV {
 };
 
 // A vector of values; the same operations as project_one (the selects as blends).
-template <int PROX, int NL>
+// kFinite: the caller knows every lane of x is finite (no select of x's non-finite lanes).
+template <int PROX, int NL, bool kFinite = false>
 inline __attribute__((always_inline)) Vec project_vec(Vec x, const LevelsV<NL>& l) {
   Vec y = x;
   if constexpr (kNeedsHard<PROX>) {
@@ -130,7 +131,11 @@ inline __attribute__((always_inline)) Vec project_vec(Vec x, const LevelsV<NL>& 
     const Vec c = (lo + hi) * Vec(0.5f);  // exact: (lo + hi) / 2
     y = vclamp(c + (x - c) * l.inv_rho, lo, hi);
   }
-  return select(finite_mask(x), x, y);
+  if constexpr (kFinite) {
+    return y;
+  } else {
+    return select(finite_mask(x), x, y);
+  }
 }
 
 // ys[0, n) in place.

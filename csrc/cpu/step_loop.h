@@ -7,7 +7,7 @@
 // of K <= 4 also RELAX / PROXQUANT_L1 / PROXQUANT_L2; no shrink, not the first step of a
 // momentum buffer. The same float operations as the general path (sources.h +
 // write_pass.h), except that PARQ multiplies by 1 / rho (project_levels.h). Anything else
-// goes through the general path.
+// goes through the general path. bf16 on AVX2 / AVX-512 takes step_bf16.h's loop.
 #pragma once
 
 #include <algorithm>
@@ -21,6 +21,7 @@
 #include "project_levels.h"
 #include "row_stats.h"
 #include "sources.h"
+#include "step_bf16.h"
 #include "step_vec.h"
 
 PARQ_CPU_BEGIN
@@ -31,6 +32,12 @@ int step_loop_src(const StepSource<T>& src, int64_t o, int64_t n, const float* Q
   auto at = [o](T* t) { return t != nullptr ? t + o : nullptr; };
   const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg, a.prox_arg, a.l2_denom};
   const LevelsN<NL> lv = pad_levels<NL>(Qrow, static_cast<int>(a.K));
+  if constexpr (std::is_same_v<T, c10::BFloat16> && kBf16Lanes) {
+    if (levels_finite(lv)) {
+      return step_loop_bf16<P, PROX, NL>(*src.s, src.lat + o, src.grad + o, at(src.b1),
+                                         at(src.b2), at(src.b3), src.p + o, n, lv, pa);
+    }
+  }
   return step_loop<P, PROX, NL, T>(*src.s, src.lat + o, src.grad + o, at(src.b1), at(src.b2),
                                    at(src.b3), src.p + o, n, lv, pa);
 }

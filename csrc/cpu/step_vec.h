@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "../base_update.h"
+#include "bf16_lanes.h"
 #include "level.h"
 #include "project_levels.h"
 #include "simd.h"
@@ -44,11 +45,46 @@ inline __attribute__((always_inline)) void prefetch_update(const T* L, const T* 
   if constexpr (P == Pattern::kAdamAmsgrad) prefetch(B3 + i + kPrefetch);
 }
 
-// The base update of one Pack at i (base_update.h, in its order; kInit: torch's first
-// momentum step, buf = g). A lane is accepted when its new latent and state are finite as
-// stored in T (stored_finite); a rejected lane keeps its old values and clears `ok`.
-// Returns the latent as stored. The common case, every lane accepted, stores the new
-// values converted once; only a vector with a rejected lane blends.
+// The base update of one vector (base_update.h, in its order; kInit: torch's first
+// momentum step, buf = g): returns the new latent; n1, n2, n3 get the new state (o1, o2,
+// o3 the old; those the pattern does not have are not read).
+template <Pattern P, bool kInit>
+inline __attribute__((always_inline)) Vec update_vec(const StepV& s, Vec l0, Vec gr, Vec o1,
+                                                     Vec o2, Vec o3, Vec& n1, Vec& n2,
+                                                     Vec& n3) {
+  constexpr bool kAdamLike = P == Pattern::kAdam || P == Pattern::kAdamAmsgrad;
+  Vec g = gr * s.gsign;
+  if constexpr (!kAdamLike) {
+    g = g + s.l2 * l0;
+    if constexpr (P == Pattern::kSgdMomentum) {
+      const Vec buf = kInit ? g : o1 * s.momentum + s.keep_grad * g;
+      n1 = buf;
+      g = s.nest_g * g + s.nest_b * buf;
+    }
+    return l0 + s.neg_lr * g;
+  } else {
+    const Vec wd = l0 * s.decay;
+    g = g + s.l2 * wd;
+    const Vec m0 = o1, d = g - m0;
+    const Vec m = s.lerp_a * (m0 + s.lerp_w * d) + s.lerp_b * (g - d * s.lerp_w_comp);
+    const Vec v = o2 * s.beta2 + s.one_minus_beta2 * g * g;
+    Vec vv = v;
+    if constexpr (P == Pattern::kAdamAmsgrad) {  // torch.maximum: NaN propagates
+      n3 = select(mask_or(gt(v, o3), unordered(v)), o3, v);
+      vv = n3;
+    }
+    const Vec denom = vv.sqrt() * s.inv_bc2_sqrt + s.eps;
+    n1 = m;
+    n2 = v;
+    return wd + (s.neg_step_size * m) / denom;
+  }
+}
+
+// The base update of one Pack at i (update_vec per vector). A lane is accepted when its
+// new latent and state are finite as stored in T (stored_finite); a rejected lane keeps
+// its old values and clears `ok`. Returns the latent as stored. The common case, every
+// lane accepted, stores the new values converted once; only a vector with a rejected
+// lane blends.
 template <Pattern P, bool kInit, typename T>
 inline __attribute__((always_inline)) Pack<T> update_pack(const StepV& s, T* L, const T* G,
                                                           T* B1, T* B2, T* B3, int64_t i,
@@ -63,31 +99,8 @@ inline __attribute__((always_inline)) Pack<T> update_pack(const StepV& s, T* L, 
   if constexpr (kAdamLike) o2 = PK::load(B2 + i);
   if constexpr (kAms) o3 = PK::load(B3 + i);
   for (int j = 0; j < N; ++j) {
-    Vec g = gr.v[j] * s.gsign;
-    if constexpr (!kAdamLike) {
-      g = g + s.l2 * l0.v[j];
-      if constexpr (P == Pattern::kSgdMomentum) {
-        const Vec buf = kInit ? g : o1.v[j] * s.momentum + s.keep_grad * g;
-        n1.v[j] = buf;
-        g = s.nest_g * g + s.nest_b * buf;
-      }
-      w.v[j] = l0.v[j] + s.neg_lr * g;
-    } else {
-      const Vec wd = l0.v[j] * s.decay;
-      g = g + s.l2 * wd;
-      const Vec m0 = o1.v[j], d = g - m0;
-      const Vec m = s.lerp_a * (m0 + s.lerp_w * d) + s.lerp_b * (g - d * s.lerp_w_comp);
-      const Vec v = o2.v[j] * s.beta2 + s.one_minus_beta2 * g * g;
-      Vec vv = v;
-      if constexpr (kAms) {  // torch.maximum: NaN propagates
-        n3.v[j] = select(mask_or(gt(v, o3.v[j]), unordered(v)), o3.v[j], v);
-        vv = n3.v[j];
-      }
-      const Vec denom = vv.sqrt() * s.inv_bc2_sqrt + s.eps;
-      w.v[j] = wd + (s.neg_step_size * m) / denom;
-      n1.v[j] = m;
-      n2.v[j] = v;
-    }
+    w.v[j] = update_vec<P, kInit>(s, l0.v[j], gr.v[j], o1.v[j], o2.v[j], o3.v[j], n1.v[j],
+                                  n2.v[j], n3.v[j]);
   }
   const auto w_stored = w.packed();
   PK x = PK::unpack(w_stored);  // the new latent as stored
@@ -121,12 +134,21 @@ inline __attribute__((always_inline)) Pack<T> update_pack(const StepV& s, T* L, 
   return x;
 }
 
+// bf16 on AVX2 / AVX-512 (step_bf16.h).
+template <Pattern P, bool kInit>
+int update_into_bf16(const StepArgs& s, c10::BFloat16* L, const c10::BFloat16* G,
+                     c10::BFloat16* B1, c10::BFloat16* B2, c10::BFloat16* B3, float* xs,
+                     int64_t n);
+
 // The base update of n elements into xs (the first pass of update steps: sources.h); the
 // vector body, then the rest per element. Returns 1 if a lane kept its old values.
 template <Pattern P, bool kInit, typename T>
 int update_into(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ G,
                 T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3,
                 float* __restrict__ xs, int64_t n) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && kBf16Lanes) {
+    return update_into_bf16<P, kInit>(s_arg, L, G, B1, B2, B3, xs, n);
+  }
   const StepArgs s = s_arg;  // a local copy: its scalars stay in registers
   const StepV sv(s);
   constexpr int64_t E = Pack<T>::kElems;

@@ -1,0 +1,123 @@
+// bf16 in vector registers the cheap way, on the x86 levels with integer vectors
+// (AVX2, AVX-512): what step_bf16.h's loops are made of.
+//
+// * Widening: a vector of 2 kW bf16 becomes two float vectors by interleaving zero words
+//   (unpacklo / unpackhi_epi16: one instruction each). The lanes come out in an order of
+//   their own within each 128-bit block, and narrowing (packus_epi32 of the high halves)
+//   puts them back: a loop that widens and narrows every stream the same way, and works
+//   lane by lane, never sees the order; store_natural writes a pair in memory order.
+// * Rounding: c10's round to nearest even (bits + 0x7fff + the kept lsb) without its NaN
+//   case (the caller has checked the values: abs_bits), and the value as stored is the
+//   rounded bits with the low half cleared, not a second conversion.
+// Other levels (x86-64 baseline, NEON): kBf16Lanes is false, and the loops keep simd.h's
+// generic Pack<BFloat16>.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+#include "level.h"
+#include "simd.h"
+#include "sources.h"
+
+PARQ_CPU_BEGIN
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+constexpr bool kBf16Lanes = true;
+
+#if defined(CPU_CAPABILITY_AVX512)
+using IVec = __m512i;  // 32 bf16, or 16 int32
+inline IVec iload(const void* p) { return _mm512_loadu_si512(p); }
+inline void istore(void* p, IVec v) { _mm512_storeu_si512(p, v); }
+inline IVec iset(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+inline IVec ibits(Vec v) { return _mm512_castps_si512(v); }
+inline Vec fbits(IVec v) { return Vec(_mm512_castsi512_ps(v)); }
+inline IVec iand(IVec a, IVec b) { return _mm512_and_si512(a, b); }
+inline IVec iadd(IVec a, IVec b) { return _mm512_add_epi32(a, b); }
+inline IVec isrl16(IVec a) { return _mm512_srli_epi32(a, 16); }
+inline IVec imax(IVec a, IVec b) { return _mm512_max_epi32(a, b); }
+inline bool any_gt(IVec a, IVec b) { return _mm512_cmpgt_epi32_mask(a, b) != 0; }
+inline Vec widen_lo(IVec b) { return fbits(_mm512_unpacklo_epi16(_mm512_setzero_si512(), b)); }
+inline Vec widen_hi(IVec b) { return fbits(_mm512_unpackhi_epi16(_mm512_setzero_si512(), b)); }
+inline IVec narrow_hi(IVec a, IVec b) { return _mm512_packus_epi32(isrl16(a), isrl16(b)); }
+#else
+using IVec = __m256i;  // 16 bf16, or 8 int32
+inline IVec iload(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline void istore(void* p, IVec v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
+inline IVec iset(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+inline IVec ibits(Vec v) { return _mm256_castps_si256(v); }
+inline Vec fbits(IVec v) { return Vec(_mm256_castsi256_ps(v)); }
+inline IVec iand(IVec a, IVec b) { return _mm256_and_si256(a, b); }
+inline IVec iadd(IVec a, IVec b) { return _mm256_add_epi32(a, b); }
+inline IVec isrl16(IVec a) { return _mm256_srli_epi32(a, 16); }
+inline IVec imax(IVec a, IVec b) { return _mm256_max_epi32(a, b); }
+inline bool any_gt(IVec a, IVec b) {
+  const IVec m = _mm256_cmpgt_epi32(a, b);
+  return !_mm256_testz_si256(m, m);
+}
+inline Vec widen_lo(IVec b) { return fbits(_mm256_unpacklo_epi16(_mm256_setzero_si256(), b)); }
+inline Vec widen_hi(IVec b) { return fbits(_mm256_unpackhi_epi16(_mm256_setzero_si256(), b)); }
+inline IVec narrow_hi(IVec a, IVec b) { return _mm256_packus_epi32(isrl16(a), isrl16(b)); }
+#endif
+
+// Two float vectors of one bf16 vector (in widen's lane order).
+struct Bf16Pair {
+  Vec v[2];
+};
+inline Bf16Pair widen(const c10::BFloat16* p) {
+  const IVec b = iload(p);
+  return {{widen_lo(b), widen_hi(b)}};
+}
+
+// The pair of a widened vector, stored in memory order (2 kW floats).
+#if defined(CPU_CAPABILITY_AVX512)
+inline void store_natural(float* out, Vec lo, Vec hi) {
+  // lo = blocks (0, 2, 4, 6) of 4 elements, hi = (1, 3, 5, 7)
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  _mm512_storeu_ps(out, _mm512_permutex2var_ps(lo, first, hi));
+  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(lo, second, hi));
+}
+#else
+inline void store_natural(float* out, Vec lo, Vec hi) {  // lo = blocks (0, 2), hi = (1, 3)
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(lo, hi, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+#endif
+
+// The rounding constants, made once per loop.
+struct Bf16Round {
+  IVec one = iset(1), bias = iset(0x7FFF), high = iset(0xFFFF0000u), abs = iset(0x7FFFFFFF);
+  IVec max_finite = iset(0x7F7F7FFF);  // |bits| above: inf or NaN as stored (0x7F7F8000 rounds up)
+  // bits whose high half is RNE(v) in bf16 (c10's rounding; v not NaN)
+  IVec rne(Vec v) const {
+    const IVec b = ibits(v);
+    return iadd(b, iadd(iand(isrl16(b), one), bias));
+  }
+  Vec as_stored(IVec r) const { return fbits(iand(r, high)); }
+  IVec abs_bits(Vec v) const { return iand(ibits(v), abs); }
+  IVec narrow(const Vec (&v)[2]) const { return narrow_hi(rne(v[0]), rne(v[1])); }
+  // Is a new latent (w) or state value (n1, n2, n3 as the pattern has them) not finite as
+  // stored in bf16?
+  template <Pattern P>
+  bool any_not_finite(const Vec (&w)[2], const Vec (&n1)[2], const Vec (&n2)[2],
+                      const Vec (&n3)[2]) const {
+    IVec big = imax(abs_bits(w[0]), abs_bits(w[1]));
+    for (int j = 0; j < 2; ++j) {
+      if constexpr (P != Pattern::kSgd) big = imax(big, abs_bits(n1[j]));
+      if constexpr (P == Pattern::kAdam || P == Pattern::kAdamAmsgrad) {
+        big = imax(big, abs_bits(n2[j]));
+      }
+      if constexpr (P == Pattern::kAdamAmsgrad) big = imax(big, abs_bits(n3[j]));
+    }
+    return any_gt(big, max_finite);
+  }
+};
+
+#else
+constexpr bool kBf16Lanes = false;
+#endif
+
+PARQ_CPU_END
