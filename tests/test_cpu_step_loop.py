@@ -1,7 +1,8 @@
 """The CPU fused step's non-update loop gives the same bits in its two forms: the
-per-element code (the head of a row, until the weights are 64-byte aligned, and its
-tail) and the vector body (AVX-512 intrinsics where the build has them). A row whose
-values repeat with a period of 47 puts the same inputs at scalar and vector positions."""
+per-element code (the head of a row, until the weights are aligned for streaming stores,
+and its tail) and the vector body (simd.h at every level; bf16 at AVX2 / AVX-512 through
+step_bf16.h, whose blocks with a rejected lane also run per element). A row whose values
+repeat with a period of 47 puts the same inputs at scalar and vector positions."""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
 """The CPU kernels' fast paths of update steps give the same bits as the general code.
 
 * The fused step's pipelined rows (csrc/cpu/step_update.h: float32 rows of a multiple
-  of 16 elements, p 64-byte aligned, prox NONE or PARQ with K <= 4) against the general
+  of the vector width, p aligned for streaming stores, prox NONE, PARQ with K <= 16 or
+  HARD with a fresh uniform quantizer) against the general
   path (statistics pass, then write pass): the same call is made on aligned storage
   (pipelined) and with p one float past a 64-byte boundary (the general path runs).
 * The write pass straight from the latent (csrc/cpu/write_direct.h: uniform HARD, PARQ
-  with K <= 4) in its two forms, per element (the head until p is aligned, the tail) and
-  16 at a time: a row whose values repeat with a period of 47 puts the same inputs at
+  with K <= 16) in its two forms, per element (the head until p is aligned, the tail) and
+  a vector at a time: a row whose values repeat with a period of 47 puts the same inputs at
   both kinds of position (test_cpu_step_loop.py does the same for non-update steps).
 """
 
