@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_harness import PROX_CONFIGS, QUANT_CONFIGS
+from kernel_harness import PROX_CONFIGS, QUANT_CONFIGS, UNIF, QuantConfig
 from step_harness import OptimConfig, run_step
 
 from parq_kernels import backends
-from parq_kernels.kinds import OptimKind
+from parq_kernels.kinds import OptimKind, QuantKind
 
 _WHY = backends.availability("cpu")["cpu"]
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=_WHY or "ok")
@@ -109,3 +109,49 @@ def test_bf16_non_finite_levels_take_the_general_loop():
         same = (out.params[0] == base.params[0]) | (out.params[0].isnan() & base.params[0].isnan())
         assert bool(same.all()), level
         assert torch.equal(out.latents[0], base.latents[0]), level
+
+
+def _around(values: torch.Tensor) -> torch.Tensor:
+    """Each value rounded to bf16 and its bf16 neighbours, both signs of zero."""
+    b = values.to(torch.bfloat16).view(torch.int16).int()
+    key = torch.where(b >= 0, b, -32768 - b)  # ordered as the values
+    keys = torch.cat([key - 1, key, key + 1])
+    near = torch.where(keys >= 0, keys, -32768 - keys).short().view(torch.bfloat16)
+    zeros = torch.tensor([0.0, -0.0], dtype=torch.bfloat16)
+    return torch.cat([near, zeros, torch.tensor([3.0, -3.0, 1e30, -1e30], dtype=torch.bfloat16)])
+
+
+@pytest.mark.parametrize(
+    "levels",
+    [[-1.5, -0.5, 0.5, 1.5],  # midpoints -1, 0, 1: bf16 values, x lands on them
+     [-1.0, -1 / 3, 1 / 3, 1.0],  # midpoints +-2/3 between two bf16 values
+     [(k - 7.5) / 8 for k in range(16)],  # 4 bits, midpoints on the bf16 grid
+     [(k - 7.5) / 7.3 for k in range(16)],  # 4 bits, midpoints off it
+     [-2.0, -2.0, 0.25, 0.25, 0.25, 1.0, 1.0, 3.0]],  # 3 bits with equal levels
+    ids=["b2-exact", "b2-thirds", "b4-exact", "b4-off", "b3-ties"],
+)  # fmt: skip
+def test_bf16_hard_ties_and_neighbours_of_midpoints(levels):
+    """HARD on bf16 maps in 16-bit lanes (HardBf16): x exactly on a midpoint goes to the
+    lower level (M_j < x is strict), its bf16 neighbours to either side, zeros of both
+    signs, values outside the levels; p equals bf16(Q_c), c = #{j : M_j < x}, computed
+    here in float32, and the baseline level's bits."""
+    Q = torch.tensor(levels, dtype=torch.float32)
+    M = (Q[:-1] + Q[1:]) / 2
+    x = _around(M)
+    cols = 16 * ((x.numel() + 15) // 16) + 16  # whole vector blocks and a tail
+    lat = x.repeat(cols // x.numel() + 1)[:cols].reshape(1, cols).repeat(2, 1)
+    grad = torch.zeros_like(lat)
+    xf = lat.float()
+    want = Q[(M.view(1, 1, -1) < xf.unsqueeze(-1)).sum(-1)].to(torch.bfloat16)
+    bits = {4: 2, 8: 3, 16: 4}[len(levels)]
+    qc = QuantConfig(f"unif-b{bits}", QuantKind.UNIFORM, bits, UNIF)
+    quants = [Q.repeat(2, 1)]
+    args = ([lat], [grad], [[], [], []], SGD, qc, PC["hard"], False, 1.0, quants)
+    with backends.forced_cpu_level("default"):
+        base = run_step("cpu", *args)
+    assert torch.equal(base.latents[0], lat)
+    assert torch.equal(base.params[0].view(torch.int16), want.view(torch.int16))
+    for level in backends.cpu_levels():
+        with backends.forced_cpu_level(level):
+            out = run_step("cpu", *args)
+        assert torch.equal(out.params[0].view(torch.int16), want.view(torch.int16)), level

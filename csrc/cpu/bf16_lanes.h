@@ -31,6 +31,7 @@ using IVec = __m512i;  // 32 bf16, or 16 int32
 inline IVec iload(const void* p) { return _mm512_loadu_si512(p); }
 inline void istore(void* p, IVec v) { _mm512_storeu_si512(p, v); }
 inline IVec iset(uint32_t v) { return _mm512_set1_epi32(static_cast<int>(v)); }
+inline IVec iset16(int16_t v) { return _mm512_set1_epi16(v); }
 inline IVec ibits(Vec v) { return _mm512_castps_si512(v); }
 inline Vec fbits(IVec v) { return Vec(_mm512_castsi512_ps(v)); }
 inline IVec iand(IVec a, IVec b) { return _mm512_and_si512(a, b); }
@@ -41,11 +42,29 @@ inline bool any_gt(IVec a, IVec b) { return _mm512_cmpgt_epi32_mask(a, b) != 0; 
 inline Vec widen_lo(IVec b) { return fbits(_mm512_unpacklo_epi16(_mm512_setzero_si512(), b)); }
 inline Vec widen_hi(IVec b) { return fbits(_mm512_unpackhi_epi16(_mm512_setzero_si512(), b)); }
 inline IVec narrow_hi(IVec a, IVec b) { return _mm512_packus_epi32(isrl16(a), isrl16(b)); }
+// 16-bit lanes: bf16 bits -> keys ordered as the values; c - (a > b); table[c] (c < 16)
+inline IVec key16(IVec s) {
+  const IVec neg = _mm512_sub_epi16(_mm512_set1_epi16(INT16_MIN), s);
+  return _mm512_mask_blend_epi16(_mm512_movepi16_mask(s), s, neg);
+}
+inline IVec count_gt16(IVec c, IVec a, IVec b) {
+  return _mm512_sub_epi16(c, _mm512_movm_epi16(_mm512_cmpgt_epi16_mask(a, b)));
+}
+struct Table16 {
+  IVec t;
+  explicit Table16(const uint16_t (&v)[16]) {
+    alignas(64) uint16_t w[32];
+    for (int k = 0; k < 32; ++k) w[k] = v[k & 15];
+    t = _mm512_load_si512(w);
+  }
+  IVec operator()(IVec c) const { return _mm512_permutexvar_epi16(c, t); }
+};
 #else
 using IVec = __m256i;  // 16 bf16, or 8 int32
 inline IVec iload(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 inline void istore(void* p, IVec v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
 inline IVec iset(uint32_t v) { return _mm256_set1_epi32(static_cast<int>(v)); }
+inline IVec iset16(int16_t v) { return _mm256_set1_epi16(v); }
 inline IVec ibits(Vec v) { return _mm256_castps_si256(v); }
 inline Vec fbits(IVec v) { return Vec(_mm256_castsi256_ps(v)); }
 inline IVec iand(IVec a, IVec b) { return _mm256_and_si256(a, b); }
@@ -59,6 +78,30 @@ inline bool any_gt(IVec a, IVec b) {
 inline Vec widen_lo(IVec b) { return fbits(_mm256_unpacklo_epi16(_mm256_setzero_si256(), b)); }
 inline Vec widen_hi(IVec b) { return fbits(_mm256_unpackhi_epi16(_mm256_setzero_si256(), b)); }
 inline IVec narrow_hi(IVec a, IVec b) { return _mm256_packus_epi32(isrl16(a), isrl16(b)); }
+// 16-bit lanes: bf16 bits -> keys ordered as the values; c - (a > b); table[c] (c < 16)
+inline IVec key16(IVec s) {
+  const IVec neg = _mm256_sub_epi16(_mm256_set1_epi16(INT16_MIN), s);
+  return _mm256_blendv_epi8(s, neg, _mm256_srai_epi16(s, 15));
+}
+inline IVec count_gt16(IVec c, IVec a, IVec b) {
+  return _mm256_sub_epi16(c, _mm256_cmpgt_epi16(a, b));
+}
+struct Table16 {  // the low and the high bytes of 16 values, looked up with pshufb
+  IVec lo, hi;
+  explicit Table16(const uint16_t (&v)[16]) {
+    alignas(32) uint8_t l[32], h[32];
+    for (int k = 0; k < 32; ++k) {
+      l[k] = static_cast<uint8_t>(v[k & 15] & 0xFF);
+      h[k] = static_cast<uint8_t>(v[k & 15] >> 8);
+    }
+    lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(l));
+    hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(h));
+  }
+  IVec operator()(IVec c) const {  // c's high bytes are 0: they index byte 0, dropped
+    const IVec a = _mm256_and_si256(_mm256_shuffle_epi8(lo, c), _mm256_set1_epi16(0x00FF));
+    return _mm256_or_si256(a, _mm256_slli_epi16(_mm256_shuffle_epi8(hi, c), 8));
+  }
+};
 #endif
 
 // Two float vectors of one bf16 vector (in widen's lane order).
@@ -69,6 +112,49 @@ inline Bf16Pair widen(const c10::BFloat16* p) {
   const IVec b = iload(p);
   return {{widen_lo(b), widen_hi(b)}};
 }
+
+// The order key of bf16 bits as an int16 (-0 and +0 the same key), and back.
+inline int16_t bf16_key(uint16_t b) {
+  const int s = static_cast<int16_t>(b);
+  return static_cast<int16_t>(s >= 0 ? s : INT16_MIN - s);
+}
+inline uint16_t bf16_from_key(int k) {
+  return static_cast<uint16_t>(static_cast<int16_t>(k >= 0 ? k : INT16_MIN - k));
+}
+// The smallest bf16 above m (m finite): x > m <=> x >= it, for every bf16 x.
+inline uint16_t bf16_above(float m) {
+  const c10::BFloat16 r(m);  // the nearest (RNE): if above m, nothing lies between
+  if (static_cast<float>(r) > m) return r.x;
+  return bf16_from_key(bf16_key(r.x) + 1);
+}
+
+// HARD onto NL stored levels, in bf16's own 16-bit lanes (2 kW per vector, memory order):
+// h = Q_c with c = #{j : M_j < x} (project_one's chain) counted with integer compares of
+// order keys, x > M_j read as key(x) >= key(bf16_above(M_j)), and p = bf16(Q_c) looked up
+// from a table of the levels rounded once. For bf16 x the same p as the float chain and
+// its rounding, in half the compares (16-bit lanes) and without the conversions.
+template <int NL>
+struct HardBf16 {
+  IVec kt[NL - 1];  // key(bf16_above(M_j)) - 1: key(x) > kt_j <=> M_j < x
+  Table16 table;
+  static Table16 levels(const float* Q) {
+    uint16_t v[16];
+    for (int k = 0; k < 16; ++k) v[k] = c10::BFloat16(Q[k < NL ? k : NL - 1]).x;
+    return Table16(v);
+  }
+  HardBf16(const float* Q, const float* M) : table(levels(Q)) {
+    for (int j = 0; j + 1 < NL; ++j) {
+      kt[j] = iset16(static_cast<int16_t>(bf16_key(bf16_above(M[j])) - 1));
+    }
+  }
+  IVec operator()(IVec x) const {  // x: 2 kW bf16; returns p as bf16
+    const IVec k = key16(x);
+    IVec c = iset16(0);
+#pragma GCC unroll 16
+    for (int j = 0; j + 1 < NL; ++j) c = count_gt16(c, k, kt[j]);
+    return table(c);
+  }
+};
 
 // The pair of a widened vector, stored in memory order (2 kW floats).
 #if defined(CPU_CAPABILITY_AVX512)

@@ -6,7 +6,8 @@
 //   stored, on the absolute bits: one integer max per vector), then rounded without a
 //   NaN case; the latent as stored is the rounded bits, not a second conversion;
 // * the projection skips the select that keeps non-finite x (x is finite, and so are the
-//   levels: levels_finite), so p is finite and rounds the same way.
+//   levels: levels_finite), so p is finite and rounds the same way; HARD maps the stored
+//   bf16 latent to p in 16-bit lanes (HardBf16, bf16_lanes.h).
 //
 // A block with a value that is not finite as stored goes through the scalar code
 // (update_element, project_one) element by element: the same operations, so the same
@@ -17,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../base_update.h"
 #include "bf16_lanes.h"
@@ -29,11 +31,15 @@
 PARQ_CPU_BEGIN
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// The levels step_loop_bf16 needs finite (then p is finite too).
-template <int NL>
-inline bool levels_finite(const LevelsN<NL>& l) {
+// Does step_loop_bf16 serve these levels? Finite (then p is finite too), and for HARD
+// sorted (HardBf16 counts the midpoints below x, the chain takes the last one).
+template <int PROX, int NL>
+inline bool bf16_loop_serves(const LevelsN<NL>& l) {
   bool fine = true;
   for (int j = 0; j < NL; ++j) fine = fine && std::isfinite(l.Q[j]);
+  if constexpr (PROX == kHard) {
+    for (int j = 0; j + 1 < NL; ++j) fine = fine && l.Q[j] <= l.Q[j + 1];
+  }
   return fine;
 }
 
@@ -98,6 +104,10 @@ int step_loop_bf16(const StepArgs& s_arg, c10::BFloat16* __restrict__ L,
   const StepV sv(s);
   const LevelsV<NL> lvv(lv, pa);
   const Bf16Round rd;
+  struct None {
+    None(const float*, const float*) {}
+  };
+  const std::conditional_t<PROX == kHard, HardBf16<NL>, None> hard(lv.Q, lv.M);
   constexpr int64_t E = 2 * kW;
   int kept = 0;
   auto scalar = [&](int64_t i) {
@@ -123,10 +133,15 @@ int step_loop_bf16(const StepArgs& s_arg, c10::BFloat16* __restrict__ L,
       continue;
     }
     const IVec r0 = rd.rne(w[0]), r1 = rd.rne(w[1]);
-    istore(L + i, narrow_hi(r0, r1));
+    const IVec xs = narrow_hi(r0, r1);  // the new latent as stored
+    istore(L + i, xs);
     if constexpr (P != Pattern::kSgd) istore(B1 + i, rd.narrow(n1));
     if constexpr (kAdamLike) istore(B2 + i, rd.narrow(n2));
     if constexpr (kAms) istore(B3 + i, rd.narrow(n3));
+    if constexpr (PROX == kHard) {  // in bf16's 16-bit lanes
+      stream_raw(out + i, hard(xs));
+      continue;
+    }
     Vec x[2] = {rd.as_stored(r0), rd.as_stored(r1)};
     if constexpr (PROX != kNone) {
       for (int j = 0; j < 2; ++j) x[j] = project_vec<PROX, NL, true>(x[j], lvv);

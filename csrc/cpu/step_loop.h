@@ -33,7 +33,7 @@ int step_loop_src(const StepSource<T>& src, int64_t o, int64_t n, const float* Q
   const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg, a.prox_arg, a.l2_denom};
   const LevelsN<NL> lv = pad_levels<NL>(Qrow, static_cast<int>(a.K));
   if constexpr (std::is_same_v<T, c10::BFloat16> && kBf16Lanes) {
-    if (levels_finite(lv)) {
+    if (bf16_loop_serves<PROX>(lv)) {
       return step_loop_bf16<P, PROX, NL>(*src.s, src.lat + o, src.grad + o, at(src.b1),
                                          at(src.b2), at(src.b3), src.p + o, n, lv, pa);
     }
