@@ -197,19 +197,22 @@ def headline_model_cases(quick: bool, repeats: int | None = None) -> list[StepCa
     with SGD (momentum 0.9), ViT-B/16 blocks and Llama-style blocks with AdamW, 2-bit
     uniform + PARQ per channel; and the 4-bit recipe: the Llama-style blocks, 4-bit
     ``MaxUnifQuantizer`` + ``ProxHardQuant`` per channel, ``AdamW(betas=(0.9, 0.95))``
-    (``adamw95``); ``quant_period`` 10 and 1."""
+    (``adamw95``), in float32 and in bf16 (how torchao PARQ's Llama run trained: the
+    yardstick is torch's fused step on the same bf16 parameters); ``quant_period`` 10 and 1."""
     sets = model_sets.headline_sets(quick)
+    fp32 = torch.float32
     kinds = [
-        (name, specs, source, base, "uniform", 2, "parq")
+        (name, specs, source, base, "uniform", 2, "parq", fp32)
         for (name, specs, source), base in zip(sets, ("sgd", "adamw", "adamw"), strict=True)
     ]
     name, specs, source = sets[-1]
-    kinds.append((name, specs, source, "adamw95", "maxunif", 4, "hard"))  # the 4-bit recipe
+    for dtype in (fp32, torch.bfloat16):  # the 4-bit recipe, as published (bf16) too
+        kinds.append((name, specs, source, "adamw95", "maxunif", 4, "hard", dtype))
     return [
         StepCase(name, tuple(specs), quantizer, bits, prox, True, base, period=period,
-                 repeats=repeats, source=source)
+                 repeats=repeats, source=source, dtype=dtype)
         for period in (10, 1)
-        for name, specs, source, base, quantizer, bits, prox in kinds
+        for name, specs, source, base, quantizer, bits, prox, dtype in kinds
     ]  # fmt: skip
 
 

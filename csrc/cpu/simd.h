@@ -5,7 +5,7 @@
 // max / min with C's `a > b ? a : b` semantics (ATen's maximum propagates NaN), streaming
 // stores, the store fence. No FMA anywhere: every multiply and add rounds as in the
 // scalar code (setup.py also builds with -ffp-contract=off), so every level gives the
-// same bits as the scalar forms in levels.h, base_update.h and project4.h.
+// same bits as the scalar forms in levels.h, base_update.h and project_levels.h.
 //
 // Needs torch >= 2.4 (at::vec::convert_to_float / convert_from_float for BFloat16 and
 // Half; setup.py's floor).
