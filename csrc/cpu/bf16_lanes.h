@@ -1,5 +1,5 @@
-// bf16 in vector registers the cheap way, on the x86 levels with integer vectors
-// (AVX2, AVX-512): what step_bf16.h's loops are made of.
+// bf16 in vector registers the cheap way, on the x86 levels (AVX2, AVX-512, and the SSE2
+// baseline): what step_bf16.h's loops are made of.
 //
 // * Widening: a vector of 2 kW bf16 becomes two float vectors by interleaving zero words
 //   (unpacklo / unpackhi_epi16: one instruction each). The lanes come out in an order of
@@ -9,8 +9,7 @@
 // * Rounding: c10's round to nearest even (bits + 0x7fff + the kept lsb) without its NaN
 //   case (the caller has checked the values: abs_bits), and the value as stored is the
 //   rounded bits with the low half cleared, not a second conversion.
-// Other levels (x86-64 baseline, NEON): kBf16Lanes is false, and the loops keep simd.h's
-// generic Pack<BFloat16>.
+// NEON (aarch64): kBf16Lanes is false, and the loops keep simd.h's generic Pack<BFloat16>.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -21,10 +20,16 @@
 #include "simd.h"
 #include "sources.h"
 
+#if defined(PARQ_VEC_SSE2)
+#include <emmintrin.h>
+#endif
+
 PARQ_CPU_BEGIN
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2) || defined(PARQ_VEC_SSE2)
 constexpr bool kBf16Lanes = true;
+// HardBf16 needs a byte shuffle (SSSE3's pshufb, AVX-512's vpermw): not at the baseline.
+constexpr bool kHardBf16Lanes = kStreamAlign != 0;
 
 #if defined(CPU_CAPABILITY_AVX512)
 using IVec = __m512i;  // 32 bf16, or 16 int32
@@ -59,7 +64,7 @@ struct Table16 {
   }
   IVec operator()(IVec c) const { return _mm512_permutexvar_epi16(c, t); }
 };
-#else
+#elif defined(CPU_CAPABILITY_AVX2)
 using IVec = __m256i;  // 16 bf16, or 8 int32
 inline IVec iload(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
 inline void istore(void* p, IVec v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
@@ -102,6 +107,28 @@ struct Table16 {  // the low and the high bytes of 16 values, looked up with psh
     return _mm256_or_si256(a, _mm256_slli_epi16(_mm256_shuffle_epi8(hi, c), 8));
   }
 };
+#else  // the x86-64 baseline (SSE2): 8 bf16 per vector, the halves in memory order
+using IVec = __m128i;  // 8 bf16, or 4 int32
+inline IVec iload(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
+inline void istore(void* p, IVec v) { _mm_storeu_si128(static_cast<__m128i*>(p), v); }
+inline IVec iset(uint32_t v) { return _mm_set1_epi32(static_cast<int>(v)); }
+inline IVec iset16(int16_t v) { return _mm_set1_epi16(v); }
+inline IVec ibits(Vec v) { return _mm_castps_si128(static_cast<__m128>(v.v)); }
+inline Vec fbits(IVec v) { return Vec(static_cast<VecSse2::F>(_mm_castsi128_ps(v))); }
+inline IVec iand(IVec a, IVec b) { return _mm_and_si128(a, b); }
+inline IVec iadd(IVec a, IVec b) { return _mm_add_epi32(a, b); }
+inline IVec isrl16(IVec a) { return _mm_srli_epi32(a, 16); }
+inline IVec imax(IVec a, IVec b) {  // (SSE4.1's pmaxsd)
+  const IVec m = _mm_cmpgt_epi32(a, b);
+  return _mm_or_si128(_mm_and_si128(m, a), _mm_andnot_si128(m, b));
+}
+inline bool any_gt(IVec a, IVec b) { return _mm_movemask_epi8(_mm_cmpgt_epi32(a, b)) != 0; }
+inline Vec widen_lo(IVec b) { return fbits(_mm_unpacklo_epi16(_mm_setzero_si128(), b)); }
+inline Vec widen_hi(IVec b) { return fbits(_mm_unpackhi_epi16(_mm_setzero_si128(), b)); }
+// (no packus_epi32 before SSE4.1: the arithmetic shift keeps each value in int16's range)
+inline IVec narrow_hi(IVec a, IVec b) {
+  return _mm_packs_epi32(_mm_srai_epi32(a, 16), _mm_srai_epi32(b, 16));
+}
 #endif
 
 // Two float vectors of one bf16 vector (in widen's lane order).
@@ -128,6 +155,7 @@ inline uint16_t bf16_above(float m) {
   return bf16_from_key(bf16_key(r.x) + 1);
 }
 
+#if !defined(PARQ_VEC_SSE2)
 // HARD onto NL stored levels, in bf16's own 16-bit lanes (2 kW per vector, memory order):
 // h = Q_c with c = #{j : M_j < x} (project_one's chain) counted with integer compares of
 // order keys, x > M_j read as key(x) >= key(bf16_above(M_j)), and p = bf16(Q_c) looked up
@@ -156,6 +184,17 @@ struct HardBf16 {
   }
 };
 
+#endif
+
+// A vector of p: streamed where the level has streaming stores (p aligned for them).
+inline void istream(void* p, IVec v) {
+  if constexpr (kStreamAlign == 0) {
+    istore(p, v);
+  } else {
+    stream_raw(p, v);
+  }
+}
+
 // The pair of a widened vector, stored in memory order (2 kW floats).
 #if defined(CPU_CAPABILITY_AVX512)
 inline void store_natural(float* out, Vec lo, Vec hi) {
@@ -165,6 +204,11 @@ inline void store_natural(float* out, Vec lo, Vec hi) {
       _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   _mm512_storeu_ps(out, _mm512_permutex2var_ps(lo, first, hi));
   _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(lo, second, hi));
+}
+#elif defined(PARQ_VEC_SSE2)
+inline void store_natural(float* out, Vec lo, Vec hi) {  // already in memory order
+  lo.store(out);
+  hi.store(out + 4);
 }
 #else
 inline void store_natural(float* out, Vec lo, Vec hi) {  // lo = blocks (0, 2), hi = (1, 3)
@@ -204,6 +248,7 @@ struct Bf16Round {
 
 #else
 constexpr bool kBf16Lanes = false;
+constexpr bool kHardBf16Lanes = false;
 #endif
 
 PARQ_CPU_END

@@ -1,4 +1,4 @@
-// The fused step's bf16 loops on the x86 levels with integer vectors (AVX2, AVX-512):
+// The fused step's bf16 loops on the x86 levels (AVX2, AVX-512, the SSE2 baseline):
 // step_loop's non-update pass and update_into's first pass of update steps (step_vec.h)
 // with bf16_lanes.h's conversions:
 //
@@ -30,7 +30,7 @@
 
 PARQ_CPU_BEGIN
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2) || defined(PARQ_VEC_SSE2)
 // Does step_loop_bf16 serve these levels? Finite (then p is finite too), and for HARD
 // sorted (HardBf16 counts the midpoints below x, the chain takes the last one).
 template <int PROX, int NL>
@@ -107,7 +107,12 @@ int step_loop_bf16(const StepArgs& s_arg, c10::BFloat16* __restrict__ L,
   struct None {
     None(const float*, const float*) {}
   };
-  const std::conditional_t<PROX == kHard, HardBf16<NL>, None> hard(lv.Q, lv.M);
+  constexpr bool kHardLanes = PROX == kHard && kHardBf16Lanes;
+#if defined(PARQ_VEC_SSE2)
+  const None hard(lv.Q, lv.M);
+#else
+  const std::conditional_t<kHardLanes, HardBf16<NL>, None> hard(lv.Q, lv.M);
+#endif
   constexpr int64_t E = 2 * kW;
   int kept = 0;
   auto scalar = [&](int64_t i) {
@@ -138,15 +143,17 @@ int step_loop_bf16(const StepArgs& s_arg, c10::BFloat16* __restrict__ L,
     if constexpr (P != Pattern::kSgd) istore(B1 + i, rd.narrow(n1));
     if constexpr (kAdamLike) istore(B2 + i, rd.narrow(n2));
     if constexpr (kAms) istore(B3 + i, rd.narrow(n3));
-    if constexpr (PROX == kHard) {  // in bf16's 16-bit lanes
-      stream_raw(out + i, hard(xs));
+    if constexpr (kHardLanes) {  // in bf16's 16-bit lanes
+#if !defined(PARQ_VEC_SSE2)
+      istream(out + i, hard(xs));
       continue;
+#endif
     }
     Vec x[2] = {rd.as_stored(r0), rd.as_stored(r1)};
     if constexpr (PROX != kNone) {
       for (int j = 0; j < 2; ++j) x[j] = project_vec<PROX, NL, true>(x[j], lvv);
     }
-    stream_raw(out + i, rd.narrow(x));
+    istream(out + i, rd.narrow(x));
   }
   for (; i < n; ++i) scalar(i);
   return kept;
