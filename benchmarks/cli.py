@@ -121,8 +121,9 @@ def mode_config(name: str) -> Mode:
 
 
 def memory_cases(headline: list) -> list:
-    """The headline's sets at ``quant_period`` 10, one case per set, base and quantizer:
-    8 x Linear(1024, 1024) uniform 2-bit + PARQ with SGD and AdamW, the model sets."""
+    """The headline's sets at ``quant_period`` 10, one case per set, base, quantizer and
+    dtype: 8 x Linear(1024, 1024) uniform 2-bit + PARQ with SGD and AdamW, the model sets
+    (the 4-bit recipe in float32 and bf16)."""
     return [c for c in headline if c.period == 10 and c.per_channel and c.quantizer != "lsbq"]
 
 

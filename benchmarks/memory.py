@@ -127,11 +127,16 @@ def step_memory(optimizer, device: torch.device, period: int) -> dict:
     return out
 
 
+def _dtype_note(case: step_bench.StepCase) -> str:
+    return "" if case.dtype == torch.float32 else f" ({step_bench.DTYPE_NAMES[case.dtype]})"
+
+
 def measure_case(case: step_bench.StepCase, device: torch.device, backend: str) -> dict:
     """:func:`step_memory` of torch's ``fused=True`` optimizer alone and of
     ``QuantOptimizer`` (``fused:<backend>``, the default fused step) on ``case``'s set."""
     out = {"set": case.model, "case": case.name, "source": case.source, "base": case.base,
-           "quantizer": f"{case.quantizer}{case.bits}+{case.prox}", "numel": case.numel,
+           "quantizer": f"{case.quantizer}{case.bits}+{case.prox}" + _dtype_note(case),
+           "numel": case.numel,
            "quantized": shapes.count(list(case.specs), quantized=True)}  # fmt: skip
     for key, variant, period in (("torch_fused", step_bench.FUSED_BASE, 1),
                                  ("quantopt", f"fused:{backend}", case.period)):  # fmt: skip

@@ -80,7 +80,7 @@ def test_vit_blocks_from_a_library_have_the_blocks_size():
 
 def test_headline_model_cases():
     cases = step_bench.headline_model_cases(quick=True, repeats=5)
-    assert len(cases) == 8 and {c.period for c in cases} == {10, 1}
+    assert len(cases) == 10 and {c.period for c in cases} == {10, 1}
     assert all(c.repeats == 5 and c.per_channel for c in cases)
     kinds = {(c.model.split("/")[0], c.base, c.quantizer, c.bits, c.prox) for c in cases}
     assert kinds == {
@@ -92,6 +92,10 @@ def test_headline_model_cases():
     names = [c.name for c in cases]
     assert len(set(names)) == len(names)
     assert "llama1b-blocks/4x2L/maxunif4+hard/channel/adamw95/period10" in names
+    # the recipe also in bf16 (torchao PARQ's Llama run), the rest in float32
+    bf16 = [c.name for c in cases if c.dtype == torch.bfloat16]
+    assert sorted(bf16) == [f"llama1b-blocks/4x2L/maxunif4+hard/channel/adamw95/period{p}/bf16"
+                            for p in (1, 10)]  # fmt: skip
     full = {c.model for c in step_bench.headline_model_cases(quick=False)}
     assert full == {"resnet20", "vit_b16-blocks/12L", "llama1b-blocks/4L"}
 
@@ -138,9 +142,10 @@ def test_quick_mode_adds_the_model_sets_and_low_bit_cases():
         "base(fused=True)", "fused:cpu", "stream"
     ]  # fmt: skip
     models = [c for c in mode.step_cases if c.repeats == cli.QUICK_MODEL_REPEATS]
-    assert len(models) == 8 and all(c.skip == ("base",) for c in models)
+    assert len(models) == 10 and all(c.skip == ("base",) for c in models)
     assert [c.model for c in mode.memory_cases] == [
         "8xLinear1024", "8xLinear1024", "resnet20", "vit_b16-blocks/2L", "llama1b-blocks/4x2L",
-        "llama1b-blocks/4x2L",
+        "llama1b-blocks/4x2L", "llama1b-blocks/4x2L",
     ]  # fmt: skip
+    assert [c.dtype for c in mode.memory_cases][-2:] == [torch.float32, torch.bfloat16]
     assert len({c.name for c in mode.step_cases}) == len(mode.step_cases)  # names are unique
