@@ -29,7 +29,11 @@ PARQ_CPU_BEGIN
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2) || defined(PARQ_VEC_SSE2)
 constexpr bool kBf16Lanes = true;
 // HardBf16 needs a byte shuffle (SSSE3's pshufb, AVX-512's vpermw): not at the baseline.
-constexpr bool kHardBf16Lanes = kStreamAlign != 0;
+#if defined(PARQ_VEC_SSE2)
+constexpr bool kHardBf16Lanes = false;
+#else
+constexpr bool kHardBf16Lanes = true;
+#endif
 
 #if defined(CPU_CAPABILITY_AVX512)
 using IVec = __m512i;  // 32 bf16, or 16 int32
@@ -155,6 +159,8 @@ inline uint16_t bf16_above(float m) {
   return bf16_from_key(bf16_key(r.x) + 1);
 }
 
+template <int NL>
+struct HardBf16;  // (declared on every level: step_bf16.h names it, used where kHardBf16Lanes)
 #if !defined(PARQ_VEC_SSE2)
 // HARD onto NL stored levels, in bf16's own 16-bit lanes (2 kW per vector, memory order):
 // h = Q_c with c = #{j : M_j < x} (project_one's chain) counted with integer compares of
