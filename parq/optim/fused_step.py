@@ -93,7 +93,7 @@ def group_reason(group: dict, params: list[Tensor]) -> str:
     return ""
 
 
-def _optim_kind(base: Optimizer, kind: OptimKind, group: dict) -> OptimKind:
+def optim_kind(base: Optimizer, kind: OptimKind, group: dict) -> OptimKind:
     if kind == OptimKind.SGD:
         return kind
     decoupled = group.get("decoupled_weight_decay", isinstance(base, AdamW))
@@ -300,7 +300,7 @@ def step_group(
     """Base update + quantize + prox of one quantized group (module doc)."""
     if not params:
         return None
-    kind = _optim_kind(opt.base_optimizer, kind, group)
+    kind = optim_kind(opt.base_optimizer, kind, group)
     bits = group["quant_bits"]
     qkind, qargs = quantizer.kernel_spec(bits)
     K = quantizer.get_quant_size(bits)

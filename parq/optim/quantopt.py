@@ -12,7 +12,8 @@ Three paths compute the same thing:
   ``parq_kernels::fused_step_`` call per (device, dtype) applies the base
   optimizer's update to the latent weights and then quantizes and projects them,
   in one pass (:mod:`parq.optim.fused_step`, SPEC.md §8); the other groups get
-  ``base_optimizer.step()`` as usual;
+  ``base_optimizer.step()`` as usual, or the fused kernel it would call, called directly
+  where that gives the same bits (:mod:`parq.optim.base_call`);
 * the **fused prox** (built-in quantizers and prox maps, any other base
   optimizer): ``base_optimizer.step()`` on the restored latents, then one
   ``parq_kernels::quant_prox_`` call per (device, dtype) does the latent copy,
@@ -37,6 +38,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from parq.optim import (
+    base_call,
     checkpoint,
     freeze,
     fused_step,
@@ -361,9 +363,10 @@ class QuantOptimizer(PublicSurface, Optimizer):
                 and not shard_plan.is_dtensor(p)}  # fmt: skip
 
     def _base_step_without(self, skip: set[int]) -> None:
-        """``base_optimizer.step()`` over every group but ``skip`` (with its hooks, if any)."""
+        """``base_optimizer.step()`` over every group but ``skip`` (with its hooks, if any);
+        torch's fused kernel called directly where that is the same (:mod:`.base_call`)."""
         groups = self.base_optimizer.param_groups
-        rest = [g for i, g in enumerate(groups) if i not in skip]
+        rest = base_call.step_groups(self, [(i, g) for i, g in enumerate(groups) if i not in skip])
         if not rest and not routing.has_step_hooks(self.base_optimizer):
             return
         self.base_optimizer.param_groups = rest
