@@ -25,6 +25,7 @@ from __future__ import annotations
 import operator
 import os
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -33,6 +34,8 @@ from parq_kernels import backends
 from parq_kernels.kinds import OptimKind
 
 KEY = "call"  # the calls' entries in the views cache: (KEY, group index) -> GroupCall
+_DTYPE = operator.attrgetter("dtype")
+_LAYOUT = operator.attrgetter("layout")
 
 
 @dataclass
@@ -44,7 +47,7 @@ class GroupCall:
     params: list[Tensor]
     ptrs: list[int]
     states: list[dict]
-    watched: list[tuple]  # per parameter: the state's tensors, in `keys` order
+    watched: list  # the state's tensors: per parameter, in `keys` order, one flat list
     keys: tuple[str, ...]  # the state entries watched ("latent", "quants", buffers, "step")
     shapes: list[tuple[int, int]]
     views: list[int]  # per parameter, how its gradient becomes (rows, cols): _view_mode()
@@ -111,7 +114,7 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
         params=params,
         ptrs=[p.data_ptr() for p in params],
         states=states,
-        watched=[tuple(st[k] for k in watched_keys) for st in states],
+        watched=[st[k] for st in states for k in watched_keys],
         keys=watched_keys,
         shapes=[tuple(it.out.shape) for it in items],
         views=[
@@ -143,7 +146,8 @@ def forget(opt, index: int) -> None:
 
 
 def ready(opt, index: int, group: dict, params: list[Tensor], quantizer) -> bool:
-    """Does the kept call serve this group's step? If so, its gradients' views are set."""
+    """Does the kept call serve this group's step? If so, its gradients' views are set.
+    (The checks run as ``map`` over the parameters: no Python bytecode per parameter.)"""
     call = _views(opt).get((KEY, index))
     if call is None:
         return False
@@ -155,21 +159,28 @@ def ready(opt, index: int, group: dict, params: list[Tensor], quantizer) -> bool
     state = opt.state
     if state is not call.state:  # a loaded checkpoint replaces it
         return False
-    keys, dtype, strided = call.keys, call.dtype, torch.strided
-    grads = []
-    for p, q, ptr, st, watched, shape, mode in zip(params, call.params, call.ptrs, call.states,
-                                                   call.watched, call.shapes, call.views,
-                                                   strict=True):  # fmt: skip
-        g = p.grad
-        if p is not q or g is None or p.data_ptr() != ptr or state.get(p) is not st:
-            return False
-        # (torch's grad setter keeps the gradient's dtype and shape those of p)
-        if g.layout is not strided or not g.is_contiguous() or p.dtype is not dtype:
-            return False
-        if not all(map(operator.is_, map(st.get, keys), watched)):
-            return False
-        grads.append(g if mode == 0 else (g.flatten(1) if mode == 1 else g.view(shape)))
-    call.grads = grads
+    if not all(map(operator.is_, params, call.params)):
+        return False
+    grads = [p.grad for p in params]
+    if not all(map(operator.is_not, grads, repeat(None))):
+        return False
+    if list(map(Tensor.data_ptr, params)) != call.ptrs:  # new storage
+        return False
+    if not all(map(operator.is_, map(state.get, params), call.states)):
+        return False
+    # (torch's grad setter keeps the gradient's dtype and shape those of p)
+    if not all(map(operator.is_, map(_DTYPE, params), repeat(call.dtype))):
+        return False
+    if not all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided))):
+        return False
+    if not all(map(Tensor.is_contiguous, grads)):
+        return False
+    keys = call.keys
+    now = [st.get(k) for st in call.states for k in keys]
+    if not all(map(operator.is_, now, call.watched)):
+        return False
+    views = zip(grads, call.views, call.shapes, strict=True)
+    call.grads = [g if m == 0 else (g.flatten(1) if m == 1 else g.view(*s)) for g, m, s in views]
     return True
 
 
