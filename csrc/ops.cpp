@@ -1,13 +1,15 @@
 // Schemas and registrations of parq_kernels_C::quant_prox_ and fused_step_, of the packed-export
 // ops pack_, unpack_ and dequantize_ and the DiffQ ops diffq_noise_, diffq_noise_backward_ and
 // diffq_quantize_ (CPU only), and the Python module parq_kernels._C (HAS_CUDA and the CPU
-// level functions; the ops live in torch.ops).
+// level functions, count_steps_; the ops live in torch.ops).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>  // at::Tensor from Python (count_steps_)
 #include <torch/library.h>
 
 #include "cpu_levels.h"
 #include "diffq.h"
+#include "host_steps.h"
 #include "pack.h"
 #include "quant_prox.h"
 
@@ -64,6 +66,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_levels", &parq::cpu_levels, "the levels built that this CPU runs, lowest first");
   m.def("_force_cpu_level", &parq::force_cpu_level,
         "serve the CPU ops at this level (one of cpu_levels()); for tests and benchmarks");
+  m.def("count_steps_", &parq::count_steps_,
+        "Adam's step counters + 1, as torch._foreach_add_(steps, 1) (csrc/host_steps.h)");
 #ifdef PARQ_WITH_CUDA
   m.attr("HAS_CUDA") = true;
 #else

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from parq.optim import routing
 from parq.optim.fused_step import optim_kind
+from parq_kernels import backends
 from parq_kernels.kinds import OptimKind
 
 KEY = "base"  # the kept lists' entries in the views cache: (KEY, group index) -> BaseCall
@@ -146,7 +147,7 @@ def _call(kind: OptimKind, group: dict, params: list[Tensor], grads: list[Tensor
         return
     exp_avgs, exp_avg_sqs, max_sqs, steps = lists
     beta1, beta2 = group["betas"]
-    torch._foreach_add_(steps, 1)
+    backends.step_counter()(steps)  # torch._foreach_add_(steps, 1), faster
     kernel = torch._fused_adamw_ if kind == OptimKind.ADAMW else torch._fused_adam_
     kernel(
         params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, amsgrad=bool(group["amsgrad"]),
@@ -158,6 +159,8 @@ def _call(kind: OptimKind, group: dict, params: list[Tensor], grads: list[Tensor
 def step_groups(opt, groups: list[tuple[int, dict]]) -> list[dict]:
     """Step what it can of ``groups`` (``(index, group)``, the base optimizer's groups left
     to its step) through torch's fused kernels directly; returns the groups it left."""
+    if not groups:
+        return []
     base = opt.base_optimizer
     views = opt.__dict__.setdefault("_fused_views", {})
     if opt._base_kind is None or not usable(base):

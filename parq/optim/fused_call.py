@@ -48,7 +48,8 @@ class GroupCall:
     ptrs: list[int]
     states: list[dict]
     watched: list  # the state's tensors: per parameter, in `keys` order, one flat list
-    keys: tuple[str, ...]  # the state entries watched ("latent", "quants", buffers, "step")
+    watch_states: list[dict]  # `watched`'s state dicts and keys ("latent", "quants", buffers,
+    watch_keys: list[str]  # "step"), flat
     shapes: list[tuple[int, int]]
     views: list[int]  # per parameter, how its gradient becomes (rows, cols): _view_mode()
     dtype: torch.dtype
@@ -62,6 +63,7 @@ class GroupCall:
     step: float  # Adam: the step number of the next call
     impl_key: tuple
     impl: object
+    count: object  # Adam: adds 1 to the step tensors (backends.step_counter)
     grads: list[Tensor] | None = field(default=None, repr=False)  # set by ready(), one step
 
 
@@ -115,7 +117,8 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
         ptrs=[p.data_ptr() for p in params],
         states=states,
         watched=[st[k] for st in states for k in watched_keys],
-        keys=watched_keys,
+        watch_states=[st for st in states for _ in watched_keys],
+        watch_keys=[k for _ in states for k in watched_keys],
         shapes=[tuple(it.out.shape) for it in items],
         views=[
             _view_mode(p.shape, tuple(it.out.shape)) for p, it in zip(params, items, strict=True)
@@ -131,6 +134,7 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
         step=tag[0] + 1 if kind != OptimKind.SGD else 0.0,
         impl_key=key,
         impl=backends.get_impl(backends.resolve(device, opt.backend), "fused_step_"),
+        count=backends.step_counter(),
     )
     _views(opt)[(KEY, index)] = call
 
@@ -175,8 +179,7 @@ def ready(opt, index: int, group: dict, params: list[Tensor], quantizer) -> bool
         return False
     if not all(map(Tensor.is_contiguous, grads)):
         return False
-    keys = call.keys
-    now = [st.get(k) for st in call.states for k in keys]
+    now = map(dict.get, call.watch_states, call.watch_keys)
     if not all(map(operator.is_, now, call.watched)):
         return False
     views = zip(grads, call.views, call.shapes, strict=True)
@@ -192,6 +195,6 @@ def run(opt, index: int, call: GroupCall, hparams: list[float], tail: tuple, n: 
     call.impl(call.outs, call.lats, grads, *call.bufs, call.quants, flags, int(call.kind),
               tuple(hparams), *tail)  # fmt: skip
     if call.stepped:
-        torch._foreach_add_(call.stepped, 1)
+        call.count(call.stepped)  # torch._foreach_add_(call.stepped, 1), faster
         call.step += 1
     opt._note_nonfinite(index, call.items, flags, n)
