@@ -45,6 +45,7 @@ QUICK_ADDED_REPEATS = 3
 QUICK_MODEL_REPEATS = 5
 QUICK_LOW_BIT_BASES = ("sgd",)
 QUICK_LOW_BIT_SKIP = ("base", "generic", "fused-prox")
+QUICK_HOST_REPEATS = 15  # the host-time cases: a timed call is ~2 ms, the spread is wide
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ def mode_config(name: str) -> Mode:
             + step_bench.low_bit_cases(QUICK_LOW_BIT_BASES, QUICK_ADDED_REPEATS, QUICK_LOW_BIT_SKIP)
             + step_bench.hard_phase_cases(repeats=QUICK_ADDED_REPEATS, skip=("base",))
             + step_bench.bf16_cases(repeats=QUICK_ADDED_REPEATS, skip=("base", "generic"))
-            + step_bench.model_cases(quick=True),
+            + step_bench.model_cases(quick=True)
+            + step_bench.host_cases(repeats=QUICK_HOST_REPEATS, skip=QUICK_LOW_BIT_SKIP),
             op_shape=(2, 256, 1024),
             repeats=5,
             warmup=1,
@@ -107,7 +109,8 @@ def mode_config(name: str) -> Mode:
         + step_bench.low_bit_cases()
         + step_bench.hard_phase_cases()
         + step_bench.bf16_cases()
-        + step_bench.model_cases(quick=False),
+        + step_bench.model_cases(quick=False)
+        + step_bench.host_cases(),
         op_shape=(4, 1024, 4096),
         repeats=20,
         warmup=3,

@@ -37,7 +37,8 @@ on the issue-4 set (:func:`low_bit_cases`: uniform, ``MaxUnifQuantizer``, LSBQ, 
 PARQ); the hard phase on it (:func:`hard_phase_cases`: ``ProxHardQuant`` per channel,
 ``ProxPARQ`` past its ``anneal_end`` per channel and per tensor; in this phase the steps
 between level updates only map to the nearest level), the same set with bf16 parameters
-(:func:`bf16_cases`), and whole-model shapes (:func:`model_cases`). A case may leave
+(:func:`bf16_cases`), whole-model shapes (:func:`model_cases`) and the host time of a step
+on 8 tiny tensors (:func:`host_cases`). A case may leave
 variants out (``skip``: quick mode's added cases time no ``base``, neither the 3- / 4-bit
 nor the bf16 cases ``generic``, and the 3- / 4-bit cases no ``fused-prox``).
 
@@ -252,6 +253,18 @@ def model_cases(quick: bool) -> list[StepCase]:
             ("llama1b", shapes.llama_1b(), "adamw"),
         ]
     return [StepCase(name, tuple(specs), base=base, period=10) for name, specs, base in sets]
+
+
+HOST = "8xLinear16"  # host time: 8 x (16, 16) weights, the kernels' work next to nothing
+
+
+def host_cases(repeats: int | None = None, skip: tuple[str, ...] = ()) -> list[StepCase]:
+    """Host time (issue 20): 8 weights of (16, 16), no bias, uniform 2-bit + PARQ per
+    tensor, SGD and AdamW, ``quant_period`` 10: the whole step is Python, op calls and torch's
+    per-tensor overhead, and its ratio to torch's fused step is the host-time ratio."""
+    specs = tuple(ParamSpec(f"{i}.weight", (16, 16), True) for i in range(8))
+    one = StepCase(HOST, specs, per_channel=False, period=10, repeats=repeats, skip=skip)
+    return [replace(one, base=base) for base in ("sgd", "adamw")]
 
 
 def smoke_cases() -> list[StepCase]:

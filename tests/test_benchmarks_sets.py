@@ -149,3 +149,7 @@ def test_quick_mode_adds_the_model_sets_and_low_bit_cases():
     ]  # fmt: skip
     assert [c.dtype for c in mode.memory_cases][-2:] == [torch.float32, torch.bfloat16]
     assert len({c.name for c in mode.step_cases}) == len(mode.step_cases)  # names are unique
+    host = [c for c in mode.step_cases if c.model == step_bench.HOST]
+    assert [(c.base, c.per_channel, c.period) for c in host] == [("sgd", False, 10),
+                                                                 ("adamw", False, 10)]  # fmt: skip
+    assert all(len(c.specs) == 8 and c.numel == 8 * 256 for c in host)

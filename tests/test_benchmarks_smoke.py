@@ -392,5 +392,7 @@ def test_quick_mode_times_the_headline_step_cases_more():
     assert len(headline) == 12 and all(c.repeats == 9 for c in headline)
     added = [c for c in cases if c.model == "8xLinear1024" and c not in headline]
     assert len(added) == 44 and all(c.repeats == cli.QUICK_ADDED_REPEATS for c in added)
-    models = [c for c in cases if c.model != "8xLinear1024"]  # the headline's: 5, others: 3
-    assert {c.repeats for c in models} == {cli.QUICK_MODEL_REPEATS, None}
+    models = [c for c in cases if c.model not in ("8xLinear1024", step_bench.HOST)]
+    assert {c.repeats for c in models} == {cli.QUICK_MODEL_REPEATS, None}  # headline's: 5
+    host = [c for c in cases if c.model == step_bench.HOST]
+    assert len(host) == 2 and all(c.repeats == cli.QUICK_HOST_REPEATS for c in host)

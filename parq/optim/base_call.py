@@ -11,7 +11,8 @@ Once such a group has taken torch's step (its state exists), its lists (paramete
 momentum buffers or moments, step counters) are kept here, and each later step calls the
 same kernel torch's step would call (``torch._fused_sgd_``, ``torch._fused_adam_`` /
 ``torch._fused_adamw_``) with the group's current options: the same bits, since it is
-the same call. It is taken only where that holds:
+the same call (Adam's step counters, which torch counts with ``torch._foreach_add_``,
+through :func:`parq_kernels.backends.step_counter`: the same values). It is taken only where that holds:
 
 * the base optimizer is torch's class (:func:`parq.optim.fused_step.base_kind`) without
   step hooks of its own or global ones, and its ``step`` is not replaced on the instance
