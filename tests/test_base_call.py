@@ -209,3 +209,34 @@ def test_a_grad_scaler_attribute_takes_the_base_step():
     _step_both(ours, theirs, 2)
     assert not _kept(opt)
     _assert_same(ours, theirs)
+
+
+def test_dtensor_groups_take_the_base_step():
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    assert not dist.is_initialized()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        q, u = _tensors()
+        d = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()])) for p in u]
+        ref = [torch.nn.Parameter(distribute_tensor(p.detach(), mesh, [Replicate()])) for p in u]
+        base = torch.optim.AdamW([{"params": q, "quant_bits": 2}, {"params": d}], lr=1e-2,
+                                 fused=True)  # fmt: skip
+        opt = QuantOptimizer(base, UnifQuantizer(), ProxPARQ(0, 20), quant_period=2)
+        torch_opt = torch.optim.AdamW(ref, lr=1e-2, fused=True)
+        for step in range(3):
+            _grads(q + u, step)
+            for p, r, plain in zip(d, ref, u, strict=True):
+                p.grad = distribute_tensor(plain.grad, mesh, [Replicate()])
+                r.grad = distribute_tensor(plain.grad.clone(), mesh, [Replicate()])
+            opt.step()
+            torch_opt.step()
+        assert not _kept(opt)
+        for p, r in zip(d, ref, strict=True):
+            assert torch.equal(p.full_tensor(), r.full_tensor())
+    finally:
+        dist.destroy_process_group()

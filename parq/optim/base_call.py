@@ -12,15 +12,16 @@ momentum buffers or moments, step counters) are kept here, and each later step c
 same kernel torch's step would call (``torch._fused_sgd_``, ``torch._fused_adam_`` /
 ``torch._fused_adamw_``) with the group's current options: the same bits, since it is
 the same call (Adam's step counters, which torch counts with ``torch._foreach_add_``,
-through :func:`parq_kernels.backends.step_counter`: the same values). It is taken only where that holds:
+through :func:`parq_kernels.backends.step_counter`: the same values). It is taken only
+where that holds:
 
 * the base optimizer is torch's class (:func:`parq.optim.fused_step.base_kind`) without
   step hooks of its own or global ones, and its ``step`` is not replaced on the instance
   (an LR scheduler attached to the base optimizer does that: its step counting stays);
 * the group is ``fused=True``, not differentiable, its ``lr`` and ``betas`` are numbers,
   and the optimizer has no ``grad_scale`` / ``found_inf`` (set by AMP's grad scaler);
-* every parameter of the group has a dense gradient, all on one device and dtype, and the
-  state holds its buffers (not a first step).
+* every parameter of the group is a plain tensor (not a DTensor) with a dense gradient, all
+  on one device and dtype, and the state holds its buffers (not a first step).
 
 Each step checks, per parameter, the same parameter list, a dense gradient and the same
 state dict and state tensors; anything else takes ``base_optimizer.step()`` as before. The
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from parq.optim import routing
+from parq.optim import routing, shard_plan
 from parq.optim.fused_step import optim_kind
 from parq_kernels import backends
 from parq_kernels.kinds import OptimKind
@@ -101,6 +102,8 @@ def _build(opt, kind: OptimKind, group: dict, params: list[Tensor]) -> BaseCall 
         return None  # (SGD without momentum keeps no state)
     p0 = params[0]
     if any(p.device != p0.device or p.dtype != p0.dtype for p in params):
+        return None
+    if shard_plan.has_dtensor(params):  # FSDP2 / DTensor: torch's step, as it is
         return None
     watched = [tuple(st[k] for k in names) if names else () for st in states]
     lists = tuple(list(col) for col in zip(*watched, strict=True)) if names else ()
