@@ -26,6 +26,24 @@ void check_like(at::TensorList ts, at::TensorList params, const char* name) {
   }
 }
 
+// A gradient is read as a flat run of numel elements: any contiguous shape of the
+// parameter's numel serves (the fused step's kept call passes the parameters' own gradients,
+// parq/optim/fused_call.py, instead of making a 2-D view of each at every step).
+void check_grads(at::TensorList grads, at::TensorList params) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(g.numel() == p.numel() && g.scalar_type() == p.scalar_type() &&
+                    g.device() == p.device() && g.is_contiguous(),
+                "fused_step_: grads[", i, "] must be a contiguous ", p.scalar_type(),
+                " tensor of ", p.numel(), " elements (shape ", p.sizes(), ", or any) on ",
+                p.device(), " like params[", i, "], got ", g.scalar_type(), " ", g.sizes(),
+                " on ", g.device());
+    TORCH_CHECK(p.numel() == 0 || g.data_ptr() != p.data_ptr(), "fused_step_: grads[", i,
+                "] must not alias params[", i, "]");
+  }
+}
+
 void check_count(at::TensorList ts, size_t want, const char* name, const char* when) {
   TORCH_CHECK(ts.size() == want, "fused_step_: ", name, " must hold ", want, " tensors ", when,
               ", got ", ts.size());
@@ -53,7 +71,7 @@ StepArgs validate_step_args(at::TensorList params, at::TensorList grads, at::Ten
               want, " entries, got ", hparams.size());
   for (size_t k = 0; k < want; ++k) check_finite(hparams[k], "entries");
   check_count(grads, n, "grads", "(one per param)");
-  check_like(grads, params, "grads");
+  check_grads(grads, params);
   StepArgs s{};
   s.kind = optim_kind;
   if (optim_kind == kSgd) {

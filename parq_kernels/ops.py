@@ -33,7 +33,9 @@ dtype); ``params[i]`` is written (not read) with the projection of ``w / gamma``
 ``quants`` and ``nonfinite`` as above (an element whose new latent or new state
 is non-finite keeps its previous latent and state, and is flagged).
 ``grads[i]`` (read) and ``bufs1/2/3[i]`` (the base optimizer's state, read and
-written) have the shape and dtype of ``params[i]`` and are contiguous;
+written) have the shape and dtype of ``params[i]`` and are contiguous (the C++ kernels
+also read a gradient of any shape with ``params[i]``'s number of elements: the fused
+step's kept call passes the parameters' own gradients to them);
 ``optim_kind`` (:class:`OptimKind`) says which update it is and what ``hparams``
 and the buffers hold. The update is torch's own math, computed in float32.
 

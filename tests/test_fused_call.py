@@ -9,6 +9,8 @@ import copy
 import pytest
 import torch
 from foundation_models import one_thread  # noqa: F401  (autouse fixture)
+from kernel_harness import PROX_CONFIGS, QUANT_CONFIGS
+from step_harness import OPTIM_CONFIGS, run_step
 
 from parq.optim import ProxHardQuant, ProxPARQ, QuantOptimizer, fused_call
 from parq.quant import MaxUnifQuantizer, UnifQuantizer
@@ -152,3 +154,33 @@ def test_a_loaded_checkpoint_or_a_copy_does_not_reuse_the_call():
     _grads(params, 4)
     opt.step()
     assert int(opt.state[params[0]]["step"]) == 5
+
+
+def test_the_cpu_call_passes_the_gradients_as_they_are():
+    """The C++ kernels read a gradient of any contiguous shape of the parameter's numel
+    (csrc/validate_step.cpp), so the kept CPU call makes no view per parameter and step;
+    another backend gets (rows, cols) views."""
+    params, opt = _run("sgd", 4, uncached=False)
+    call = opt.__dict__["_fused_views"][(fused_call.KEY, 0)]
+    assert call.views == [0] * len(call.params)
+    assert any(tuple(p.shape) != s for p, s in zip(call.params, call.shapes, strict=True))
+    _, ref = _run("sgd", 4, uncached=False, backend="reference")
+    ref_call = ref.__dict__["_fused_views"][(fused_call.KEY, 0)]
+    assert ref_call.views != [0] * len(ref_call.params)
+
+
+def test_the_cpu_op_reads_any_shape_of_the_parameters_numel():
+    g = torch.Generator().manual_seed(3)
+    lat = [torch.randn(8, 36, generator=g)]
+    grad = torch.randn(8, 4, 3, 3, generator=g)  # a conv weight's gradient, (rows, cols) = (8, 36)
+    oc = next(c for c in OPTIM_CONFIGS if c.name == "adamw")
+    qc = next(c for c in QUANT_CONFIGS if c.name == "unif-b2")
+    bufs = [[torch.zeros(8, 36)] for _ in range(oc.nbufs)] + [[]] * (3 - oc.nbufs)
+    flat = run_step("cpu", lat, [grad], bufs, oc, qc, PROX_CONFIGS[0])
+    rows = run_step("cpu", lat, [grad.view(8, 36)], bufs, oc, qc, PROX_CONFIGS[0])
+    for a, b in zip(flat.params + flat.latents, rows.params + rows.latents, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must be a contiguous Float tensor of 288"):
+        run_step("cpu", lat, [torch.randn(8, 35)], bufs, oc, qc, PROX_CONFIGS[0])
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must be a contiguous"):
+        run_step("cpu", lat, [torch.randn(36, 8).t()], bufs, oc, qc, PROX_CONFIGS[0])

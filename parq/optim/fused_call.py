@@ -34,6 +34,9 @@ from parq_kernels import backends
 from parq_kernels.kinds import OptimKind
 
 KEY = "call"  # the calls' entries in the views cache: (KEY, group index) -> GroupCall
+# backends whose fused_step_ reads a gradient of any contiguous shape of its parameter's
+# numel (the C++ kernels: csrc/validate_step.cpp); the others get (rows, cols) views
+RAW_GRADS = ("cpu", "cuda")
 _DTYPE = operator.attrgetter("dtype")
 _LAYOUT = operator.attrgetter("layout")
 
@@ -77,9 +80,10 @@ def route_key(opt, group: dict, quantizer) -> tuple:
 
 
 def _view_mode(shape: torch.Size, shape2d: tuple[int, int]) -> int:
-    """0: the gradient is (rows, cols) already (a Linear weight per channel); 1: its
-    ``flatten(1)`` is (a conv weight per channel); 2: ``view(rows, cols)``. (A view costs
-    microseconds, more than the rest of a parameter's checks.)"""
+    """0: the gradient as it is ((rows, cols) already, a Linear weight per channel, or any
+    shape for the C++ kernels: RAW_GRADS); 1: its ``flatten(1)`` (a conv weight per
+    channel); 2: ``view(rows, cols)``. (A view costs ~1.5 us, more than the rest of a
+    parameter's checks.)"""
     if tuple(shape) == shape2d:
         return 0
     if len(shape) > 2 and shape[0] == shape2d[0]:
@@ -110,6 +114,8 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
     states = [opt.state[p] for p in params]
     bufs = [[it.bufs[k] for it in items if len(it.bufs) > k] for k in range(3)]
     key = _impl_key(device, opt.backend)
+    name = backends.resolve(device, opt.backend)
+    raw = name in RAW_GRADS  # the gradients as they are: no view per parameter and step
     call = GroupCall(
         route_key=route_key(opt, group, quantizer),
         state=opt.state,
@@ -121,7 +127,8 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
         watch_keys=[k for _ in states for k in watched_keys],
         shapes=[tuple(it.out.shape) for it in items],
         views=[
-            _view_mode(p.shape, tuple(it.out.shape)) for p, it in zip(params, items, strict=True)
+            0 if raw else _view_mode(p.shape, tuple(it.out.shape))
+            for p, it in zip(params, items, strict=True)
         ],
         dtype=params[0].dtype,
         kind=kind,
@@ -133,7 +140,7 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
         stepped=[st["step"] for st in states] if kind != OptimKind.SGD else [],
         step=tag[0] + 1 if kind != OptimKind.SGD else 0.0,
         impl_key=key,
-        impl=backends.get_impl(backends.resolve(device, opt.backend), "fused_step_"),
+        impl=backends.get_impl(name, "fused_step_"),
         count=backends.step_counter(),
     )
     _views(opt)[(KEY, index)] = call
