@@ -32,13 +32,12 @@ torch profiler shows no ``Optimizer.step#SGD.step`` range for these groups.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from parq.optim import routing, shard_plan
+from parq.optim import fused_call, routing, shard_plan
 from parq.optim.fused_step import optim_kind
 from parq_kernels import backends
 from parq_kernels.kinds import OptimKind
@@ -53,9 +52,8 @@ class BaseCall:
     key: tuple  # the options the lists depend on (_lists_key)
     state: object  # the optimizer's state mapping
     params: list[Tensor]
-    states: list[dict]
-    watched: list[tuple]  # per parameter: its state's tensors, in `names` order
-    names: tuple[str, ...]
+    states: list[dict | None]  # (None: SGD without momentum keeps no state)
+    watched: tuple[list, list, list]  # fused_call.watch() of the buffers in the lists
     lists: tuple[list[Tensor], ...]  # SGD: (momentum buffers,); Adam: (m, v, max v, steps)
 
 
@@ -105,26 +103,17 @@ def _build(opt, kind: OptimKind, group: dict, params: list[Tensor]) -> BaseCall 
         return None
     if shard_plan.has_dtensor(params):  # FSDP2 / DTensor: torch's step, as it is
         return None
-    watched = [tuple(st[k] for k in names) if names else () for st in states]
-    lists = tuple(list(col) for col in zip(*watched, strict=True)) if names else ()
+    lists = tuple([st[k] for st in states] for k in names)
     if kind != OptimKind.SGD and not group["amsgrad"]:  # (m, v, steps) -> (m, v, [], steps)
         lists = (lists[0], lists[1], [], lists[2])
-    return BaseCall(_lists_key(kind, group), state, list(params), states, watched, names, lists)
+    watched = fused_call.watch(states, names)
+    return BaseCall(_lists_key(kind, group), state, list(params), states, watched, lists)
 
 
 def _valid(call: BaseCall, opt, kind: OptimKind, group: dict, params: list[Tensor]) -> bool:
     if call.state is not opt.state or call.key != _lists_key(kind, group):
         return False
-    if len(params) != len(call.params) or not all(map(operator.is_, params, call.params)):
-        return False
-    get = opt.state.get
-    if not all(map(operator.is_, map(get, params), call.states)):
-        return False
-    names = call.names
-    return not names or all(
-        all(map(operator.is_, map(st.get, names), watched))
-        for st, watched in zip(call.states, call.watched, strict=True)
-    )
+    return fused_call.same_state(opt.state, params, call.params, call.states, call.watched)
 
 
 def _grads(params: list[Tensor]) -> list[Tensor] | None:

@@ -50,9 +50,7 @@ class GroupCall:
     params: list[Tensor]
     ptrs: list[int]
     states: list[dict]
-    watched: list  # the state's tensors: per parameter, in `keys` order, one flat list
-    watch_states: list[dict]  # `watched`'s state dicts and keys ("latent", "quants", buffers,
-    watch_keys: list[str]  # "step"), flat
+    watched: tuple[list, list, list]  # watch(): "latent", "quants", buffers, "step"
     shapes: list[tuple[int, int]]
     views: list[int]  # per parameter, how its gradient becomes (rows, cols): _view_mode()
     dtype: torch.dtype
@@ -91,6 +89,27 @@ def _view_mode(shape: torch.Size, shape2d: tuple[int, int]) -> int:
     return 2
 
 
+def watch(states: list[dict], keys: tuple[str, ...]) -> tuple[list, list, list]:
+    """The flat lists :func:`same_state` reads: each state dict once per key, the keys, and
+    the tensors they hold now."""
+    return ([st for st in states for _ in keys], [k for _ in states for k in keys],
+            [st[k] for st in states for k in keys])  # fmt: skip
+
+
+def same_state(state, params: list[Tensor], kept: list[Tensor], states: list,
+               watched: tuple[list, list, list]) -> bool:  # fmt: skip
+    """Are ``params`` the ``kept`` parameters, each with its kept state dict (``state.get``),
+    whose watched entries (:func:`watch`) still hold the kept tensors? (``map`` over the
+    parameters: no Python bytecode per parameter.)"""
+    dicts, keys, tensors = watched
+    return (
+        len(params) == len(kept)
+        and all(map(operator.is_, params, kept))
+        and all(map(operator.is_, map(state.get, params), states))
+        and all(map(operator.is_, map(dict.get, dicts, keys), tensors))
+    )
+
+
 def _impl_key(device: torch.device, backend: str | None) -> tuple:
     return (device, backend, os.environ.get(backends.ENV_VAR))
 
@@ -122,9 +141,7 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
         params=params,
         ptrs=[p.data_ptr() for p in params],
         states=states,
-        watched=[st[k] for st in states for k in watched_keys],
-        watch_states=[st for st in states for _ in watched_keys],
-        watch_keys=[k for _ in states for k in watched_keys],
+        watched=watch(states, watched_keys),
         shapes=[tuple(it.out.shape) for it in items],
         views=[
             0 if raw else _view_mode(p.shape, tuple(it.out.shape))
@@ -163,21 +180,19 @@ def ready(opt, index: int, group: dict, params: list[Tensor], quantizer) -> bool
     if call is None:
         return False
     call.grads = None
-    if len(params) != len(call.params) or call.route_key != route_key(opt, group, quantizer):
+    if call.route_key != route_key(opt, group, quantizer):
         return False
     if call.impl_key != _impl_key(call.params[0].device, opt.backend):
         return False
     state = opt.state
     if state is not call.state:  # a loaded checkpoint replaces it
         return False
-    if not all(map(operator.is_, params, call.params)):
+    if not same_state(state, params, call.params, call.states, call.watched):
         return False
     grads = [p.grad for p in params]
     if not all(map(operator.is_not, grads, repeat(None))):
         return False
     if list(map(Tensor.data_ptr, params)) != call.ptrs:  # new storage
-        return False
-    if not all(map(operator.is_, map(state.get, params), call.states)):
         return False
     # (torch's grad setter keeps the gradient's dtype and shape those of p)
     if not all(map(operator.is_, map(_DTYPE, params), repeat(call.dtype))):
@@ -185,9 +200,6 @@ def ready(opt, index: int, group: dict, params: list[Tensor], quantizer) -> bool
     if not all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided))):
         return False
     if not all(map(Tensor.is_contiguous, grads)):
-        return False
-    now = map(dict.get, call.watch_states, call.watch_keys)
-    if not all(map(operator.is_, now, call.watched)):
         return False
     views = zip(grads, call.views, call.shapes, strict=True)
     call.grads = [g if m == 0 else (g.flatten(1) if m == 1 else g.view(*s)) for g, m, s in views]
