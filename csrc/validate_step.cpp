@@ -12,34 +12,24 @@
 namespace parq {
 namespace {
 
-void check_like(at::TensorList ts, at::TensorList params, const char* name) {
+// any_shape: a tensor read as a flat run of numel elements (the gradients) may have any
+// shape of its parameter's numel: the fused step's kept call passes the parameters' own
+// gradients (parq/optim/fused_call.py) instead of making a 2-D view of each at every step.
+void check_like(at::TensorList ts, at::TensorList params, const char* name,
+                bool any_shape = false) {
   for (size_t i = 0; i < ts.size(); ++i) {
     const at::Tensor& t = ts[i];
     const at::Tensor& p = params[i];
-    TORCH_CHECK(t.sizes() == p.sizes() && t.scalar_type() == p.scalar_type() &&
-                    t.device() == p.device() && t.is_contiguous(),
+    const bool shape_ok = any_shape ? t.numel() == p.numel() : t.sizes() == p.sizes();
+    TORCH_CHECK(shape_ok && t.scalar_type() == p.scalar_type() && t.device() == p.device() &&
+                    t.is_contiguous(),
                 "fused_step_: ", name, "[", i, "] must be a contiguous ", p.scalar_type(),
-                " tensor of shape ", p.sizes(), " on ", p.device(), " like params[", i, "], got ",
-                t.scalar_type(), " ", t.sizes(), " on ", t.device());
+                " tensor of ",
+                any_shape ? c10::str(p.numel(), " elements (shape ", p.sizes(), ", or any)")
+                          : c10::str("shape ", p.sizes()),
+                " on ", p.device(), " like params[", i, "], got ", t.scalar_type(), " ",
+                t.sizes(), " on ", t.device());
     TORCH_CHECK(p.numel() == 0 || t.data_ptr() != p.data_ptr(), "fused_step_: ", name, "[", i,
-                "] must not alias params[", i, "]");
-  }
-}
-
-// A gradient is read as a flat run of numel elements: any contiguous shape of the
-// parameter's numel serves (the fused step's kept call passes the parameters' own gradients,
-// parq/optim/fused_call.py, instead of making a 2-D view of each at every step).
-void check_grads(at::TensorList grads, at::TensorList params) {
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const at::Tensor& g = grads[i];
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(g.numel() == p.numel() && g.scalar_type() == p.scalar_type() &&
-                    g.device() == p.device() && g.is_contiguous(),
-                "fused_step_: grads[", i, "] must be a contiguous ", p.scalar_type(),
-                " tensor of ", p.numel(), " elements (shape ", p.sizes(), ", or any) on ",
-                p.device(), " like params[", i, "], got ", g.scalar_type(), " ", g.sizes(),
-                " on ", g.device());
-    TORCH_CHECK(p.numel() == 0 || g.data_ptr() != p.data_ptr(), "fused_step_: grads[", i,
                 "] must not alias params[", i, "]");
   }
 }
@@ -71,7 +61,7 @@ StepArgs validate_step_args(at::TensorList params, at::TensorList grads, at::Ten
               want, " entries, got ", hparams.size());
   for (size_t k = 0; k < want; ++k) check_finite(hparams[k], "entries");
   check_count(grads, n, "grads", "(one per param)");
-  check_grads(grads, params);
+  check_like(grads, params, "grads", /*any_shape=*/true);
   StepArgs s{};
   s.kind = optim_kind;
   if (optim_kind == kSgd) {
