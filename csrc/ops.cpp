@@ -1,7 +1,7 @@
 // Schemas and registrations of parq_kernels_C::quant_prox_ and fused_step_, of the packed-export
 // ops pack_, unpack_ and dequantize_ and the DiffQ ops diffq_noise_, diffq_noise_backward_ and
 // diffq_quantize_ (CPU only), and the Python module parq_kernels._C (HAS_CUDA and the CPU
-// level functions, count_steps_; the ops live in torch.ops).
+// level functions, the kept calls' count_steps_ and fused_step_call; the ops live in torch.ops).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor from Python (count_steps_)
@@ -52,6 +52,15 @@ TORCH_LIBRARY_IMPL(parq_kernels_C, CPU, m) {
   m.impl("diffq_quantize_", &parq::diffq_quantize_cpu);
 }
 
+// quant_prox_ and fused_step_ are in-place updates that return nothing and have no
+// derivative: autograd has nothing to record, so its key falls through to the device kernel.
+// (torch's boxed not-implemented fallback did nothing observable for them, at a cost per
+// tensor argument: ~3.5 us for the 40 tensors of a small fused step.)
+TORCH_LIBRARY_IMPL(parq_kernels_C, Autograd, m) {
+  m.impl("quant_prox_", torch::CppFunction::makeFallthrough());
+  m.impl("fused_step_", torch::CppFunction::makeFallthrough());
+}
+
 #ifdef PARQ_WITH_CUDA
 TORCH_LIBRARY_IMPL(parq_kernels_C, CUDA, m) {
   m.impl("quant_prox_", &parq::quant_prox_cuda);
@@ -68,6 +77,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "serve the CPU ops at this level (one of cpu_levels()); for tests and benchmarks");
   m.def("count_steps_", &parq::count_steps_,
         "Adam's step counters + 1, as torch._foreach_add_(steps, 1) (csrc/host_steps.h)");
+  m.def("fused_step_call", &parq::fused_step_call,
+        "torch.ops.parq_kernels_C.fused_step_ without its Python argument parsing "
+        "(csrc/host_steps.h)");
 #ifdef PARQ_WITH_CUDA
   m.attr("HAS_CUDA") = true;
 #else

@@ -208,3 +208,14 @@ def step_counter() -> Callable[[list[torch.Tensor]], None]:
     if ext is not None and hasattr(ext, "count_steps_"):
         return ext.count_steps_
     return lambda steps: torch._foreach_add_(steps, 1)
+
+
+def kept_step_impl(name: str) -> Callable:
+    """``fused_step_`` of backend ``name`` for calls whose arguments a checked call has
+    already taken (the kept call, parq.optim.fused_call): for the C++ kernels, the
+    extension's ``fused_step_call``, the op through the C++ dispatcher without torch.ops'
+    Python argument parsing (~9 against ~20 us for 8 small parameters with momentum,
+    csrc/host_steps.h); :func:`get_impl`'s callable otherwise (which raises if unavailable)."""
+    impl = get_impl(name, "fused_step_")
+    ext = _cpu_ext() if name in ("cpu", "cuda") else None
+    return ext.fused_step_call if ext is not None and hasattr(ext, "fused_step_call") else impl

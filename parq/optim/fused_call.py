@@ -4,7 +4,9 @@ A model is many tensors, most of them small; the per-parameter Python of a step 
 state lookups, 2-D views, bucketing) cost more than the kernel on such sets. After a
 group has taken the fused step once (:func:`parq.optim.fused_step.step_group`), its op
 arguments are kept here: the 2-D views of the weights, latents, levels and state buffers,
-the resolved kernel and the step counter. At the next step :func:`ready` checks, per
+the resolved kernel (for the C++ kernels, the extension's ``fused_step_call``: the op
+without torch.ops' Python argument parsing, parq_kernels.backends.kept_step_impl) and the
+step counter. At the next step :func:`ready` checks, per
 parameter, only what could have changed (the same tensor, its storage, its state's
 tensors in its state dict, a dense gradient of its dtype and shape) and, per group, the
 optimizer's state mapping (replaced by a loaded checkpoint) and the options the route
@@ -157,7 +159,7 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
         stepped=[st["step"] for st in states] if kind != OptimKind.SGD else [],
         step=tag[0] + 1 if kind != OptimKind.SGD else 0.0,
         impl_key=key,
-        impl=backends.get_impl(name, "fused_step_"),
+        impl=backends.kept_step_impl(name),
         count=backends.step_counter(),
     )
     _views(opt)[(KEY, index)] = call
