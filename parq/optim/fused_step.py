@@ -303,7 +303,6 @@ def step_group(
     kind = optim_kind(opt.base_optimizer, kind, group)
     bits = group["quant_bits"]
     qkind, qargs = quantizer.kernel_spec(bits)
-    K = quantizer.get_quant_size(bits)
     prox_kind, prox_arg, rho = opt.prox_map.schedule(n)
     qa = (int(qkind), bits, list(qargs), quantizer.center)
     keys = _state_keys(kind, group)
@@ -314,6 +313,7 @@ def step_group(
                 float(prox_arg), float(gamma))  # fmt: skip
         fused_call.run(opt, index, call, _hparams(kind, group, tag), tail, n)
         return rho
+    K = quantizer.get_quant_size(bits)
     buckets: dict[tuple, list[_Item]] = {}
     ctx = _GroupCtx(_views_cache(opt), keys, _layout_key(opt, group, K))
     states = opt.state

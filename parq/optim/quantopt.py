@@ -282,7 +282,8 @@ class QuantOptimizer(PublicSurface, Optimizer):
             self._paths = dict.fromkeys(range(len(self.param_groups)), warm)
             self.num_steps = n + 1
             return loss
-        routes = routing.routes(self)
+        quantized = list(self._quantized_params())
+        routes = routing.routes(self, quantized)
         fused = {index for index, (path, _) in routes.items() if path == routing.FUSED_STEP}
         # at the first quantized step, the latents of the unfused groups start as the weights
         # before the base step (held aside: Adam must see an empty state on its first step)
@@ -292,7 +293,8 @@ class QuantOptimizer(PublicSurface, Optimizer):
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            corrections = self._restore_latents(skip=fused) if n > self.warmup_steps else {}
+            rest = n > self.warmup_steps and len(fused) < len(quantized)
+            corrections = self._restore_latents(skip=fused) if rest else {}
             self._base_step_without(fused)
         else:
             corrections = self._restore_latents() if n > self.warmup_steps else {}
@@ -300,7 +302,7 @@ class QuantOptimizer(PublicSurface, Optimizer):
         for p, latent in first.items():
             self.state[p].setdefault("latent", latent)
         update = freezing or (n - self.warmup_steps) % self.quant_period == 0
-        for qi, (index, group, params) in enumerate(self._quantized_params()):
+        for qi, (index, group, params) in enumerate(quantized):
             group["cumu_lr"] += float(group["lr"])
             self._apply_corrections(group, params, corrections)
             quantizer = self._quantizer_for(qi)
@@ -322,8 +324,8 @@ class QuantOptimizer(PublicSurface, Optimizer):
                 if self.anneal_wd_frac > 0 and "weight_decay" in group:
                     a, wd0 = self.anneal_wd_frac, group["initial_wd"]
                     group["weight_decay"] = rho * a * wd0 + (1 - a) * wd0
-        self._paths = {i: GroupPath(*routes.get(i, ("base step", ""))) for i in
-                       range(len(self.param_groups))}  # fmt: skip
+        self._paths = None  # step_paths builds them from the routes, if asked
+        self._routes = routes, len(self.param_groups)
         self.num_steps = n + 1
         if update:
             self._nonfinite.check(self.state)
@@ -335,6 +337,10 @@ class QuantOptimizer(PublicSurface, Optimizer):
         ``"fused step"``, ``"base step + fused prox"``, ``"base step + generic prox"``,
         ``"base step + sharded prox"`` or ``"base step"``; empty before the first step."""
         paths = getattr(self, "_paths", {})
+        if paths is None:
+            routes, count = self._routes
+            paths = {i: GroupPath(*routes.get(i, ("base step", ""))) for i in range(count)}
+            self._paths = paths
         return [paths[i] for i in sorted(paths)]
 
     def _fused_step_reason(self, group: dict, params: list[Tensor]) -> str:

@@ -105,10 +105,11 @@ def host_levels_reason(opt, group: dict, params: list[Tensor]) -> str:
     return ""
 
 
-def routes(opt) -> dict[int, tuple[str, str]]:
-    """``{index: (path, reason)}`` of the quantized groups for this step (module doc)."""
+def routes(opt, quantized: list | None = None) -> dict[int, tuple[str, str]]:
+    """``{index: (path, reason)}`` of the quantized groups for this step (module doc);
+    ``quantized``: ``list(opt._quantized_params())`` if the caller has it."""
     out = {}
-    for qi, (index, group, params) in enumerate(opt._quantized_params()):
+    for qi, (index, group, params) in enumerate(quantized or opt._quantized_params()):
         quantizer = opt._quantizer_for(qi)
         if fused_call.ready(opt, index, group, params, quantizer):  # as at its last step
             out[index] = (FUSED_STEP, "")
