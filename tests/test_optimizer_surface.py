@@ -1,7 +1,7 @@
 """The rest of the public release's QuantOptimizer surface (SPEC.md §1), and bad input that
 must leave no state behind (issue 10): latent helpers, quantize_, start_step, attribute
 fall-through, torch's optimizer hooks, add_param_group, backend names, dtype changes,
-meta-device parameters."""
+meta-device parameters, the grad mode of a step."""
 
 from __future__ import annotations
 
@@ -203,3 +203,35 @@ def test_dtype_change_without_restore_keeps_the_latents_on_every_path():
         assert torch.equal(opt.state[model.weight]["latent"], latent.to(torch.bfloat16))
         runs.append(opt.step_paths[0].path)
     assert runs == ["fused step", "base step + fused prox"]
+
+
+@pytest.mark.parametrize("outer", [True, False])
+def test_the_step_runs_without_grad_and_restores_the_grad_mode(outer):
+    """As ``@torch.no_grad()`` (which step no longer wraps it in): grad mode off inside the
+    step, on inside the closure, and the caller's mode back after it, an error included."""
+    model, opt = _model_opt()
+    seen = []
+    schedule = opt.prox_map.schedule
+
+    def watched(step_count):
+        seen.append(torch.is_grad_enabled())
+        return schedule(step_count)
+
+    opt.prox_map.schedule = watched
+
+    def closure():
+        seen.append(torch.is_grad_enabled())
+        opt.zero_grad()
+        loss = model(torch.ones(2, 6)).square().sum()
+        loss.backward()
+        return loss
+
+    with torch.set_grad_enabled(outer):
+        for _ in range(3):
+            opt.step(closure)
+        assert torch.is_grad_enabled() is outer
+        assert seen[0] is True and not any(seen[1:2]) and len(seen) >= 4
+        opt.param_groups[0]["quant_bits"] = 99.5  # not an integer: the step raises
+        with pytest.raises((TypeError, ValueError)):
+            opt.step()
+        assert torch.is_grad_enabled() is outer

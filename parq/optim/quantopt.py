@@ -265,15 +265,21 @@ class QuantOptimizer(PublicSurface, Optimizer):
 
     # -- the step (torch.compile of a function calling it runs it eagerly: a graph break) --
     @torch.compiler.disable
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        n = self.num_steps
-        if freeze.is_frozen(self, n):
-            return freeze.frozen_step(self, closure, n)
-        if n == self.freeze_step:
-            with freeze.hard_projection(self):
-                return self._step(closure, n, freezing=True)
-        return self._step(closure, n)
+        # grad mode off, as @torch.no_grad() does, without its per-call objects (~2 us of a
+        # small model's step); the closure runs with grad enabled (_step)
+        grad = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+        try:
+            n = self.num_steps
+            if freeze.is_frozen(self, n):
+                return freeze.frozen_step(self, closure, n)
+            if n == self.freeze_step:
+                with freeze.hard_projection(self):
+                    return self._step(closure, n, freezing=True)
+            return self._step(closure, n)
+        finally:
+            torch._C._set_grad_enabled(grad)
 
     def _step(self, closure: Callable[[], float] | None, n: int, freezing: bool = False):
         if n < self.warmup_steps:
