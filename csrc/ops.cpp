@@ -1,7 +1,8 @@
 // Schemas and registrations of parq_kernels_C::quant_prox_ and fused_step_, of the packed-export
 // ops pack_, unpack_ and dequantize_ and the DiffQ ops diffq_noise_, diffq_noise_backward_ and
 // diffq_quantize_ (CPU only), and the Python module parq_kernels._C (HAS_CUDA and the CPU
-// level functions, the kept calls' count_steps_ and fused_step_call; the ops live in torch.ops).
+// level functions, the kept calls' count_steps_, fused_step_call and kept_grads; the ops live
+// in torch.ops).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/utils/pybind.h>  // at::Tensor from Python (count_steps_)
@@ -80,6 +81,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_step_call", &parq::fused_step_call,
         "torch.ops.parq_kernels_C.fused_step_ without its Python argument parsing "
         "(csrc/host_steps.h)");
+  m.def("kept_grads", &parq::kept_grads,
+        "the gradients of a kept call's parameters if the kernel takes them as they are, "
+        "else None (csrc/host_steps.h)");
 #ifdef PARQ_WITH_CUDA
   m.attr("HAS_CUDA") = true;
 #else

@@ -210,6 +210,30 @@ def step_counter() -> Callable[[list[torch.Tensor]], None]:
     return lambda steps: torch._foreach_add_(steps, 1)
 
 
+def _kept_grads(params: list[torch.Tensor], ptrs: list[int], dtype: torch.dtype):
+    """:func:`grads_checker`'s Python form (no extension): the same checks."""
+    grads = [p.grad for p in params]
+    ok = (
+        len(params) == len(ptrs)
+        and all(g is not None and g.layout == torch.strided and g.is_contiguous() for g in grads)
+        and [p.data_ptr() for p in params] == ptrs
+        and all(p.dtype is dtype for p in params)
+    )
+    return grads if ok else None
+
+
+@functools.cache
+def grads_checker() -> Callable:
+    """``check(params, ptrs, dtype)``: the parameters' gradients (``p.grad``, a list) if each
+    is a dense contiguous tensor, its parameter still has ``data_ptr() == ptrs[i]`` and
+    ``dtype``, else None. The kept call's per-step test (parq.optim.fused_call.ready): the
+    extension's ``kept_grads`` (one C++ pass, csrc/host_steps.h), or the same in Python."""
+    ext = _cpu_ext()
+    if ext is not None and hasattr(ext, "kept_grads"):
+        return ext.kept_grads
+    return _kept_grads
+
+
 def kept_step_impl(name: str) -> Callable:
     """``fused_step_`` of backend ``name`` for calls whose arguments a checked call has
     already taken (the kept call, parq.optim.fused_call): for the C++ kernels, the

@@ -136,3 +136,49 @@ def test_the_op_on_a_parameter_in_grad_mode_records_nothing():
     with torch.enable_grad():
         torch.ops.parq_kernels_C.fused_step_(*args)
     assert p.grad_fn is None and not torch.equal(p.detach(), before)
+
+
+def _grads_cases():
+    """(name, params, ptrs, dtype, accepted) for the kept call's gradient test."""
+    g = torch.Generator().manual_seed(1)
+
+    def params():
+        ps = [torch.nn.Parameter(torch.randn(4, 6, generator=g)) for _ in range(3)]
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        return ps, [p.data_ptr() for p in ps]
+
+    cases = []
+    ps, ptrs = params()
+    cases.append(("accepted", ps, ptrs, torch.float32, True))
+    ps, ptrs = params()
+    ps[1].grad = None
+    cases.append(("a missing gradient", ps, ptrs, torch.float32, False))
+    ps, ptrs = params()
+    ps[2].grad = torch.randn(6, 4, generator=g).t()
+    cases.append(("a non-contiguous gradient", ps, ptrs, torch.float32, False))
+    ps, ptrs = params()
+    ps[0].grad = ps[0].grad.to_sparse()
+    cases.append(("a sparse gradient", ps, ptrs, torch.float32, False))
+    ps, ptrs = params()
+    ps[1].data = ps[1].data.clone()
+    cases.append(("new storage", ps, ptrs, torch.float32, False))
+    ps, ptrs = params()
+    cases.append(("another dtype", ps, ptrs, torch.float64, False))
+    ps, ptrs = params()
+    cases.append(("another count", ps, ptrs[:2], torch.float32, False))
+    return cases
+
+
+@pytest.mark.parametrize("check", ["extension", "python"])
+def test_the_gradients_check_accepts_only_what_the_kernel_takes_as_it_is(check):
+    fn = _ext().kept_grads if check == "extension" else backends._kept_grads
+    if check == "extension":
+        assert backends.grads_checker() is fn
+    for name, params, ptrs, dtype, accepted in _grads_cases():
+        grads = fn(params, ptrs, dtype)
+        if accepted:
+            assert isinstance(grads, list) and len(grads) == len(params), name
+            assert all(g is p.grad for g, p in zip(grads, params, strict=True)), name
+        else:
+            assert grads is None, name

@@ -6,14 +6,16 @@ group has taken the fused step once (:func:`parq.optim.fused_step.step_group`), 
 arguments are kept here: the 2-D views of the weights, latents, levels and state buffers,
 the resolved kernel (for the C++ kernels, the extension's ``fused_step_call``: the op
 without torch.ops' Python argument parsing, parq_kernels.backends.kept_step_impl) and the
-step counter. At the next step :func:`ready` checks, per
-parameter, only what could have changed (the same tensor, its storage, its state's
-tensors in its state dict, a dense gradient of its dtype and shape) and, per group, the
-optimizer's state mapping (replaced by a loaded checkpoint) and the options the route
-and the views depend on; then the group's route is the fused step without the per-parameter
-checks of :mod:`parq.optim.routing`, and :func:`run` makes one op call with the gradients'
-views. Anything else (a first step, a DTensor, a parameter without a gradient, a state
-buffer replaced, a setup change) takes the general code, which builds the call again.
+step counter. At the next step :func:`ready` checks, per parameter, only what could have
+changed (the same tensor, its storage, its state's tensors in its state dict, a dense
+gradient of its dtype and shape: that part in one C++ pass where the extension is built,
+parq_kernels.backends.grads_checker) and, per group, the optimizer's state mapping
+(replaced by a loaded checkpoint) and the options the route and the views depend on; then
+the group's route is the fused step without the per-parameter checks of
+:mod:`parq.optim.routing`, and :func:`run` makes one op call with the gradients (as they
+are for the C++ kernels, 2-D views for the others). Anything else (a first step, a
+DTensor, a parameter without a gradient, a state buffer replaced, a setup change) takes
+the general code, which builds the call again.
 
 The cache lives in the optimizer's ``_fused_views`` (parq.optim.checkpoint.CACHES): a
 loaded checkpoint, a copy or a pickle starts without it. Adam's step counters are read
@@ -27,7 +29,6 @@ from __future__ import annotations
 import operator
 import os
 from dataclasses import dataclass, field
-from itertools import repeat
 
 import torch
 from torch import Tensor
@@ -39,8 +40,6 @@ KEY = "call"  # the calls' entries in the views cache: (KEY, group index) -> Gro
 # backends whose fused_step_ reads a gradient of any contiguous shape of its parameter's
 # numel (the C++ kernels: csrc/validate_step.cpp); the others get (rows, cols) views
 RAW_GRADS = ("cpu", "cuda")
-_DTYPE = operator.attrgetter("dtype")
-_LAYOUT = operator.attrgetter("layout")
 
 
 @dataclass
@@ -67,6 +66,8 @@ class GroupCall:
     impl_key: tuple
     impl: object
     count: object  # Adam: adds 1 to the step tensors (backends.step_counter)
+    check: object  # the gradients if the kernel takes them as they are (backends.grads_checker)
+    views_needed: bool  # any views entry not 0
     grads: list[Tensor] | None = field(default=None, repr=False)  # set by ready(), one step
 
 
@@ -161,7 +162,10 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
         impl_key=key,
         impl=backends.kept_step_impl(name),
         count=backends.step_counter(),
+        check=backends.grads_checker(),
+        views_needed=False,
     )
+    call.views_needed = any(call.views)
     _views(opt)[(KEY, index)] = call
 
 
@@ -191,20 +195,15 @@ def ready(opt, index: int, group: dict, params: list[Tensor], quantizer) -> bool
         return False
     if not same_state(state, params, call.params, call.states, call.watched):
         return False
-    grads = [p.grad for p in params]
-    if not all(map(operator.is_not, grads, repeat(None))):
+    # dense contiguous gradients, the parameters on their storage and of their dtype (torch's
+    # grad setter keeps the gradient's dtype and shape those of p)
+    grads = call.check(params, call.ptrs, call.dtype)
+    if grads is None:
         return False
-    if list(map(Tensor.data_ptr, params)) != call.ptrs:  # new storage
-        return False
-    # (torch's grad setter keeps the gradient's dtype and shape those of p)
-    if not all(map(operator.is_, map(_DTYPE, params), repeat(call.dtype))):
-        return False
-    if not all(map(operator.is_, map(_LAYOUT, grads), repeat(torch.strided))):
-        return False
-    if not all(map(Tensor.is_contiguous, grads)):
-        return False
-    views = zip(grads, call.views, call.shapes, strict=True)
-    call.grads = [g if m == 0 else (g.flatten(1) if m == 1 else g.view(*s)) for g, m, s in views]
+    if call.views_needed:
+        views = zip(grads, call.views, call.shapes, strict=True)
+        grads = [g if m == 0 else (g.flatten(1) if m == 1 else g.view(*s)) for g, m, s in views]
+    call.grads = grads
     return True
 
 
