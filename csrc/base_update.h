@@ -21,31 +21,28 @@ namespace parq {
 enum OptimKind : int64_t { kSgd = 0, kAdam = 1, kAdamW = 2 };
 
 // The scalars of one update, in kernel form (host doubles rounded once to float,
-// as torch's kernels receive them). The options enter the per-element math as
-// multipliers (gsign, l2, decay, nest_g, nest_b, lerp_a, lerp_b), so that a loop
-// over elements has no branch and vectorizes; each multiplier is 0, 1 or torch's
-// scalar, so the values are torch's (up to the sign of a zero).
+// as torch's kernels receive them). The options are branches on flags that are the same
+// for every element (maximize, weight decay, nesterov, the lerp's form), taken as torch
+// takes them, so a term torch skips is skipped here too: a loop over elements keeps one
+// well-predicted branch per option (or none, where the compiler unswitches the loop).
 struct StepArgs {
   int64_t kind;
   bool maximize;
   bool has_wd;          // weight_decay != 0 (torch skips the decay term otherwise)
   float weight_decay;
-  float gsign;          // -1 with maximize, else 1
-  float l2;             // SGD, Adam: g += l2 * w (weight_decay, or 0 when off / AdamW)
+  float gsign;          // -1 with maximize, else 1 (g *= gsign with maximize)
+  float l2;             // SGD, Adam: g += l2 * w when has_wd (weight_decay; 0 for AdamW)
   float neg_lr;         // SGD: w += (-lr) * g
   bool has_momentum;    // SGD: momentum != 0
   float momentum;       // SGD
   float keep_grad;      // SGD: 1 - dampening
-  bool nesterov;        // SGD
-  float nest_g;         // SGD: g = nest_g * g + nest_b * buf (nesterov: 1, momentum; else 0, 1)
-  float nest_b;
+  bool nesterov;        // SGD: g += momentum * buf, else g = buf
   bool init_buf;        // SGD: the buffer starts as g (torch's first step)
-  float decay;          // AdamW: w *= decay (1 - lr * weight_decay, or 1 when off / Adam)
+  bool decoupled;       // AdamW: w *= decay when has_wd; Adam: g += l2 * w
+  float decay;          // AdamW: 1 - lr * weight_decay (1 when off / Adam)
   float lerp_w;         // Adam: 1 - beta1 (exp_avg.lerp_(g, lerp_w))
   float lerp_w_comp;    // Adam: 1 - lerp_w, in float (torch's lerp for weights >= 0.5)
-  bool lerp_small;      // Adam: |lerp_w| < 0.5
-  float lerp_a;         // Adam: 1 / 0 (lerp_small), the weight of torch's small-weight form
-  float lerp_b;         // Adam: 1 - lerp_a
+  bool lerp_small;      // Adam: |lerp_w| < 0.5 (torch's lerp: m + w (g - m), else g - (g - m) (1 - w))
   float beta2;          // Adam
   float one_minus_beta2;
   float eps;
@@ -58,11 +55,11 @@ struct StepArgs {
 // buf = g) and written; without momentum buf is not used.
 template <bool kMomentum, bool kInit>
 PARQ_HD float sgd_update(const StepArgs& s, float w, float g, float& buf) {
-  g = g * s.gsign;
-  g = g + s.l2 * w;
+  if (s.maximize) g = g * s.gsign;
+  if (s.has_wd) g = g + s.l2 * w;
   if (kMomentum) {
     buf = kInit ? g : buf * s.momentum + s.keep_grad * g;
-    g = s.nest_g * g + s.nest_b * buf;
+    g = s.nesterov ? g + s.momentum * buf : buf;
   }
   return w + s.neg_lr * g;
 }
@@ -70,11 +67,16 @@ PARQ_HD float sgd_update(const StepArgs& s, float w, float g, float& buf) {
 // Adam / AdamW: returns the new w; m, v (and vmax with kAmsgrad) are read and written.
 template <bool kAmsgrad>
 PARQ_HD float adam_update(const StepArgs& s, float w, float g, float& m, float& v, float& vmax) {
-  g = g * s.gsign;
-  w = w * s.decay;   // AdamW's decoupled decay (1 for Adam)
-  g = g + s.l2 * w;  // Adam's L2 decay through the gradient (0 for AdamW)
+  if (s.maximize) g = g * s.gsign;
+  if (s.has_wd) {
+    if (s.decoupled) {
+      w = w * s.decay;  // AdamW's decoupled decay
+    } else {
+      g = g + s.l2 * w;  // Adam's L2 decay through the gradient
+    }
+  }
   // torch's lerp, two forms by the weight
-  m = s.lerp_a * (m + s.lerp_w * (g - m)) + s.lerp_b * (g - (g - m) * s.lerp_w_comp);
+  m = s.lerp_small ? m + s.lerp_w * (g - m) : g - (g - m) * s.lerp_w_comp;
   v = v * s.beta2 + s.one_minus_beta2 * g * g;
   float vv = v;
   if (kAmsgrad) {

@@ -78,8 +78,6 @@ StepArgs validate_step_args(at::TensorList params, at::TensorList grads, at::Ten
     s.weight_decay = static_cast<float>(weight_decay);
     s.gsign = s.maximize ? -1.0f : 1.0f;
     s.l2 = s.has_wd ? s.weight_decay : 0.0f;
-    s.nest_g = s.nesterov ? 1.0f : 0.0f;
-    s.nest_b = s.nesterov ? s.momentum : 1.0f;
     s.decay = 1.0f;
     check_count(bufs1, s.has_momentum ? n : 0, "bufs1 (momentum buffers)",
                 s.has_momentum ? "with momentum" : "without momentum");
@@ -97,15 +95,13 @@ StepArgs validate_step_args(at::TensorList params, at::TensorList grads, at::Ten
   s.has_wd = weight_decay != 0.0;
   s.weight_decay = static_cast<float>(weight_decay);
   s.gsign = s.maximize ? -1.0f : 1.0f;
-  const bool decoupled = optim_kind == kAdamW;
-  s.decay = s.has_wd && decoupled ? static_cast<float>(1.0 - lr * weight_decay) : 1.0f;
-  s.l2 = s.has_wd && !decoupled ? s.weight_decay : 0.0f;
+  s.decoupled = optim_kind == kAdamW;
+  s.decay = s.has_wd && s.decoupled ? static_cast<float>(1.0 - lr * weight_decay) : 1.0f;
+  s.l2 = s.has_wd && !s.decoupled ? s.weight_decay : 0.0f;
   const double w = 1.0 - beta1;  // torch: exp_avg.lerp_(g, 1 - beta1)
   s.lerp_w = static_cast<float>(w);
   s.lerp_w_comp = 1.0f - s.lerp_w;
   s.lerp_small = std::fabs(s.lerp_w) < 0.5f;
-  s.lerp_a = s.lerp_small ? 1.0f : 0.0f;
-  s.lerp_b = 1.0f - s.lerp_a;
   s.beta2 = static_cast<float>(beta2);
   s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   s.eps = static_cast<float>(eps);

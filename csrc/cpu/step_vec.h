@@ -21,16 +21,18 @@
 
 PARQ_CPU_BEGIN
 
-// StepArgs' multipliers broadcast once per row range (outside the loops).
+// StepArgs' scalars broadcast once per row range (outside the loops), and its option flags.
 struct StepV {
-  Vec gsign, l2, neg_lr, momentum, keep_grad, nest_g, nest_b, decay, lerp_w, lerp_w_comp,
-      lerp_a, lerp_b, beta2, one_minus_beta2, eps, neg_step_size, inv_bc2_sqrt;
+  Vec gsign, l2, neg_lr, momentum, keep_grad, decay, lerp_w, lerp_w_comp, beta2,
+      one_minus_beta2, eps, neg_step_size, inv_bc2_sqrt;
+  bool maximize, has_wd, nesterov, decoupled, lerp_small;  // base_update.h's branches
   explicit StepV(const StepArgs& s)
       : gsign(s.gsign), l2(s.l2), neg_lr(s.neg_lr), momentum(s.momentum),
-        keep_grad(s.keep_grad), nest_g(s.nest_g), nest_b(s.nest_b), decay(s.decay),
-        lerp_w(s.lerp_w), lerp_w_comp(s.lerp_w_comp), lerp_a(s.lerp_a), lerp_b(s.lerp_b),
+        keep_grad(s.keep_grad), decay(s.decay), lerp_w(s.lerp_w), lerp_w_comp(s.lerp_w_comp),
         beta2(s.beta2), one_minus_beta2(s.one_minus_beta2), eps(s.eps),
-        neg_step_size(s.neg_step_size), inv_bc2_sqrt(s.inv_bc2_sqrt) {}
+        neg_step_size(s.neg_step_size), inv_bc2_sqrt(s.inv_bc2_sqrt), maximize(s.maximize),
+        has_wd(s.has_wd), nesterov(s.nesterov), decoupled(s.decoupled),
+        lerp_small(s.lerp_small) {}
 };
 
 // Prefetch of the streams the update reads, kPrefetch elements ahead of element i.
@@ -45,7 +47,7 @@ inline __attribute__((always_inline)) void prefetch_update(const T* L, const T* 
   if constexpr (P == Pattern::kAdamAmsgrad) prefetch(B3 + i + kPrefetch);
 }
 
-// The base update of one vector (base_update.h, in its order; kInit: torch's first
+// The base update of one vector (base_update.h, in its order and with its branches; kInit: torch's first
 // momentum step, buf = g): returns the new latent; n1, n2, n3 get the new state (o1, o2,
 // o3 the old; those the pattern does not have are not read).
 template <Pattern P, bool kInit>
@@ -53,20 +55,26 @@ inline __attribute__((always_inline)) Vec update_vec(const StepV& s, Vec l0, Vec
                                                      Vec o2, Vec o3, Vec& n1, Vec& n2,
                                                      Vec& n3) {
   constexpr bool kAdamLike = P == Pattern::kAdam || P == Pattern::kAdamAmsgrad;
-  Vec g = gr * s.gsign;
+  Vec g = s.maximize ? gr * s.gsign : gr;
   if constexpr (!kAdamLike) {
-    g = g + s.l2 * l0;
+    if (s.has_wd) g = g + s.l2 * l0;
     if constexpr (P == Pattern::kSgdMomentum) {
       const Vec buf = kInit ? g : o1 * s.momentum + s.keep_grad * g;
       n1 = buf;
-      g = s.nest_g * g + s.nest_b * buf;
+      g = s.nesterov ? g + s.momentum * buf : buf;
     }
     return l0 + s.neg_lr * g;
   } else {
-    const Vec wd = l0 * s.decay;
-    g = g + s.l2 * wd;
+    Vec wd = l0;
+    if (s.has_wd) {
+      if (s.decoupled) {
+        wd = l0 * s.decay;
+      } else {
+        g = g + s.l2 * l0;
+      }
+    }
     const Vec m0 = o1, d = g - m0;
-    const Vec m = s.lerp_a * (m0 + s.lerp_w * d) + s.lerp_b * (g - d * s.lerp_w_comp);
+    const Vec m = s.lerp_small ? m0 + s.lerp_w * d : g - d * s.lerp_w_comp;
     const Vec v = o2 * s.beta2 + s.one_minus_beta2 * g * g;
     Vec vv = v;
     if constexpr (P == Pattern::kAdamAmsgrad) {  // torch.maximum: NaN propagates
