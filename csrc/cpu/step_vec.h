@@ -112,14 +112,26 @@ inline __attribute__((always_inline)) Pack<T> update_pack(const StepV& s, T* L, 
   }
   const auto w_stored = w.packed();
   PK x = PK::unpack(w_stored);  // the new latent as stored
-  Mask fine[N];
+  auto fine = [&](int j) {  // the lanes whose new latent and state are finite as stored
+    Mask f = stored_finite<T>(x.v[j]);
+    if constexpr (P != Pattern::kSgd) f = mask_and(f, stored_finite<T>(n1.v[j]));
+    if constexpr (kAdamLike) f = mask_and(f, stored_finite<T>(n2.v[j]));
+    if constexpr (kAms) f = mask_and(f, stored_finite<T>(n3.v[j]));
+    return f;
+  };
   bool all = true;
   for (int j = 0; j < N; ++j) {
-    fine[j] = stored_finite<T>(x.v[j]);
-    if constexpr (P != Pattern::kSgd) fine[j] = mask_and(fine[j], stored_finite<T>(n1.v[j]));
-    if constexpr (kAdamLike) fine[j] = mask_and(fine[j], stored_finite<T>(n2.v[j]));
-    if constexpr (kAms) fine[j] = mask_and(fine[j], stored_finite<T>(n3.v[j]));
-    all = all && all_set(fine[j]);
+    if constexpr (std::is_same_v<T, float>) {
+      // the same test in fewer ops: v - v is +0 for a finite v and NaN for inf / NaN, and
+      // the sum carries a NaN (a float32 value is stored as it is)
+      Vec z = x.v[j] - x.v[j];
+      if constexpr (P != Pattern::kSgd) z = z + (n1.v[j] - n1.v[j]);
+      if constexpr (kAdamLike) z = z + (n2.v[j] - n2.v[j]);
+      if constexpr (kAms) z = z + (n3.v[j] - n3.v[j]);
+      all = all && all_set(eq(z, Vec(0.0f)));
+    } else {
+      all = all && all_set(fine(j));
+    }
   }
   if (__builtin_expect(all, 1)) {
     w_stored.store(L + i);
@@ -130,10 +142,11 @@ inline __attribute__((always_inline)) Pack<T> update_pack(const StepV& s, T* L, 
   }
   ok = false;
   for (int j = 0; j < N; ++j) {  // stored as T, a kept old value is itself again
-    x.v[j] = select(fine[j], l0.v[j], x.v[j]);
-    if constexpr (P != Pattern::kSgd) n1.v[j] = select(fine[j], o1.v[j], n1.v[j]);
-    if constexpr (kAdamLike) n2.v[j] = select(fine[j], o2.v[j], n2.v[j]);
-    if constexpr (kAms) n3.v[j] = select(fine[j], o3.v[j], n3.v[j]);
+    const Mask f = fine(j);
+    x.v[j] = select(f, l0.v[j], x.v[j]);
+    if constexpr (P != Pattern::kSgd) n1.v[j] = select(f, o1.v[j], n1.v[j]);
+    if constexpr (kAdamLike) n2.v[j] = select(f, o2.v[j], n2.v[j]);
+    if constexpr (kAms) n3.v[j] = select(f, o3.v[j], n3.v[j]);
   }
   x.store(L + i);
   if constexpr (P != Pattern::kSgd) n1.store(B1 + i);
