@@ -213,7 +213,11 @@ int step_loop(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ G,
     prefetch_update<P>(L, G, B1, B2, B3, i);
     Pack<T> x = update_pack<P, false>(sv, L, G, B1, B2, B3, i, ok);
     if constexpr (PROX != kNone) {
-      for (int j = 0; j < Pack<T>::N; ++j) x.v[j] = project_vec<PROX, NL>(x.v[j], lvv);
+      if (__builtin_expect(ok, 1)) {  // no lane rejected yet: x is finite, no select of x
+        for (int j = 0; j < Pack<T>::N; ++j) x.v[j] = project_vec<PROX, NL, true>(x.v[j], lvv);
+      } else {  // a kept old latent may not be finite: projected as the scalar code does
+        for (int j = 0; j < Pack<T>::N; ++j) x.v[j] = project_vec<PROX, NL>(x.v[j], lvv);
+      }
     }
     x.stream(out + i);
   }
