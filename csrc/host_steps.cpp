@@ -7,6 +7,8 @@
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "quant_prox.h"
+
 namespace parq {
 
 void count_steps_(const std::vector<at::Tensor>& steps) {
@@ -25,11 +27,6 @@ void count_steps_(const std::vector<at::Tensor>& steps) {
   }
 }
 
-using FusedStepFn = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList,
-                         at::TensorList, at::TensorList, at::TensorList, const at::Tensor&,
-                         int64_t, c10::ArrayRef<double>, int64_t, int64_t, c10::ArrayRef<double>,
-                         bool, bool, int64_t, double, double);
-
 void fused_step_call(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& latents,
                      const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& bufs1,
                      const std::vector<at::Tensor>& bufs2, const std::vector<at::Tensor>& bufs3,
@@ -39,7 +36,7 @@ void fused_step_call(const std::vector<at::Tensor>& params, const std::vector<at
                      int64_t prox_kind, double prox_arg, double gamma) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("parq_kernels_C::fused_step_", "")
-                             .typed<FusedStepFn>();
+                             .typed<decltype(fused_step_cpu)>();  // the op's signature
   pybind11::gil_scoped_release no_gil;
   op.call(params, latents, grads, bufs1, bufs2, bufs3, quants, nonfinite, optim_kind, hparams,
           quant_kind, bits, qargs, center, update, prox_kind, prox_arg, gamma);

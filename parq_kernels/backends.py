@@ -29,6 +29,7 @@ import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 PREFERENCE = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+COMPILED = ("cuda", "cpu")  # the extension's C++ kernels (parq_kernels._C)
 ENV_VAR = "PARQ_KERNELS_BACKEND"
 BUILD_HINT = "build it with: pip install --no-build-isolation -e ."
 
@@ -140,7 +141,7 @@ def get_impl(name: str, op: str = "quant_prox_") -> Callable:
     if impls is None:
         raise BackendUnavailableError(f"parq backend {name!r} unavailable: {why}")
     if op not in impls:
-        compiled = name in ("cpu", "cuda")
+        compiled = name in COMPILED
         hint = f" (an older build of the extension? {BUILD_HINT})" if compiled else ""
         if name == "cuda" and op in PACK_OPS + DIFFQ_OPS:
             hint = " (no CUDA kernels for the export and DiffQ ops: the triton backend serves them)"
@@ -241,5 +242,5 @@ def kept_step_impl(name: str) -> Callable:
     Python argument parsing (~9 against ~20 us for 8 small parameters with momentum,
     csrc/host_steps.h); :func:`get_impl`'s callable otherwise (which raises if unavailable)."""
     impl = get_impl(name, "fused_step_")
-    ext = _cpu_ext() if name in ("cpu", "cuda") else None
+    ext = _cpu_ext() if name in COMPILED else None
     return ext.fused_step_call if ext is not None and hasattr(ext, "fused_step_call") else impl

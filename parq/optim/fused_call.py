@@ -39,7 +39,7 @@ from parq_kernels.kinds import OptimKind
 KEY = "call"  # the calls' entries in the views cache: (KEY, group index) -> GroupCall
 # backends whose fused_step_ reads a gradient of any contiguous shape of its parameter's
 # numel (the C++ kernels: csrc/validate_step.cpp); the others get (rows, cols) views
-RAW_GRADS = ("cpu", "cuda")
+RAW_GRADS = backends.COMPILED
 
 
 @dataclass
@@ -67,7 +67,7 @@ class GroupCall:
     impl: object
     count: object  # Adam: adds 1 to the step tensors (backends.step_counter)
     check: object  # the gradients if the kernel takes them as they are (backends.grads_checker)
-    views_needed: bool  # any views entry not 0
+    views_needed: bool  # any(views): some gradient needs a view
     grads: list[Tensor] | None = field(default=None, repr=False)  # set by ready(), one step
 
 
@@ -138,6 +138,8 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
     key = _impl_key(device, opt.backend)
     name = backends.resolve(device, opt.backend)
     raw = name in RAW_GRADS  # the gradients as they are: no view per parameter and step
+    views = [0 if raw else _view_mode(p.shape, tuple(it.out.shape))
+             for p, it in zip(params, items, strict=True)]  # fmt: skip
     call = GroupCall(
         route_key=route_key(opt, group, quantizer),
         state=opt.state,
@@ -146,10 +148,7 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
         states=states,
         watched=watch(states, watched_keys),
         shapes=[tuple(it.out.shape) for it in items],
-        views=[
-            0 if raw else _view_mode(p.shape, tuple(it.out.shape))
-            for p, it in zip(params, items, strict=True)
-        ],
+        views=views,
         dtype=params[0].dtype,
         kind=kind,
         outs=[it.out for it in items],
@@ -163,9 +162,8 @@ def build(opt, index: int, group: dict, quantizer, kind: OptimKind, keys: list[s
         impl=backends.kept_step_impl(name),
         count=backends.step_counter(),
         check=backends.grads_checker(),
-        views_needed=False,
+        views_needed=any(views),
     )
-    call.views_needed = any(call.views)
     _views(opt)[(KEY, index)] = call
 
 
