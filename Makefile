@@ -67,8 +67,8 @@ test: build
 # its variable): the suite above ran them at this CPU's level, and tests/test_cpu_levels.py
 # checks every level this CPU runs against the baseline bit for bit.
 CPU_KERNEL_TESTS := tests/test_cpu_backend.py tests/test_fused_step_backends.py \
-	tests/test_cpu_step_loop.py tests/test_cpu_update_paths.py tests/test_export_ops.py \
-	tests/test_diffq_ops.py tests/test_fused_step.py
+	tests/test_cpu_level_search.py tests/test_cpu_step_loop.py tests/test_cpu_update_paths.py \
+	tests/test_export_ops.py tests/test_diffq_ops.py tests/test_fused_step.py
 test-levels: build
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(CPU_KERNEL_TESTS) -q -k "not triton and not cuda"
 

@@ -4,9 +4,10 @@
 // pipelined update rows (step_update.h) and the write passes (write_direct.h,
 // write_pass.h) use it.
 //
-// The levels are padded to NL = 4, 8 or 16 (kLevelSlots picks the smallest that holds K),
+// The levels are padded to NL = 4, 8 or 16 (level_slots picks the smallest that holds K),
 // and NL is a template argument, so the chains of selects unroll into NL - 1 compares and
-// blends per vector: no search, no gather, the same on every instruction-set level.
+// blends per vector: no search, no gather, on every instruction-set level. At 8 and 16
+// levels AVX2 and AVX-512 search sorted levels instead (level_search.h: the same values).
 // Two forms with the same float operations: a scalar one (heads and tails of rows) and a
 // vector one (simd.h, every level), because GCC turns the scalar form's chains of selects
 // into mask arithmetic through general registers, or into a scalar loop with branches
@@ -136,17 +137,6 @@ inline __attribute__((always_inline)) Vec project_vec(Vec x, const LevelsV<NL>& 
   } else {
     return select(finite_mask(x), x, y);
   }
-}
-
-// ys[0, n) in place.
-template <int PROX, int NL>
-inline void project_block(float* __restrict__ ys, int64_t n, const LevelsN<NL>& l,
-                          const ProjectArgs& p) {
-  if constexpr (PROX == kNone) return;
-  const LevelsV<NL> lv(l, p);
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) project_vec<PROX, NL>(Vec::loadu(ys + i), lv).store(ys + i);
-  for (; i < n; ++i) ys[i] = project_one<PROX, NL>(ys[i], l, p);
 }
 
 // fn(std::integral_constant<int, NL>{}) with the padded size that serves K levels.

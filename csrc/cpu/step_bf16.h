@@ -23,6 +23,7 @@
 #include "../base_update.h"
 #include "bf16_lanes.h"
 #include "level.h"
+#include "level_search.h"
 #include "project_levels.h"
 #include "simd.h"
 #include "sources.h"
@@ -107,7 +108,7 @@ int update_into_bf16(const StepArgs& s_arg, c10::BFloat16* __restrict__ L,
 }
 
 // step_loop (step_vec.h) for bf16: the same results, bit for bit.
-template <Pattern P, int PROX, int NL>
+template <Pattern P, int PROX, int NL, bool kSearch = false>
 int step_loop_bf16(const StepArgs& s_arg, c10::BFloat16* __restrict__ L,
                    const c10::BFloat16* __restrict__ G, c10::BFloat16* __restrict__ B1,
                    c10::BFloat16* __restrict__ B2, c10::BFloat16* __restrict__ B3,
@@ -118,7 +119,7 @@ int step_loop_bf16(const StepArgs& s_arg, c10::BFloat16* __restrict__ L,
   const LevelsN<NL> lv = lv_arg;
   const ProjectArgs pa = pa_arg;
   const StepV sv(s);
-  const LevelsV<NL> lvv(lv, pa);
+  const auto lvv = levels_vec<PROX, NL, kSearch>(lv, pa);
   const Bf16Round rd;
   struct None {
     None(const float*, const float*) {}

@@ -18,6 +18,7 @@
 #include "../base_update.h"
 #include "../levels.h"
 #include "level.h"
+#include "level_search.h"
 #include "project_levels.h"
 #include "row_stats.h"
 #include "sources.h"
@@ -32,14 +33,17 @@ int step_loop_src(const StepSource<T>& src, int64_t o, int64_t n, const float* Q
   auto at = [o](T* t) { return t != nullptr ? t + o : nullptr; };
   const ProjectArgs pa{1.0f / a.prox_arg, a.relax_keep, a.prox_arg, a.prox_arg, a.l2_denom};
   const LevelsN<NL> lv = pad_levels<NL>(Qrow, static_cast<int>(a.K));
-  if constexpr (std::is_same_v<T, c10::BFloat16> && kBf16Lanes) {
-    if (bf16_loop_serves<PROX>(lv)) {
-      return step_loop_bf16<P, PROX, NL>(*src.s, src.lat + o, src.grad + o, at(src.b1),
-                                         at(src.b2), at(src.b3), src.p + o, n, lv, pa);
+  return with_search<PROX>(lv, [&](auto search) {
+    constexpr bool S = decltype(search)::value;
+    if constexpr (std::is_same_v<T, c10::BFloat16> && kBf16Lanes) {
+      if (bf16_loop_serves<PROX>(lv)) {
+        return step_loop_bf16<P, PROX, NL, S>(*src.s, src.lat + o, src.grad + o, at(src.b1),
+                                              at(src.b2), at(src.b3), src.p + o, n, lv, pa);
+      }
     }
-  }
-  return step_loop<P, PROX, NL, T>(*src.s, src.lat + o, src.grad + o, at(src.b1), at(src.b2),
-                                   at(src.b3), src.p + o, n, lv, pa);
+    return step_loop<P, PROX, NL, T, S>(*src.s, src.lat + o, src.grad + o, at(src.b1),
+                                        at(src.b2), at(src.b3), src.p + o, n, lv, pa);
+  });
 }
 
 // Does the single loop serve this call (non-update steps without a shrink)? The

@@ -19,10 +19,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "../levels.h"
 #include "../quant_prox.h"
+#include "level_search.h"
 #include "project_levels.h"
 #include "write_direct.h"
 #include "row_stats.h"
@@ -58,32 +60,33 @@ inline RowPtrs row_ptrs(const StepSource<float>& src, int64_t off) {
   return {src.lat + off, src.grad + off, at(src.b1), at(src.b2), at(src.b3), src.p + off};
 }
 
-// A row's map broadcast once: its levels (PARQ) or its fresh uniform quantizer (HARD).
-template <int NL>
+// A row's map broadcast once: its levels (PARQ: LV is level_search.h's levels_vec) or its
+// fresh uniform quantizer (HARD).
+template <typename LV>
 struct RowMapV {
-  LevelsV<NL> lv;
+  LV lv;
   UniformV u;
-  RowMapV(const LevelsN<NL>& l, const ProjectArgs& pa, const RowQuant& rq) : lv(l, pa), u(rq) {}
+  RowMapV(const LV& l, const RowQuant& rq) : lv(l), u(rq) {}
 };
 
 // The projected x (PROX NONE: x itself; HARD: q_uniform, a non-finite x kept as it is).
-template <int PROX, int NL>
-inline __attribute__((always_inline)) Vec project_or_keep(Vec x, const RowMapV<NL>& m) {
+template <int PROX, typename LV>
+inline __attribute__((always_inline)) Vec project_or_keep(Vec x, const RowMapV<LV>& m) {
   if constexpr (PROX == kNone) {
     return x;
   } else if constexpr (PROX == kHard) {
     return select(finite_mask(x), x, q_uniform_vec(x, m.u));
   } else {
-    return project_vec<PROX, NL>(x, m.lv);
+    return project_vec<PROX>(x, m.lv);
   }
 }
 
 // Row `next`'s base update into xs_next, and (kWrite) row cur's projection from xs_cur
 // streamed to out, in one loop. Returns 1 if a lane of row next kept its old values.
-template <Pattern P, int PROX, int NL, bool kWrite>
+template <Pattern P, int PROX, bool kWrite, typename LV>
 int update_rows_pass(const StepV& s, const RowPtrs& next, float* __restrict__ xs_next,
                      const float* __restrict__ xs_cur, float* __restrict__ out, int64_t n,
-                     const RowMapV<NL>& lv) {
+                     const RowMapV<LV>& lv) {
   float* __restrict__ L = next.L;
   const float* __restrict__ G = next.G;
   float* __restrict__ B1 = next.B1;
@@ -94,18 +97,18 @@ int update_rows_pass(const StepV& s, const RowPtrs& next, float* __restrict__ xs
     prefetch_update<P>(L, G, B1, B2, B3, i);
     update_pack<P, false>(s, L, G, B1, B2, B3, i, ok).v[0].store(xs_next + i);
     if constexpr (kWrite) {
-      Pack<float>{{project_or_keep<PROX, NL>(Vec::loadu(xs_cur + i), lv)}}.stream(out + i);
+      Pack<float>{{project_or_keep<PROX>(Vec::loadu(xs_cur + i), lv)}}.stream(out + i);
     }
   }
   return ok ? 0 : 1;
 }
 
 // The last row's write (nothing left to update).
-template <int PROX, int NL>
+template <int PROX, typename LV>
 void write_row(const float* __restrict__ xs, float* __restrict__ out, int64_t n,
-               const RowMapV<NL>& lv) {
+               const RowMapV<LV>& lv) {
   for (int64_t i = 0; i < n; i += kW) {
-    Pack<float>{{project_or_keep<PROX, NL>(Vec::loadu(xs + i), lv)}}.stream(out + i);
+    Pack<float>{{project_or_keep<PROX>(Vec::loadu(xs + i), lv)}}.stream(out + i);
   }
 }
 
@@ -121,21 +124,25 @@ bool update_rows(const StepSource<float>& src, const OpArgs& a, int64_t r0, int6
   alignas(64) float buf[2][kChunk];
   float* cur = buf[0];
   float* nxt = buf[1];
-  const RowMapV<NL> none(LevelsN<NL>{}, pa, RowQuant{});
-  int bad = update_rows_pass<P, PROX, NL, false>(s, row_ptrs(src, r0 * cols), cur, nullptr,
-                                             nullptr, cols, none);
+  const RowMapV<LevelsV<NL>> none(LevelsV<NL>(LevelsN<NL>{}, pa), RowQuant{});
+  int bad = update_rows_pass<P, PROX, false>(s, row_ptrs(src, r0 * cols), cur, nullptr, nullptr,
+                                             cols, none);
   for (int64_t r = r0; r < r1; ++r) {
     float* Q = qp + r * K;
     RowQuant rq{};
     bad |= levels(cur, Q, rq);
-    const RowMapV<NL> lv(pad_levels<NL>(Q, K), pa, rq);
+    const LevelsN<NL> padded = pad_levels<NL>(Q, K);
     float* out = src.p + r * cols;
-    if (r + 1 < r1) {
-      bad |= update_rows_pass<P, PROX, NL, true>(s, row_ptrs(src, (r + 1) * cols), nxt, cur, out,
-                                             cols, lv);
-    } else {
-      write_row<PROX, NL>(cur, out, cols, lv);
-    }
+    with_search<PROX>(padded, [&](auto search) {
+      const auto lvv = levels_vec<PROX, NL, decltype(search)::value>(padded, pa);
+      const RowMapV<std::decay_t<decltype(lvv)>> map(lvv, rq);
+      if (r + 1 < r1) {
+        bad |= update_rows_pass<P, PROX, true>(s, row_ptrs(src, (r + 1) * cols), nxt, cur, out,
+                                               cols, map);
+      } else {
+        write_row<PROX>(cur, out, cols, map);
+      }
+    });
     std::swap(cur, nxt);
   }
   return bad != 0;

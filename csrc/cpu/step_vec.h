@@ -15,6 +15,7 @@
 #include "../base_update.h"
 #include "bf16_lanes.h"
 #include "level.h"
+#include "level_search.h"
 #include "project_levels.h"
 #include "simd.h"
 #include "sources.h"
@@ -189,7 +190,7 @@ int update_into(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ 
 
 // The non-update step over one row range of n elements (pointers at its start): update,
 // project onto the stored levels, store p. Returns 1 if a lane kept its old values.
-template <Pattern P, int PROX, int NL, typename T>
+template <Pattern P, int PROX, int NL, typename T, bool kSearch = false>
 int step_loop(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ G,
               T* __restrict__ B1, T* __restrict__ B2, T* __restrict__ B3, T* __restrict__ out,
               int64_t n, const LevelsN<NL>& lv_arg, const ProjectArgs& pa_arg) {
@@ -199,7 +200,7 @@ int step_loop(const StepArgs& s_arg, T* __restrict__ L, const T* __restrict__ G,
   const LevelsN<NL> lv = lv_arg;
   const ProjectArgs pa = pa_arg;
   const StepV sv(s);
-  const LevelsV<NL> lvv(lv, pa);
+  const auto lvv = levels_vec<PROX, NL, kSearch>(lv, pa);
   constexpr int64_t E = Pack<T>::kElems;
   int kept = 0;
   auto scalar = [&](int64_t i) {

@@ -18,6 +18,7 @@
 #include "../levels.h"
 #include "../quant_prox.h"
 #include "level.h"
+#include "level_search.h"
 #include "project_levels.h"
 #include "simd.h"
 
@@ -52,13 +53,12 @@ inline DirectMap direct_map(const OpArgs& a, const RowQuant* rq, int K, float ga
   return DirectMap::kNone;
 }
 
-template <DirectMap M, int NL>
-inline __attribute__((always_inline)) Vec map_vec(Vec x, const UniformV& u,
-                                                  const LevelsV<NL>& lv) {
+template <DirectMap M, typename LV>
+inline __attribute__((always_inline)) Vec map_vec(Vec x, const UniformV& u, const LV& lv) {
   if constexpr (M == DirectMap::kUniformHard) {
     return select(finite_mask(x), x, q_uniform_vec(x, u));
   } else {
-    return project_vec<kParq, NL>(x, lv);  // keeps a non-finite x itself
+    return project_vec<kParq>(x, lv);  // keeps a non-finite x itself
   }
 }
 
@@ -73,19 +73,19 @@ inline float map1(float x, const RowQuant& rq, const LevelsN<NL>& lv, const Proj
 
 // p[0, n) = map(lat[0, n)): the head until p is aligned for streaming stores and the tail
 // per element, the body a vector at a time with streaming stores (p is written, never read).
-template <DirectMap M, int NL>
+template <DirectMap M, int NL, bool kSearch = false>
 void write_direct(const float* __restrict__ lat, float* __restrict__ out, int64_t n,
                   const RowQuant& rq_arg, const LevelsN<NL>& lv_arg, const ProjectArgs& pa_arg) {
   const RowQuant rq = rq_arg;  // local copies, broadcast once (step_vec.h)
   const LevelsN<NL> lv = lv_arg;
   const ProjectArgs pa = pa_arg;
   const UniformV u(rq);
-  const LevelsV<NL> lvv(lv, pa);
+  const auto lvv = levels_vec<kParq, NL, kSearch>(lv, pa);
   int64_t i = 0;
   for (; i < n && !stream_aligned(out + i); ++i) out[i] = map1<M, NL>(lat[i], rq, lv, pa);
   for (; i + kW <= n; i += kW) {
     prefetch(lat + i + kPrefetch);
-    Pack<float>{{map_vec<M, NL>(Vec::loadu(lat + i), u, lvv)}}.stream(out + i);
+    Pack<float>{{map_vec<M>(Vec::loadu(lat + i), u, lvv)}}.stream(out + i);
   }
   for (; i < n; ++i) out[i] = map1<M, NL>(lat[i], rq, lv, pa);
 }
@@ -101,7 +101,10 @@ inline void write_direct(DirectMap map, const float* lat, float* out, int64_t n,
   }
   with_level_slots(K, [&](auto nl) {
     constexpr int NL = decltype(nl)::value;
-    write_direct<DirectMap::kParq, NL>(lat, out, n, rq, pad_levels<NL>(Q, K), pa);
+    const LevelsN<NL> padded = pad_levels<NL>(Q, K);
+    with_search<kParq>(padded, [&](auto search) {
+      write_direct<DirectMap::kParq, NL, decltype(search)::value>(lat, out, n, rq, padded, pa);
+    });
   });
 }
 

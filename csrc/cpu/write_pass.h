@@ -12,8 +12,9 @@
 
 #include "../levels.h"
 #include "../quant_prox.h"
-#include "project_levels.h"
 #include "level.h"
+#include "level_search.h"
+#include "project_levels.h"
 #include "row_stats.h"
 
 PARQ_CPU_BEGIN
