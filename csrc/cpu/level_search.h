@@ -50,7 +50,7 @@ inline Idx push_bit(Idx c, Mask b) {
 }
 template <int N>
 struct Table {  // vpermps over 16 lanes serves both sizes
-  __m512 t;
+  __m512 t = _mm512_setzero_ps();
   Table() = default;
   explicit Table(const float* v) {
     alignas(64) float a[16] = {};
@@ -68,14 +68,14 @@ inline Idx two_bits(Mask b1, Mask b0) {
 inline Idx push_bit(Idx c, Mask b) { return _mm256_sub_epi32(_mm256_slli_epi32(c, 1), as_idx(b)); }
 template <>
 struct Table<4> {  // in both 128-bit halves: vpermilps reads an index's low 2 bits per half
-  __m256 t;
+  __m256 t = _mm256_setzero_ps();
   Table() = default;
   explicit Table(const float* v) : t(_mm256_setr_ps(v[0], v[1], v[2], v[3], v[0], v[1], v[2], v[3])) {}
   Vec operator()(Idx i) const { return _mm256_permutevar_ps(t, i); }
 };
 template <>
 struct Table<8> {  // vpermps
-  __m256 t;
+  __m256 t = _mm256_setzero_ps();
   Table() = default;
   explicit Table(const float* v) : t(_mm256_loadu_ps(v)) {}
   Vec operator()(Idx i) const { return _mm256_permutevar8x32_ps(t, i); }

@@ -19,7 +19,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <utility>
 
 #include "../levels.h"
@@ -112,6 +111,20 @@ void write_row(const float* __restrict__ xs, float* __restrict__ out, int64_t n,
   }
 }
 
+// Row r's write from cur (its levels' map) and, unless it is the last, row r + 1's update
+// into nxt, in one loop.
+template <Pattern P, int PROX, typename LV>
+inline int update_row(const StepV& s, const StepSource<float>& src, int64_t r, int64_t r1,
+                      int64_t cols, const float* cur, float* nxt, const RowMapV<LV>& map) {
+  float* out = src.p + r * cols;
+  if (r + 1 < r1) {
+    return update_rows_pass<P, PROX, true>(s, row_ptrs(src, (r + 1) * cols), nxt, cur, out, cols,
+                                           map);
+  }
+  write_row<PROX>(cur, out, cols, map);
+  return 0;
+}
+
 // Rows [r0, r1) of cols elements; levels(xs, Q, rq) computes a row's quantizer rq and
 // levels Q from its buffer (the general path's statistics) and returns its nonfinite flag.
 // Returns whether a row saw a non-finite value.
@@ -132,17 +145,18 @@ bool update_rows(const StepSource<float>& src, const OpArgs& a, int64_t r0, int6
     RowQuant rq{};
     bad |= levels(cur, Q, rq);
     const LevelsN<NL> padded = pad_levels<NL>(Q, K);
-    float* out = src.p + r * cols;
-    with_search<PROX>(padded, [&](auto search) {
-      const auto lvv = levels_vec<PROX, NL, decltype(search)::value>(padded, pa);
-      const RowMapV<std::decay_t<decltype(lvv)>> map(lvv, rq);
-      if (r + 1 < r1) {
-        bad |= update_rows_pass<P, PROX, true>(s, row_ptrs(src, (r + 1) * cols), nxt, cur, out,
-                                               cols, map);
-      } else {
-        write_row<PROX>(cur, out, cols, map);
+    bool searched = false;
+    if constexpr (kSearches<NL> && PROX == kParq) {
+      if (levels_sorted(padded)) {
+        const RowMapV<SearchV<NL>> map(SearchV<NL>(padded, pa, false), rq);
+        bad |= update_row<P, PROX>(s, src, r, r1, cols, cur, nxt, map);
+        searched = true;
       }
-    });
+    }
+    if (!searched) {
+      const RowMapV<LevelsV<NL>> map(LevelsV<NL>(padded, pa), rq);
+      bad |= update_row<P, PROX>(s, src, r, r1, cols, cur, nxt, map);
+    }
     std::swap(cur, nxt);
   }
   return bad != 0;
