@@ -47,6 +47,7 @@ from parq.optim import (
     shard_plan,
     sharding,
     stale_levels,
+    step_profile,
 )
 from parq.optim.fused_step import GroupPath
 from parq.optim.layout import RowLayout, check_quantized_group, group_bits, row_layout
@@ -262,6 +263,10 @@ class QuantOptimizer(PublicSurface, Optimizer):
         for index, group in enumerate(self.param_groups):
             if group_bits(group, index) is not None:
                 yield index, group, [p for p in group["params"] if p.requires_grad]
+
+    # torch's step profiling wrapper (Optimizer._patch_step_function applies it), with the
+    # C++ profiler range: step_profile.py
+    profile_hook_step = staticmethod(step_profile.profile_hook_step)
 
     # -- the step (torch.compile of a function calling it runs it eagerly: a graph break) --
     @torch.compiler.disable
