@@ -98,6 +98,17 @@ PROX_CONFIGS = [
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def placed(t: Tensor, misalign: bool) -> Tensor:
+    """A copy of ``t`` whose storage starts 64-byte aligned, or one element past it (the
+    CPU loops' head then takes the per-element code until the streaming-store alignment)."""
+    per = 64 // t.element_size()
+    base = torch.empty(t.numel() + 2 * per, dtype=t.dtype)
+    skip = (-(base.data_ptr() // t.element_size()) % per) + (1 if misalign else 0)
+    out = base[skip : skip + t.numel()].view(t.shape)
+    out.copy_(t)
+    return out
+
+
 def make_rows(
     shapes: list[tuple[int, int]],
     dtype: torch.dtype = torch.float32,

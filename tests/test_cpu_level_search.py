@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_harness import QUANT_CONFIGS
+from kernel_harness import QUANT_CONFIGS, placed
 from step_harness import OC
 
 from parq_kernels import backends
@@ -66,19 +66,11 @@ def _parq(x: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 
 def _step(x: torch.Tensor, Q: torch.Tensor, qc, prox: ProxKind) -> torch.Tensor:
     """p after one non-update fused SGD step with a zero gradient (the latent stays x):
-    a (1, n) row one float past a 64-byte boundary, so that its head and tail take the
+    a (1, n) row one element past a 64-byte boundary, so that its head and tail take the
     per-element code and the rest the vector body."""
     n = x.numel()
-
-    def placed(v):
-        base = torch.empty(n + 64, dtype=x.dtype)
-        skip = (-(base.data_ptr() // base.element_size()) % 32) + 1
-        t = base[skip : skip + n].view(1, n)  # noqa: E203
-        t.copy_(v.view(1, n))
-        return t
-
-    params = placed(torch.full_like(x, float("nan")))
-    lat, grad = placed(x), placed(torch.zeros_like(x))
+    params = placed(torch.full_like(x, float("nan")).view(1, n), True)
+    lat, grad = placed(x.view(1, n), True), placed(torch.zeros_like(x).view(1, n), True)
     flags = torch.zeros(1, dtype=torch.int32)
     oc = OC["sgd"]
     quants = [Q.view(1, -1).clone()]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_harness import PROX_CONFIGS, QUANT_CONFIGS, run_op
+from kernel_harness import PROX_CONFIGS, QUANT_CONFIGS, placed, run_op
 from step_harness import OPTIM_CONFIGS
 
 from parq_kernels import backends
@@ -21,11 +21,7 @@ PERIOD, REPEATS = 47, 4  # 188 elements: a head of 15, vector blocks, a tail of 
 
 def _offset_rows(values: torch.Tensor) -> torch.Tensor:
     """``values`` (1-D) as a contiguous (1, n) tensor one float past a 64-byte boundary."""
-    base = torch.empty(values.numel() + 16)
-    skip = (-(base.data_ptr() // 4) % 16) + 1  # 16-float (64 B) aligned, plus one float
-    row = base[skip : skip + values.numel()].view(1, -1)
-    row.copy_(values)
-    return row
+    return placed(values.view(1, -1), True)
 
 
 def _periodic(seed: int, scale: float, square: bool = False) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_harness import PROX_CONFIGS, QUANT_CONFIGS, ProxConfig, run_op
+from kernel_harness import PROX_CONFIGS, QUANT_CONFIGS, ProxConfig, placed, run_op
 from step_harness import OPTIM_CONFIGS, make_state
 
 from parq_kernels import backends
@@ -30,15 +30,6 @@ SHAPES = [(7, 64), (3, 4096), (1, 32)]
 PROX = [(ProxKind.PARQ, 0.3), (ProxKind.PARQ, 1.0), (ProxKind.NONE, 0.0), (ProxKind.HARD, 0.0)]
 
 
-def _placed(t: torch.Tensor, misalign: bool) -> torch.Tensor:
-    """A copy of ``t`` whose storage starts 64-byte aligned, or one float past it."""
-    base = torch.empty(t.numel() + 32, dtype=t.dtype)
-    skip = (-(base.data_ptr() // 4) % 16) + (1 if misalign else 0)
-    out = base[skip : skip + t.numel()].view(t.shape)
-    out.copy_(t)
-    return out
-
-
 def _call(oc, qc, prox, shape, misalign: bool, nan_at: tuple[int, int] | None):
     g = torch.Generator().manual_seed(11)
     scale = 0.2 * torch.arange(1, shape[0] + 1, dtype=torch.float32)[:, None]
@@ -47,9 +38,9 @@ def _call(oc, qc, prox, shape, misalign: bool, nan_at: tuple[int, int] | None):
     if nan_at is not None:
         grads[0][nan_at] = float("nan")  # that element keeps its latent and state
     quants = run_op("reference", [lat[0].clone()], qc, PROX_CONFIGS[0], True, 1.0).quants
-    params = [_placed(torch.full(shape, float("nan")), misalign)]
-    lat = [_placed(lat[0], False)]
-    bufs = [[_placed(b, False) for b in bs] for bs in bufs]
+    params = [placed(torch.full(shape, float("nan")), misalign)]
+    lat = [placed(lat[0], False)]
+    bufs = [[placed(b, False) for b in bs] for bs in bufs]
     quants = [torch.zeros_like(q) for q in quants]
     flags = torch.zeros(1, dtype=torch.int32)
     backends.get_impl("cpu", "fused_step_")(
@@ -101,7 +92,7 @@ def _periodic_row(seed: int, scale: float, reps: int, square: bool = False) -> t
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(PERIOD, generator=g) * scale
     row = (v.square() if square else v).repeat(reps).view(1, -1)
-    return _placed(row, True)  # one float past a 64-byte boundary
+    return placed(row, True)  # one float past a 64-byte boundary
 
 
 def _assert_periodic(name: str, t: torch.Tensor) -> None:
@@ -120,7 +111,7 @@ DIRECT_Q = [c for c in QUANT_CONFIGS if c.name in ("unif-b2", "maxunif-b4", "lsb
 def test_direct_write_scalar_and_vector_positions_agree(op, qc, pc, reps):
     oc = next(c for c in OPTIM_CONFIGS if c.name == "adamw")
     lat = [_periodic_row(0, 0.2, reps)]
-    params = [_placed(torch.full_like(lat[0], float("nan")), True)]
+    params = [placed(torch.full_like(lat[0], float("nan")), True)]
     if op == "quant_prox_":
         params[0].copy_(lat[0])
     quants = [torch.zeros(1, num_levels(qc.kind, qc.bits, qc.qargs))]

@@ -159,14 +159,9 @@ inline __attribute__((always_inline)) Vec project_vec(Vec x, const SearchV<NL>& 
     const Mask b = lt(e, x);
     const Vec hi = select(b, e, o);
     const Vec lo = select(b, l.q_before(c), select(lt(o, x), e, o));
-    const Vec mid = (lo + hi) * Vec(0.5f);  // exact: (lo + hi) / 2
-    y = vclamp(mid + (x - mid) * l.inv_rho, lo, hi);
+    y = parq_in_interval(x, lo, hi, l.inv_rho);
   }
-  if constexpr (kFinite) {
-    return y;
-  } else {
-    return select(finite_mask(x), x, y);
-  }
+  return keep_nonfinite<kFinite>(x, y);
 }
 #endif
 

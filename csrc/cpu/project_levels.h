@@ -101,6 +101,22 @@ struct LevelsV {
   }
 };
 
+// PARQ's map of x in its interval [lo, hi] (project_one's last line), on vectors.
+inline __attribute__((always_inline)) Vec parq_in_interval(Vec x, Vec lo, Vec hi, Vec inv_rho) {
+  const Vec c = (lo + hi) * Vec(0.5f);  // exact: (lo + hi) / 2
+  return vclamp(c + (x - c) * inv_rho, lo, hi);
+}
+
+// y, or x itself where x is not finite (kFinite: the caller knows every lane of x is).
+template <bool kFinite>
+inline __attribute__((always_inline)) Vec keep_nonfinite(Vec x, Vec y) {
+  if constexpr (kFinite) {
+    return y;
+  } else {
+    return select(finite_mask(x), x, y);
+  }
+}
+
 // A vector of values; the same operations as project_one (the selects as blends).
 // kFinite: the caller knows every lane of x is finite (no select of x's non-finite lanes).
 template <int PROX, int NL, bool kFinite = false>
@@ -129,14 +145,9 @@ inline __attribute__((always_inline)) Vec project_vec(Vec x, const LevelsV<NL>& 
     Vec hi = l.q[NL - 1];
 #pragma GCC unroll 16
     for (int j = NL - 2; j >= 0; --j) hi = select(lt(l.q[j], x), l.q[j], hi);
-    const Vec c = (lo + hi) * Vec(0.5f);  // exact: (lo + hi) / 2
-    y = vclamp(c + (x - c) * l.inv_rho, lo, hi);
+    y = parq_in_interval(x, lo, hi, l.inv_rho);
   }
-  if constexpr (kFinite) {
-    return y;
-  } else {
-    return select(finite_mask(x), x, y);
-  }
+  return keep_nonfinite<kFinite>(x, y);
 }
 
 // fn(std::integral_constant<int, NL>{}) with the padded size that serves K levels.
