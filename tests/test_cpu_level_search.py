@@ -1,10 +1,12 @@
 """The CPU fused step projects onto 8 and 16 levels (3 and 4 bits) by a binary search with
-in-register lookups on AVX2 / AVX-512 (csrc/cpu/level_search.h) and by chains of selects
-elsewhere. Both must give SPEC §4's values bit for bit, ties included: HARD maps x to
-``Q[#{j : M_j < x}]`` (a value on a midpoint goes to the lower level), PARQ clamps between
-the largest level below x and the smallest one not below it. The expected values here
-are computed from those definitions in float32 torch ops, for rows made of the levels,
-the midpoints and their float neighbours, so every tie and every interval edge is hit.
+in-register lookups on AVX2 / AVX-512 and by a count with a table read per lane on the
+x86-64 baseline and NEON (csrc/cpu/level_search.h), onto 2 to 4 levels by chains of
+selects (project_levels.h). All must give SPEC §4's values bit for bit, ties included:
+HARD maps x to ``Q[#{j : M_j < x}]`` (a value on a midpoint goes to the lower level), PARQ
+clamps between the largest level below x and the smallest one not below it. The expected
+values here are computed from those definitions in float32 torch ops, for rows made of the
+levels, the midpoints and their float neighbours, so every tie and every interval edge is
+hit.
 Unsorted levels (outside SPEC, kept where a state holds them) take the chains: the vector
 body must then agree with the per-element code at the same values."""
 
@@ -20,8 +22,8 @@ from parq_kernels.kinds import ProxKind
 
 _WHY = backends.availability("cpu")["cpu"]  # "" when the extension is built
 pytestmark = pytest.mark.skipif(bool(_WHY), reason=_WHY or "ok")
-QC = {8: next(c for c in QUANT_CONFIGS if c.name == "unif-b3-center"),
-      16: next(c for c in QUANT_CONFIGS if c.name == "lsbq-b4")}  # fmt: skip
+_QC_NAMES = {2: "unif-b1", 3: "ternary-unif", 4: "unif-b2", 8: "unif-b3-center", 16: "lsbq-b4"}
+QC = {K: next(c for c in QUANT_CONFIGS if c.name == name) for K, name in _QC_NAMES.items()}
 RHO = 0.3
 
 
@@ -85,7 +87,7 @@ def _step(x: torch.Tensor, Q: torch.Tensor, qc, prox: ProxKind) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("prox", [ProxKind.HARD, ProxKind.PARQ], ids=lambda p: p.name)
 @pytest.mark.parametrize("kind", ["distinct", "repeated", "one-value"])
-@pytest.mark.parametrize("K", [8, 16])
+@pytest.mark.parametrize("K", [2, 3, 4, 8, 16])
 def test_projection_matches_spec_at_every_tie(K, kind, prox, dtype):
     Q = _levels(K, kind)
     if dtype != torch.float32:  # the levels and values as the dtype holds them
@@ -102,7 +104,7 @@ def test_projection_matches_spec_at_every_tie(K, kind, prox, dtype):
 
 
 @pytest.mark.parametrize("prox", [ProxKind.HARD, ProxKind.PARQ], ids=lambda p: p.name)
-@pytest.mark.parametrize("K", [8, 16])
+@pytest.mark.parametrize("K", [4, 8, 16])
 def test_unsorted_levels_same_values_in_vector_and_scalar_code(K, prox):
     Q = _levels(K, "distinct")
     Q = torch.cat([Q[K // 2 :], Q[: K // 2]])  # noqa: E203  (rotated: not sorted)

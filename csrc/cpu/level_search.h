@@ -2,7 +2,9 @@
 // search with in-register table lookups, on the levels that have them (AVX2: vpermps and
 // vpermilps; AVX-512: vpermps over 16 lanes). project_levels.h's chains of selects cost
 // NL - 1 compares and blends per vector for HARD and twice that for PARQ (60 vector ops
-// per PARQ vector at 4 bits); the search costs log2(NL) compares and lookups.
+// per PARQ vector at 4 bits); the search costs log2(NL) compares and lookups. The levels
+// without such lookups (the x86-64 baseline, NEON) count the sorted entries below x and
+// read the result per lane from tables (the SearchV of the #else branch below).
 //
 // The same values as the chains wherever the levels are sorted ascending and finite (SPEC
 // §3: Q is sorted; levels_sorted checks a row's padded levels, and the loops take the
@@ -30,7 +32,6 @@
 PARQ_CPU_BEGIN
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-constexpr bool kHasLookup = true;
 
 // N = 4 or 8 floats, looked up by a lane index in [0, N).
 template <int N>
@@ -81,13 +82,13 @@ struct Table<8> {  // vpermps
   Vec operator()(Idx i) const { return _mm256_permutevar8x32_ps(t, i); }
 };
 #endif
-#else
-constexpr bool kHasLookup = false;
 #endif
 
-// Does this level search NL levels (else: the chains of project_levels.h)?
+// Does this level search NL levels (else: the chains of project_levels.h)? Every level
+// from 8 levels: by lookups in registers where the level has them, else by a count and a
+// table read per lane (below).
 template <int NL>
-constexpr bool kSearches = kHasLookup && NL >= 8;
+constexpr bool kSearches = NL >= 8;
 
 // Sorted ascending, finite levels, and sorted midpoints: the search's condition.
 template <int NL>
@@ -99,7 +100,7 @@ inline bool levels_sorted(const LevelsN<NL>& l) {
 }
 
 template <int NL>
-struct SearchV;  // defined where the level has lookups
+struct SearchV;  // with lookups in registers (AVX2, AVX-512) or without (below)
 
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // A row's levels for the search: A (M for HARD, Q for PARQ) at the search's steps, and the
@@ -160,6 +161,66 @@ inline __attribute__((always_inline)) Vec project_vec(Vec x, const SearchV<NL>& 
     const Vec hi = select(b, e, o);
     const Vec lo = select(b, l.q_before(c), select(lt(o, x), e, o));
     y = parq_in_interval(x, lo, hi, l.inv_rho);
+  }
+  return keep_nonfinite<kFinite>(x, y);
+}
+#endif
+
+#if !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+// The levels without an in-register lookup (the x86-64 baseline's SSE2, NEON): the count
+// n = #{j : A_j < x} of the sorted A (M for HARD, Q for PARQ) from one compare and one
+// integer subtract per entry (a NaN x: n = 0, as the chains' defaults), then the result
+// read per lane from tables indexed by n. HARD: Q_n. PARQ, with n over all NL levels: the
+// levels below x are Q_0 .. Q_{n-1}, so lo = Q_{max(n-1, 0)} and hi = Q_{min(n, NL-1)}
+// (the chains' largest level below x and smallest not below it), and their midpoint
+// (lo + hi) * 0.5 (parq_in_interval's) is a third table. At 16 levels ~31 vector ops and
+// 4 table reads per lane for PARQ, against the chains' 15 compares and 30 selects (three
+// ops each without SSE4's blendv).
+template <int NL>
+struct SearchV {
+  Vec a[NL];  // A: NL - 1 midpoints (HARD) or NL levels (PARQ)
+  float t_lo[NL + 1] = {}, t_hi[NL + 1] = {}, t_mid[NL + 1] = {};  // HARD: Q_n in t_lo
+  Vec inv_rho;
+  SearchV(const LevelsN<NL>& l, const ProjectArgs& p, bool hard) : inv_rho(p.inv_rho) {
+    for (int j = 0; j < NL; ++j) a[j] = Vec(hard ? l.M[j < NL - 1 ? j : NL - 2] : l.Q[j]);
+    for (int n = 0; n <= NL; ++n) {
+      if (hard) {
+        t_lo[n] = l.Q[n < NL ? n : NL - 1];
+      } else {
+        t_lo[n] = l.Q[n > 0 ? n - 1 : 0];
+        t_hi[n] = l.Q[n < NL ? n : NL - 1];
+        t_mid[n] = (t_lo[n] + t_hi[n]) * 0.5f;
+      }
+    }
+  }
+  static Vec lookup(const float* t, Mask n) {  // t[n] per lane
+#if defined(PARQ_VEC_SSE2)
+    return Vec(VecSse2::F{t[n[0]], t[n[1]], t[n[2]], t[n[3]]});
+#else
+    alignas(64) float v[kW];
+    for (int64_t k = 0; k < kW; ++k) v[k] = t[n[k]];
+    return Vec::loadu(v);
+#endif
+  }
+};
+
+template <int PROX, int NL, bool kFinite = false>
+inline __attribute__((always_inline)) Vec project_vec(Vec x, const SearchV<NL>& l) {
+  static_assert(PROX == kNone || PROX == kHard || PROX == kParq);
+  Vec y = x;
+  if constexpr (PROX == kHard || PROX == kParq) {
+    constexpr int NA = PROX == kHard ? NL - 1 : NL;
+    Mask n = lt(l.a[0], x);  // -1 where true: n counts down
+#pragma GCC unroll 16
+    for (int j = 1; j < NA; ++j) n = n + lt(l.a[j], x);
+    n = -n;
+    if constexpr (PROX == kHard) {
+      y = SearchV<NL>::lookup(l.t_lo, n);
+    } else {
+      const Vec lo = SearchV<NL>::lookup(l.t_lo, n), hi = SearchV<NL>::lookup(l.t_hi, n);
+      const Vec c = SearchV<NL>::lookup(l.t_mid, n);
+      y = vclamp(c + (x - c) * l.inv_rho, lo, hi);  // parq_in_interval, its midpoint read
+    }
   }
   return keep_nonfinite<kFinite>(x, y);
 }
