@@ -56,9 +56,18 @@ ifneq ($(TRANSFORMERS_VERSION),none)
 		"accelerate==$(ACCELERATE_VERSION)" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
 endif
 
+# The editable install rebuilds the whole extension (minutes): `make build` always redoes
+# it; targets that only need an install as new as the sources depend on INSTALL_STAMP.
+INSTALL_STAMP := $(if $(filter system,$(TORCH_VERSION)),build,$(VENV))/.parq-installed
+EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+
 build: setup
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -c "from parq_kernels import backends; print('parq backends (cpu):', backends.availability('cpu'))"
+	mkdir -p $(dir $(INSTALL_STAMP)) && touch $(INSTALL_STAMP)
+
+$(INSTALL_STAMP): $(EXT_SOURCES)
+	$(MAKE) build
 
 test: build
 	$(PY) -m pytest tests -q
@@ -69,7 +78,7 @@ test: build
 CPU_KERNEL_TESTS := tests/test_cpu_backend.py tests/test_fused_step_backends.py \
 	tests/test_cpu_level_search.py tests/test_cpu_step_loop.py tests/test_cpu_update_paths.py \
 	tests/test_export_ops.py tests/test_diffq_ops.py tests/test_fused_step.py
-test-levels: build
+test-levels: $(INSTALL_STAMP)  # (after make test: no second build)
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest $(CPU_KERNEL_TESTS) -q -k "not triton and not cuda"
 
 # where make all / bench / demo write their results: a git-ignored folder, so that a run
