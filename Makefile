@@ -8,6 +8,7 @@
 #   TRANSFORMERS_VERSION=5.25.0  transformers + accelerate (ACCELERATE_VERSION=1.16.0) for
 #                          examples/llm_qat.py ("none" to skip; its test then skips); installed
 #                          with the torch present pinned, so they never replace it
+#   RUFF_VERSION=0.17.6    ruff for make lint (pinned: its rules and format change)
 #   PYTHON=python3         interpreter that creates the venv
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -17,6 +18,7 @@ TORCHAO_VERSION ?= 0.18.0
 TRANSFORMERS_VERSION ?= 5.25.0
 ACCELERATE_VERSION ?= 1.16.0
 SAFETENSORS_VERSION ?= 0.8.0
+RUFF_VERSION ?= 0.17.6
 VENV ?= .venv
 
 ifeq ($(TORCH_VERSION),system)
@@ -46,7 +48,7 @@ endif
 ifneq ($(TRITON_VERSION),none)
 	$(PY) -c "import triton" 2>/dev/null || $(PIP) install --quiet "triton==$(TRITON_VERSION)"
 endif
-	$(PIP) install --quiet pytest pytest-benchmark ruff scikit-learn tqdm matplotlib ninja numpy \
+	$(PIP) install --quiet pytest pytest-benchmark "ruff==$(RUFF_VERSION)" scikit-learn tqdm matplotlib ninja numpy \
 		"safetensors==$(SAFETENSORS_VERSION)"
 ifneq ($(TORCHAO_VERSION),none)
 	$(PIP) install --quiet "torchao==$(TORCHAO_VERSION)"
