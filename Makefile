@@ -28,7 +28,7 @@ PY := $(VENV)/bin/python
 endif
 PIP := $(PY) -m pip
 
-.PHONY: all setup build test test-levels bench demo lint clean check-portable gpu-check triton-aot
+.PHONY: all setup build test test-levels bench demo lint clean check-portable check-arm gpu-check triton-aot
 
 all: build bench demo
 
@@ -100,6 +100,12 @@ demo: build
 # and Haswell (AVX2) against the reference (SPEC.md §14; needs apt-get install qemu-user)
 check-portable: build
 	$(PY) -m benchmarks.portable_check
+
+# The aarch64 (NEON) build, cross-compiled here and tested under qemu-user (root, Debian 12,
+# ~0.5 GB of downloads, ~15 min): tools/arm_qemu/check.sh. ARM_WORKDIR keeps its downloads.
+ARM_WORKDIR ?= /tmp/parq-arm
+check-arm: setup
+	PIP="$(PY) -m pip" tools/arm_qemu/check.sh $(ARM_WORKDIR)
 
 # The first GPU minutes (README): build for the GPU present, warm Triton's cache, the CUDA /
 # Triton tests, the quick GPU benchmark; <= 8 min on an H100, results in benchmarks/results.
