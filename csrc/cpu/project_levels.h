@@ -7,7 +7,7 @@
 // The levels are padded to NL = 4, 8 or 16 (level_slots picks the smallest that holds K),
 // and NL is a template argument, so the chains of selects unroll into NL - 1 compares and
 // blends per vector: no search, no gather, on every instruction-set level. At 8 and 16
-// levels AVX2 and AVX-512 search sorted levels instead (level_search.h: the same values).
+// levels, sorted level sets are searched instead (level_search.h: the same values).
 // Two forms with the same float operations: a scalar one (heads and tails of rows) and a
 // vector one (simd.h, every level), because GCC turns the scalar form's chains of selects
 // into mask arithmetic through general registers, or into a scalar loop with branches
