@@ -105,7 +105,8 @@ check-portable: build
 # ~0.5 GB of downloads, ~15 min): tools/arm_qemu/check.sh. ARM_WORKDIR keeps its downloads.
 ARM_WORKDIR ?= /tmp/parq-arm
 check-arm: setup
-	PIP="$(PY) -m pip" tools/arm_qemu/check.sh $(ARM_WORKDIR)
+	PIP="$(if $(filter system,$(TORCH_VERSION)),$(PY),$(CURDIR)/$(PY)) -m pip" \
+		tools/arm_qemu/check.sh $(ARM_WORKDIR)
 
 # The first GPU minutes (README): build for the GPU present, warm Triton's cache, the CUDA /
 # Triton tests, the quick GPU benchmark; <= 8 min on an H100, results in benchmarks/results.
