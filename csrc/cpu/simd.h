@@ -81,8 +81,9 @@ inline VecF raw(Vec v) {
   return r;
 }
 inline Vec wrap(VecF r) {
+  static_assert(sizeof(Vec) == sizeof(VecF));
   Vec v;
-  std::memcpy(&v, &r, sizeof r);
+  std::memcpy(static_cast<void*>(&v), &r, sizeof r);  // (Vec has a constructor: -Wclass-memaccess)
   return v;
 }
 inline Mask lt(Vec a, Vec b) { return raw(a) < raw(b); }
