@@ -173,8 +173,8 @@ inline __attribute__((always_inline)) Vec project_vec(Vec x, const SearchV<NL>& 
 // read per lane from tables indexed by n. HARD: Q_n. PARQ, with n over all NL levels: the
 // levels below x are Q_0 .. Q_{n-1}, so lo = Q_{max(n-1, 0)} and hi = Q_{min(n, NL-1)}
 // (the chains' largest level below x and smallest not below it), and their midpoint
-// (lo + hi) * 0.5 (parq_in_interval's) is a third table. At 16 levels ~31 vector ops and
-// 4 table reads per lane for PARQ, against the chains' 15 compares and 30 selects (three
+// (lo + hi) * 0.5 (parq_in_interval's) is a third table. At 16 levels 32 vector ops and
+// 3 table reads per lane for PARQ, against the chains' 16 compares and 30 selects (three
 // ops each without SSE4's blendv).
 template <int NL>
 struct SearchV {
