@@ -127,8 +127,9 @@ def _around(values: torch.Tensor) -> torch.Tensor:
      [-1.0, -1 / 3, 1 / 3, 1.0],  # midpoints +-2/3 between two bf16 values
      [(k - 7.5) / 8 for k in range(16)],  # 4 bits, midpoints on the bf16 grid
      [(k - 7.5) / 7.3 for k in range(16)],  # 4 bits, midpoints off it
-     [-2.0, -2.0, 0.25, 0.25, 0.25, 1.0, 1.0, 3.0]],  # 3 bits with equal levels
-    ids=["b2-exact", "b2-thirds", "b4-exact", "b4-off", "b3-ties"],
+     [-2.0, -2.0, 0.25, 0.25, 0.25, 1.0, 1.0, 3.0],  # 3 bits with equal levels
+     [-3.0, -3.0, -3.0, -1.25, -1.25, -0.3, 0.0, 0.0, 0.0, 0.0, 0.1, 0.7, 0.7, 2.0, 2.0, 5.0]],
+    ids=["b2-exact", "b2-thirds", "b4-exact", "b4-off", "b3-ties", "b4-ties"],
 )  # fmt: skip
 def test_bf16_hard_ties_and_neighbours_of_midpoints(levels):
     """HARD on bf16 maps in 16-bit lanes (HardBf16): x exactly on a midpoint goes to the
