@@ -36,6 +36,7 @@ if [ ! -x root/usr/bin/python3.11 ]; then
   for d in debs/*.deb; do dpkg -x "$d" root; done
 fi
 command -v aarch64-linux-gnu-g++ > /dev/null || apt-get install -y -qq g++-aarch64-linux-gnu
+command -v qemu-aarch64 > /dev/null || apt-get install -y -qq qemu-user
 for i in 0 1; do  # an ARM CPU for torch's detection (Neoverse-N1: NEON, no SVE)
   d=root/sys/devices/system/cpu/cpu$i/regs/identification
   mkdir -p "$d" && echo 0x00000000413fd0c1 > "$d/midr_el1"
