@@ -219,7 +219,7 @@ inline __attribute__((always_inline)) Vec project_vec(Vec x, const SearchV<NL>& 
     } else {
       const Vec lo = SearchV<NL>::lookup(l.t_lo, n), hi = SearchV<NL>::lookup(l.t_hi, n);
       const Vec c = SearchV<NL>::lookup(l.t_mid, n);
-      y = vclamp(c + (x - c) * l.inv_rho, lo, hi);  // parq_in_interval, its midpoint read
+      y = parq_about(x, c, lo, hi, l.inv_rho);
     }
   }
   return keep_nonfinite<kFinite>(x, y);

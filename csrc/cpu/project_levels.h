@@ -101,10 +101,15 @@ struct LevelsV {
   }
 };
 
-// PARQ's map of x in its interval [lo, hi] (project_one's last line), on vectors.
-inline __attribute__((always_inline)) Vec parq_in_interval(Vec x, Vec lo, Vec hi, Vec inv_rho) {
-  const Vec c = (lo + hi) * Vec(0.5f);  // exact: (lo + hi) / 2
+// PARQ's map of x in its interval [lo, hi] about the midpoint c = (lo + hi) * 0.5
+// (project_one's last line), on vectors; parq_in_interval computes c, a caller that
+// looked it up with lo and hi passes it.
+inline __attribute__((always_inline)) Vec parq_about(Vec x, Vec c, Vec lo, Vec hi,
+                                                     Vec inv_rho) {
   return vclamp(c + (x - c) * inv_rho, lo, hi);
+}
+inline __attribute__((always_inline)) Vec parq_in_interval(Vec x, Vec lo, Vec hi, Vec inv_rho) {
+  return parq_about(x, (lo + hi) * Vec(0.5f), lo, hi, inv_rho);  // exact: (lo + hi) / 2
 }
 
 // y, or x itself where x is not finite (kFinite: the caller knows every lane of x is).
